@@ -8,6 +8,7 @@ keys (nanoGPT's configurator); ``--set section.key=value`` overrides from the co
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,6 +152,9 @@ _CHOICES = {
 }
 
 
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -186,6 +190,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, found {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads "1e-4" as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, found {type(value).__name__} {value!r}")
         return float(value)
@@ -203,11 +209,9 @@ def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown key(s) {', '.join(prefix + str(k) for k in unknown)}; valid keys{' in ' + where if where else ''}"
-            f": {', '.join(names)}"
-        )
+        prefix, scope = (f"{where}.", f" in {where}") if where else ("", "")
+        listed = ", ".join(prefix + str(k) for k in unknown)
+        raise ConfigError(f"unknown key(s) {listed}; valid keys{scope}: {', '.join(names)}")
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key

@@ -170,7 +170,8 @@ class EMAModel:
             for name, p in zip(self.names, params):
                 ema_update(self.shadow[name], p, decay)
             if self.snapshot_every and self.optimization_step % self.snapshot_every == 0:
-                self.snapshots.append((self.optimization_step, {n: self._new_copy(p) for n, p in zip(self.names, params)}))
+                copies = {n: self._new_copy(p) for n, p in zip(self.names, params)}
+                self.snapshots.append((self.optimization_step, copies))
                 del self.snapshots[: -self.num_snapshots]
 
     @torch.no_grad()
@@ -280,7 +281,9 @@ class EMAModel:
                     "snapshot_every", "num_snapshots", "optimization_step", "cur_decay_value"):
             setattr(self, key, state[key])
         self.shadow = {n: self._place(t, self.shadow[n]) for n, t in state["shadow"].items()}
-        self.snapshots = [(s, {n: self._place(t, self.shadow[n]) for n, t in w.items()}) for s, w in state["snapshots"]]
+        self.snapshots = [
+            (s, {n: self._place(t, self.shadow[n]) for n, t in w.items()}) for s, w in state["snapshots"]
+        ]
 
     @staticmethod
     def _place(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

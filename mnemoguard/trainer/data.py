@@ -197,8 +197,11 @@ def make_dataloader(
     if batch_size > len(dataset):
         raise DataError(f"train_batch_size={batch_size} is larger than the dataset ({len(dataset)} rows)")
     sampler = EpochShuffleSampler(len(dataset), seed)
+    # The loader's own generator: creating an iterator draws a worker base seed, which must not come from the global
+    # RNG (a resumed run creates its iterator at a different point of the stream than an uninterrupted one).
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers, drop_last=True
+        dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers, drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

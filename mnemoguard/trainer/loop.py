@@ -113,7 +113,7 @@ class Trainer:
 
     @staticmethod
     def _export_unet(unet, directory: Path, lora: bool, state_dict=None) -> None:
-        """The UNet in diffusers format: ``unet/`` for a full fine-tune, ``pytorch_lora_weights.safetensors`` for a LoRA."""
+        """The UNet in diffusers format: ``unet/`` (full) or ``pytorch_lora_weights.safetensors`` (LoRA)."""
         if lora:
             from diffusers import StableDiffusionPipeline
             from diffusers.utils import convert_state_dict_to_diffusers
@@ -342,6 +342,9 @@ class Trainer:
                 acc.load_state(str(path))
                 self.resumed_from = path
                 acc.print(f"resumed from {path} at step {self.state.global_step}")
+                if self.state.stop_reason:  # resuming is a decision to go on
+                    acc.print(f"(the interrupted run had stopped: {self.state.stop_reason})")
+                    self.state.stop_reason = None
 
         if acc.is_main_process and cfg.logging.report_to == "tensorboard":
             purge = {"purge_step": self.state.global_step + 1} if self.resumed_from else {}
@@ -368,10 +371,12 @@ class Trainer:
             if done:
                 break
             state.epoch = epoch
-            self.sampler.set_epoch(epoch)
             loader = self.train_dataloader
             if epoch == first_epoch and skip_batches:
                 loader = acc.skip_first_batches(self.train_dataloader, skip_batches)
+            # Through the prepared loader: accelerate otherwise sets the sampler's epoch from its own iteration
+            # counter, which a checkpoint does not keep, and a resumed run would replay epoch 0's order.
+            (loader if hasattr(loader, "set_epoch") else self.sampler).set_epoch(epoch)
             for batch in loader:
                 if micro == 0:
                     self.control.reset_step_flags()
@@ -401,7 +406,7 @@ class Trainer:
                     logs["data/skipped_samples"] = skipped
                 step_loss = 0.0
                 self._on_step_end(logs, kw)
-                if state.global_step >= t.max_train_steps or state.stop_reason:
+                if state.global_step >= t.max_train_steps or self.control.should_training_stop:
                     done = True
                     break
         progress.close()

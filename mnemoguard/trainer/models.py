@@ -126,7 +126,8 @@ def load_components(
     if local.is_dir():
         missing = [d for d in ("unet", "scheduler", "text_encoder", "tokenizer") if not (local / d).is_dir()]
         if missing:
-            raise FileNotFoundError(f"{path} is not a diffusers model directory: missing {', '.join(missing)}/")
+            listed = ", ".join(d + "/" for d in missing)
+            raise FileNotFoundError(f"{path} is not a diffusers model directory: missing {listed}")
     has_vae = (local / "vae").is_dir() if local.is_dir() else True
     kw = {"revision": revision}
     with _no_zero3_init():
