@@ -32,7 +32,7 @@ def _is_zero3_partitioned(params: list[torch.Tensor]) -> bool:
 
 
 @contextlib.contextmanager
-def _gathered(params: list[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+def gathered_parameters(params: list[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
     """Gather ZeRO-3 partitioned parameters for the duration of the block; a no-op otherwise."""
     if not _is_zero3_partitioned(params):
         yield
@@ -116,7 +116,7 @@ class EMAModel:
             raise ValueError("EMAModel found no parameters to track: the model has no parameter with requires_grad")
         self.names = [n for n, _ in named]
         params = [p for _, p in named]
-        with _gathered(params):
+        with gathered_parameters(params):
             self.shadow: dict[str, torch.Tensor] = {n: self._new_copy(p) for n, p in named}
         self.snapshots: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.collected: dict[str, torch.Tensor] | None = None
@@ -166,7 +166,7 @@ class EMAModel:
         self.optimization_step += 1
         decay = self.get_decay(self.optimization_step)
         self.cur_decay_value = decay
-        with _gathered(params):
+        with gathered_parameters(params):
             for name, p in zip(self.names, params):
                 ema_update(self.shadow[name], p, decay)
             if self.snapshot_every and self.optimization_step % self.snapshot_every == 0:
@@ -179,7 +179,7 @@ class EMAModel:
         """Copy EMA (or snapshot ``source``) weights into the given parameters."""
         weights = self.weights(source)
         params = self._params(model_or_params)
-        with _gathered(params, modifier_rank=0):
+        with gathered_parameters(params, modifier_rank=0):
             for name, p in zip(self.names, params):
                 p.data.copy_(weights[name].to(device=p.device, dtype=p.dtype))
 
@@ -187,7 +187,7 @@ class EMAModel:
     def store(self, model_or_params: ParamsLike) -> None:
         """Save the current parameters (on CPU) to put back with :meth:`restore`."""
         params = self._params(model_or_params)
-        with _gathered(params):
+        with gathered_parameters(params):
             self.collected = {n: p.detach().to("cpu", copy=True) for n, p in zip(self.names, params)}
 
     @torch.no_grad()
@@ -196,7 +196,7 @@ class EMAModel:
         if self.collected is None:
             raise RuntimeError("EMAModel.restore() called without a previous store()")
         params = self._params(model_or_params)
-        with _gathered(params, modifier_rank=0):
+        with gathered_parameters(params, modifier_rank=0):
             for name, p in zip(self.names, params):
                 p.data.copy_(self.collected[name].to(device=p.device, dtype=p.dtype))
         self.collected = None

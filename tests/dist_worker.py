@@ -1,0 +1,45 @@
+"""Run by ``accelerate launch`` from tests/test_distributed.py: train, then record what each rank ended with."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mnemoguard.callbacks import Callback  # noqa: E402
+from mnemoguard.ema import gathered_parameters  # noqa: E402
+from mnemoguard.trainer import Trainer  # noqa: E402
+from tests.trainer_utils import tiny_recipe  # noqa: E402
+
+
+class RecordRank(Callback):
+    """At the end of training (before the process group goes away): what this rank holds."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, state, control, trainer, accelerator, unet, ema, **kwargs) -> None:
+        params = list(accelerator.unwrap_model(unet).parameters())
+        with gathered_parameters(params):  # ZeRO-3: each rank holds shards; gather them to compare whole weights
+            checksum = float(sum(p.detach().double().sum() for p in params))
+        record = {
+            "rank": accelerator.process_index,
+            "world": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            "global_step": state.global_step,
+            "checksum": checksum,
+            "ema_step": ema.optimization_step if ema else None,
+            "ema_checksum": float(sum(t.double().sum() for t in ema.shadow.values())) if ema else None,
+            "resumed_from": str(trainer.resumed_from) if trainer.resumed_from else None,
+            "loss_steps": [h["step"] for h in state.log_history],
+        }
+        Path(self.out, f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
+
+
+def main() -> None:
+    out, *overrides = sys.argv[1:]
+    Trainer(tiny_recipe(out, *overrides), callbacks=[RecordRank(out)]).train()
+
+
+if __name__ == "__main__":
+    main()
