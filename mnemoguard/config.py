@@ -249,20 +249,32 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(
-    recipe: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None
-) -> RecipeConfig:
-    """Build a :class:`RecipeConfig` from a YAML file (or dict), then apply ``key.path=value`` overrides."""
-    if recipe is None:
-        data: dict[str, Any] = {}
-    elif isinstance(recipe, dict):
-        data = recipe
-    else:
-        path = Path(recipe)
+def load_dataclass(
+    cls: type, source: Any = None, overrides: list[str] | None = None, what: str = "recipe"
+) -> Any:
+    """Any config dataclass from an instance, a YAML file, a dict or ``None`` (defaults), then ``key.path=value``
+    overrides; unknown keys and wrong types are :class:`ConfigError` s that name the key (``what`` names the file
+    kind in messages)."""
+    if isinstance(source, cls):
+        data: dict[str, Any] = dataclasses.asdict(source)
+    elif source is None:
+        data = {}
+    elif isinstance(source, dict):
+        data = source
+    elif isinstance(source, (str, Path)):
+        path = Path(source)
         if not path.is_file():
-            raise ConfigError(f"recipe file not found: {path}")
+            raise ConfigError(f"{what} file not found: {path}")
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
-    data = _merge(data, parse_overrides(overrides))
-    return _from_dict(RecipeConfig, data)
+    else:
+        raise ConfigError(f"{what}: expected a {cls.__name__}, a YAML path or a dict, found {type(source).__name__}")
+    return _from_dict(cls, _merge(data, parse_overrides(overrides)))
+
+
+def load_config(
+    recipe: str | Path | dict[str, Any] | RecipeConfig | None = None, overrides: list[str] | None = None
+) -> RecipeConfig:
+    """Build a :class:`RecipeConfig` from a YAML file (or dict), then apply ``key.path=value`` overrides."""
+    return load_dataclass(RecipeConfig, recipe, overrides)
