@@ -36,9 +36,22 @@ class RecordRank(Callback):
         Path(self.out, f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
 
 
+class StopOnLastRank(Callback):
+    """Asks for a stop on the last rank only, at ``step``: every rank must stop there."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, state, control, accelerator, **kwargs) -> None:
+        if state.global_step == self.step and accelerator.process_index == accelerator.num_processes - 1:
+            control.should_training_stop = True
+
+
 def main() -> None:
     out, *overrides = sys.argv[1:]
-    Trainer(tiny_recipe(out, *overrides), callbacks=[RecordRank(out)]).train()
+    stop = [o for o in overrides if o.startswith("stop_on_last_rank=")]
+    callbacks = [RecordRank(out)] + [StopOnLastRank(int(o.split("=")[1])) for o in stop]
+    Trainer(tiny_recipe(out, *(o for o in overrides if o not in stop)), callbacks=callbacks).train()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,14 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_stop_asked_on_one_rank_stops_every_rank(tmp_path):
+    ranks = _launch("multi_gpu.yaml", tmp_path, "training.max_train_steps=6", "stop_on_last_rank=2", port=29612)
+    assert [r["global_step"] for r in ranks] == [2, 2]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert (tmp_path / "checkpoint-2").is_dir()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_trains_saves_and_resumes(tmp_path, stage):
     port = 29620 + stage

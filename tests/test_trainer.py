@@ -146,3 +146,15 @@ def test_latent_model_trains_through_the_vae(tmp_path):
 def test_resolution_mismatch_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"data.resolution=32 but the model makes 16x16 images"):
         Trainer(tiny_recipe(tmp_path, "data.resolution=32")).setup()
+
+
+def test_bf16_mixed_precision_trains_lora_adapters_in_fp32(tmp_path):
+    cfg = tiny_recipe(tmp_path, "training.mixed_precision=bf16", "model.lora.enabled=true",
+                      "training.max_train_steps=2")
+    trainer = Trainer(cfg)
+    state = trainer.train()
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    dtypes = {n: p.dtype for n, p in unet.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora" in n)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora" not in n)
+    assert all(math.isfinite(h["train/loss"]) for h in state.log_history)
