@@ -13,6 +13,12 @@ regularizers: ``on_before_forward`` may replace entries of the ``inputs`` dict (
 ``on_loss`` may change ``inputs["weights"]`` (per-sample loss weights; 0 drops a sample) or add to
 ``inputs["extra_loss"]``. Callbacks with state implement ``state_dict`` / ``load_state_dict``; the
 :class:`CallbackList` saves them with every checkpoint.
+
+Metrics contract: a callback that computes metrics in ``on_step_end`` calls ``state.update_metrics(values)`` (so
+later callbacks see them as fresh: ``state.is_fresh(key)``), adds them to the ``logs`` dict it receives (flat tags
+such as ``mem/score_gap/t=500``, Python floats) and sets ``control.should_log = True``; the trainer then writes
+``logs`` to the trackers and to ``state.log_history``. Callbacks run in registration order, so a consumer (early
+stopping, a policy) goes after the producer (a monitor).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ class TrainerState:
     max_steps: int = 0
     micro_step: int = 0  # forward/backward passes taken (global_step x gradient_accumulation_steps)
     metrics: dict[str, float] = field(default_factory=dict)  # latest value of every logged metric
+    metric_steps: dict[str, int] = field(default_factory=dict)  # the step at which each metric was last updated
     log_history: list[dict[str, Any]] = field(default_factory=list)
     best_metric: float | None = None
     best_step: int | None = None
@@ -38,11 +45,20 @@ class TrainerState:
     stop_reason: str | None = None
     is_world_process_zero: bool = True
 
-    def log(self, values: dict[str, float]) -> None:
-        """Record values at the current step (kept in ``metrics`` and appended to ``log_history``)."""
+    def update_metrics(self, values: dict[str, float]) -> None:
+        """Set the latest value of metrics computed at this step (a monitor's output, the training loss ...)."""
         values = {k: float(v) for k, v in values.items()}
         self.metrics.update(values)
-        self.log_history.append({"step": self.global_step, **values})
+        self.metric_steps.update(dict.fromkeys(values, self.global_step))
+
+    def is_fresh(self, key: str) -> bool:
+        """Whether ``key`` was computed at the current step (checks run every N steps; consumers act on fresh ones)."""
+        return self.metric_steps.get(key) == self.global_step
+
+    def log(self, values: dict[str, float]) -> None:
+        """Record values at the current step (kept in ``metrics`` and appended to ``log_history``)."""
+        self.update_metrics(values)
+        self.log_history.append({"step": self.global_step, **{k: float(v) for k, v in values.items()}})
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

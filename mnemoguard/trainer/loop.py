@@ -422,7 +422,7 @@ class Trainer:
             self.control.should_evaluate = True
         if t.checkpointing_steps and step % t.checkpointing_steps == 0:
             self.control.should_save = True
-        state.metrics.update({k: float(v) for k, v in logs.items()})
+        state.update_metrics(logs)
         self.callbacks.call("on_step_end", state, self.control, logs=logs, **kw)
         if self.control.should_log:
             state.log(logs)
