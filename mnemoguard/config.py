@@ -98,6 +98,7 @@ class TrainingConfig:
     checkpoints_total_limit: int | None = 3
     resume_from_checkpoint: str | None = None  # a checkpoint dir or "latest"
     log_every: int = 10  # optimizer steps between scalar logs
+    export: str = "last"  # final weights: last | best (the best checkpoint of early stopping) | ema
 
 
 @dataclass
@@ -148,6 +149,7 @@ _CHOICES = {
     "model.tiny.prediction_type": ("epsilon", "v_prediction"),
     "model.prediction_type": (None, "epsilon", "v_prediction"),
     "training.mixed_precision": ("no", "fp16", "bf16"),
+    "training.export": ("last", "best", "ema"),
     "logging.report_to": ("tensorboard", "none"),
 }
 

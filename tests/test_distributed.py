@@ -53,4 +53,7 @@ def test_deepspeed_zero_trains_saves_and_resumes(tmp_path, stage):
         assert r["loss_steps"] == [1, 2, 3, 4]
     assert resumed[0]["checksum"] == pytest.approx(resumed[1]["checksum"], rel=1e-6)
     assert resumed[0]["ema_checksum"] == pytest.approx(resumed[1]["ema_checksum"], rel=1e-6)
-    assert (tmp_path / "final" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert float(sum(t.double().sum() for t in exported.values())) == pytest.approx(resumed[0]["checksum"], rel=1e-6)

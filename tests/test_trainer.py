@@ -158,3 +158,39 @@ def test_bf16_mixed_precision_trains_lora_adapters_in_fp32(tmp_path):
     assert all(d == torch.float32 for n, d in dtypes.items() if "lora" in n)
     assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora" not in n)
     assert all(math.isfinite(h["train/loss"]) for h in state.log_history)
+
+
+class MarkBestAt(Callback):
+    """Plays an early-stopping callback: an improvement at ``step`` asks for the best checkpoint."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, state, control, **kwargs):
+        if state.global_step == self.step:
+            state.best_step, state.best_metric = self.step, 0.0
+            control.should_save = True
+
+
+def test_export_best_rolls_back_to_the_best_checkpoint(tmp_path):
+    cfg = tiny_recipe(tmp_path, "training.export=best", "training.checkpointing_steps=100",
+                      "training.checkpoints_total_limit=1", "training.max_train_steps=4")
+    trainer = Trainer(cfg, callbacks=[MarkBestAt(2)])
+    state = trainer.train()
+    assert state.best_checkpoint.endswith("checkpoint-2") and (tmp_path / "checkpoint-2").is_dir()
+    from diffusers import UNet2DConditionModel
+
+    at_best = UNet2DConditionModel.from_pretrained(tmp_path / "checkpoint-2", subfolder="unet").state_dict()
+    exported = load_components(tmp_path / "final").unet.state_dict()
+    for name, w in at_best.items():
+        assert torch.equal(exported[name], w)
+
+
+def test_export_ema_writes_the_average_and_keeps_the_live_weights(tmp_path):
+    trainer = Trainer(tiny_recipe(tmp_path, "training.export=ema", "training.max_train_steps=3"))
+    trainer.train()
+    exported = dict(load_components(tmp_path / "final").unet.named_parameters())
+    for name, w in trainer.ema.shadow.items():
+        assert torch.equal(exported[name], w)
+    live = unet_weights(trainer)
+    assert any(not torch.equal(live[n], trainer.ema.shadow[n]) for n in trainer.ema.names)

@@ -234,11 +234,13 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """``accelerator.save_state`` into a temporary directory, renamed into place, then rotation."""
         acc, step = self.accelerator, self.state.global_step
+        path = self.output_dir / f"checkpoint-{step}"
+        if self.state.best_step == step:  # an improvement asked for this save: it is the rollback target
+            self.state.best_checkpoint = str(path)
         acc.wait_for_everyone()
         tmp = checkpoints.temporary_path(self.output_dir, step)
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
-        path = self.output_dir / f"checkpoint-{step}"
         if acc.is_main_process:
             checkpoints.commit(self.output_dir, step)
             keep = {Path(self.state.best_checkpoint)} if self.state.best_checkpoint else set()
@@ -247,11 +249,39 @@ class Trainer:
         self.callbacks.call("on_save", self.state, self.control, checkpoint=path, **self._hook_kwargs())
         return path
 
+    def restore_best(self) -> bool:
+        """Roll the UNet back to ``state.best_checkpoint`` (the run's counters and curves stay as they are)."""
+        best = self.state.best_checkpoint
+        if not best or not Path(best).is_dir():
+            return False
+        acc = self.accelerator
+        if acc.distributed_type.name == "DEEPSPEED":
+            keep = self.state.state_dict()
+            acc.load_state(best)
+            self.state.load_state_dict(keep)
+        else:
+            self._load_unet(acc.unwrap_model(self.unet), Path(best), self.config.model.lora.enabled)
+        acc.print(f"exporting the best checkpoint: {best} (step {self.state.best_step})")
+        return True
+
     def export(self, directory: Path | None = None) -> Path:
-        """The final weights: ``final/`` with a LoRA file, or a full diffusers model directory."""
+        """The final weights (``training.export``: last, best or ema): ``final/`` with a LoRA file, or a full
+        diffusers model directory."""
         acc = self.accelerator
         directory = directory or self.output_dir / "final"
         lora = self.config.model.lora.enabled
+        source = self.config.training.export
+        if source == "best" and not self.restore_best():
+            acc.print("training.export=best but no best checkpoint was recorded: exporting the last weights")
+        if source == "ema":
+            if self.ema is None:
+                raise ValueError("training.export=ema needs ema.enabled=true")
+            with self.ema.average_parameters(acc.unwrap_model(self.unet)):
+                return self._export(directory, lora)
+        return self._export(directory, lora)
+
+    def _export(self, directory: Path, lora: bool) -> Path:
+        acc = self.accelerator
         state_dict = acc.get_state_dict(self.unet)  # gathers ZeRO-3 shards (every rank must call it)
         if acc.is_main_process:
             directory.mkdir(parents=True, exist_ok=True)
@@ -261,7 +291,7 @@ class Trainer:
             else:
                 parts = self.components
                 SDComponents(unet, parts.noise_scheduler, parts.text_encoder, parts.tokenizer, parts.vae,
-                             parts.text_max_length).save_pretrained(directory)
+                             parts.text_max_length).save_pretrained(directory, unet_state_dict=state_dict)
         acc.wait_for_everyone()
         return directory
 

@@ -77,8 +77,10 @@ class SDComponents:
             return model_output
         return self.vae.decode(model_output.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write a diffusers-layout directory that :func:`load_components` reads back."""
+    def save_pretrained(self, directory: str | os.PathLike, unet_state_dict: dict | None = None) -> None:
+        """Write a diffusers-layout directory that :func:`load_components` reads back.
+
+        ``unet_state_dict``: the UNet's weights when the module does not hold them whole (ZeRO-3 partitions)."""
         directory = Path(directory)
         if self.vae is not None:
             from diffusers import StableDiffusionPipeline
@@ -93,6 +95,8 @@ class SDComponents:
             for name in ("unet", "text_encoder", "tokenizer"):
                 getattr(self, name).save_pretrained(directory / name)
             self.noise_scheduler.save_pretrained(directory / "scheduler")
+        if unet_state_dict is not None:
+            self.unet.save_pretrained(directory / "unet", state_dict=unet_state_dict)
         if self.text_max_length is not None:
             (directory / "mnemoguard.json").write_text(json.dumps({"text_max_length": self.text_max_length}))
 
