@@ -21,6 +21,15 @@ def _isolated_hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(home))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """accelerate keeps one process-wide state (mixed precision, ...): each test builds its own Accelerator."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def make_tiny_unet(
     in_channels: int = 1, sample_size: int = 16, cross_attention_dim: int = 32, seed: int = 0
 ) -> "torch.nn.Module":

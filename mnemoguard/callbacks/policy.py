@@ -1,0 +1,311 @@
+"""Mitigation policy: rules that turn actions on and off from memorization signals, with hysteresis.
+
+A :class:`Rule` watches one metric key (``signal``, e.g. ``mem/score_gap/t=500`` — the band is part of the key, so
+bands are never mixed) and acts only on *fresh* values (``state.is_fresh(signal)``; the metrics contract in
+:mod:`mnemoguard.callbacks.base`), so a monitor that runs every N steps gives one check every N steps. Per rule:
+
+* **on-level** — ``threshold`` (absolute) and/or ``rise_factor`` × the first value the rule measured. With both,
+  both must hold (the on-level is the stricter of the two): the threshold is a floor, so a first value near zero
+  cannot make a rise factor fire on noise.
+* **patience** — the value must be beyond the on-level for this many consecutive checks before the action turns on.
+* **release** — hysteresis: once on, the action turns off when the value is back on the other side of the release
+  level for ``release_patience`` consecutive checks. Default release level: ``release_fraction`` of the on-level
+  (for ``direction="above"``: ``on − (1 − release_fraction)·|on|``, i.e. 80 % of a positive on-level).
+* ``direction="below"`` mirrors everything for signals where low means memorized (then ``rise_factor`` < 1 is the
+  fraction the value must fall to).
+
+Actions are registered by name: objects with ``activate(strength=...)`` / ``deactivate()`` (a rule with a ``band``
+calls ``activate(band=..., strength=...)``, as :class:`~mnemoguard.callbacks.noise_gap.NoiseGapScheduler` takes),
+or callables ``fn(strength)`` where strength 0.0 turns the action off. Callbacks of the trainer with an
+``action_name`` attribute are registered automatically in ``on_train_begin``. Several rules may drive one action:
+it is on while any of them is on, at the largest strength among them (and that rule's band).
+
+Every decision is an *alarm*: a dict ``{step, rule, signal, value, level, action, on, strength, message}`` appended
+to :attr:`MitigationPolicy.alarms` (kept in ``state_dict``, so it survives resume and reaches the report). The
+metrics are floats only: ``mem/alarm`` (the number of alarms so far) and ``mem/policy/<action>`` (the strength
+applied, 0.0 when off), written at every check; the text lives in ``alarms``. Signals are reduced across ranks by
+their producer, so every rank takes the same decisions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .base import Callback, TrainerControl, TrainerState
+
+logger = logging.getLogger("mnemoguard")
+
+
+@dataclass
+class Rule:
+    """One signal → one action. See the module docstring for the semantics."""
+
+    signal: str  # metric key, band tag included (e.g. "mem/score_gap/t=500")
+    action: str  # name of a registered action
+    threshold: float | None = None  # absolute on-level
+    rise_factor: float | None = None  # on-level = rise_factor × first measured value (> 1 above, < 1 below)
+    patience: int = 1  # consecutive fresh checks beyond the on-level before turning on
+    release: float | None = None  # absolute off-level; None: from release_fraction
+    release_fraction: float = 0.8  # default off-level as a fraction of the on-level
+    release_patience: int = 1  # consecutive fresh checks beyond the release level before turning off
+    direction: Literal["above", "below"] = "above"  # which side of the on-level means "memorizing"
+    strength: float = 1.0  # passed to the action
+    band: Any = None  # (begin, end) timesteps, a DangerZone, or a callable returning one; passed as band=
+    name: str | None = None  # key in the state and alarms; default "<action><-<signal>"
+
+    def __post_init__(self) -> None:
+        if self.threshold is None and self.rise_factor is None:
+            raise ValueError(f"rule on {self.signal!r}: give a threshold and/or a rise_factor, found neither")
+        if self.direction not in ("above", "below"):
+            raise ValueError(
+                f"rule on {self.signal!r}: direction must be 'above' or 'below', found {self.direction!r}"
+            )
+        if self.rise_factor is not None:
+            ok = self.rise_factor > 1 if self.direction == "above" else 0 < self.rise_factor < 1
+            if not ok:
+                want = "> 1" if self.direction == "above" else "in (0, 1)"
+                raise ValueError(f"rule on {self.signal!r}: rise_factor must be {want} for direction "
+                                 f"{self.direction!r}, found {self.rise_factor}")
+        if self.patience < 1 or self.release_patience < 1:
+            raise ValueError(f"rule on {self.signal!r}: patience and release_patience count checks and must be >= 1; "
+                             f"found {self.patience}, {self.release_patience}")
+        if not 0 < self.release_fraction <= 1:
+            raise ValueError(f"rule on {self.signal!r}: release_fraction must be in (0, 1], found "
+                             f"{self.release_fraction}")
+        if self.strength < 0:
+            raise ValueError(f"rule on {self.signal!r}: strength must be >= 0, found {self.strength}")
+        if self.name is None:
+            self.name = f"{self.action}<-{self.signal}"
+        if self.threshold is not None and self.rise_factor is None and self.release is not None:
+            self.levels(None)  # validates the explicit release against the threshold now
+
+    def beyond(self, value: float, level: float) -> bool:
+        """Whether ``value`` is on the memorizing side of ``level``."""
+        return value > level if self.direction == "above" else value < level
+
+    def levels(self, first: float | None) -> tuple[float, float]:
+        """``(on_level, release_level)`` given the first measured value (unused without a rise factor)."""
+        candidates = [] if self.threshold is None else [float(self.threshold)]
+        if self.rise_factor is not None:
+            if first is None:
+                raise ValueError(f"rule {self.name!r} needs its first value to compute the rise-factor level")
+            candidates.append(self.rise_factor * first)
+        on = max(candidates) if self.direction == "above" else min(candidates)
+        if self.release is not None:
+            release = float(self.release)
+        else:
+            gap = (1 - self.release_fraction) * abs(on)
+            release = on - gap if self.direction == "above" else on + gap
+        if self.beyond(release, on):
+            side = "above" if self.direction == "above" else "below"
+            raise ValueError(f"rule {self.name!r}: the release level {release} must not be {side} the on-level {on}")
+        return on, release
+
+
+@dataclass
+class _RuleState:
+    first: float | None = None
+    on: bool = False
+    count: int = 0  # consecutive checks towards the next transition (on while off, off while on)
+    last_value: float | None = None
+    last_step: int | None = None
+    checks: int = 0
+
+
+class MitigationPolicy(Callback):
+    """Turns registered actions on and off from fresh signal values (see the module docstring).
+
+    Args:
+        rules: the rules, evaluated in order at every step where their signal is fresh.
+        actions: name → action (an object with ``activate`` / ``deactivate``, or a callable ``fn(strength)``).
+        verbose: log every alarm at INFO level (they are always kept in :attr:`alarms`).
+    """
+
+    def __init__(self, rules: list[Rule], actions: dict[str, Any] | None = None, verbose: bool = True) -> None:
+        self.rules = list(rules)
+        names = [r.name for r in self.rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rule names must be unique (they key the saved state); duplicated: {dupes}")
+        self.actions: dict[str, Any] = {}
+        for name, action in (actions or {}).items():
+            self.register_action(name, action)
+        self.verbose = verbose
+        self.rule_states = {r.name: _RuleState() for r in self.rules}
+        self.applied: dict[str, dict[str, Any]] = {}  # action -> {"strength", "band", "rule"} while on
+        self.alarms: list[dict[str, Any]] = []
+        self._warned: set[str] = set()
+        self._reapply = False
+
+    # -------------------------------------------------------------------------------- actions
+    def register_action(self, name: str, action: Any) -> None:
+        """Register ``action`` under ``name`` (replacing any earlier one)."""
+        has_methods = callable(getattr(action, "activate", None)) and callable(getattr(action, "deactivate", None))
+        if not has_methods and not callable(action):
+            raise TypeError(f"action {name!r} must have activate()/deactivate() or be a callable fn(strength); found "
+                            f"{type(action).__name__}")
+        self.actions[name] = action
+
+    def _check_actions(self) -> None:
+        missing = sorted({r.action for r in self.rules if r.action not in self.actions})
+        if missing:
+            raise ValueError(f"MitigationPolicy rules use unregistered actions {missing}; registered: "
+                             f"{sorted(self.actions)} (register_action(name, obj), or add a callback with "
+                             "that action_name)")
+
+    def _apply(self, name: str, strength: float, band: Any) -> None:
+        action = self.actions[name]
+        if hasattr(action, "activate") and hasattr(action, "deactivate"):
+            if strength > 0:
+                action.activate(**({"band": band} if band is not None else {}), strength=strength)
+            else:
+                action.deactivate()
+        elif band is not None:
+            action(strength, band=band)
+        else:
+            action(strength)
+
+    # -------------------------------------------------------------------------------- hooks
+    def on_train_begin(self, state: TrainerState, control: TrainerControl, trainer: Any = None, **kwargs: Any) -> None:
+        for cb in getattr(trainer, "callbacks", []) or []:
+            name = getattr(cb, "action_name", None)
+            if name and name not in self.actions:
+                self.register_action(name, cb)
+        self._check_actions()
+        if self._reapply:
+            self._reapply_actions()
+
+    def on_step_end(self, state: TrainerState, control: TrainerControl, logs: dict | None = None,
+                    **kwargs: Any) -> None:
+        self.evaluate(state, control, logs)
+
+    def on_evaluate(self, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.evaluate(state, control, None)
+
+    def evaluate(self, state: TrainerState, control: TrainerControl, logs: dict | None = None) -> list[dict]:
+        """Feed every fresh signal to its rules; apply the resulting action changes; return the new alarms."""
+        step = state.global_step
+        new: list[dict[str, Any]] = []
+        checked = False
+        for rule in self.rules:
+            rs = self.rule_states[rule.name]
+            if not state.is_fresh(rule.signal) or rs.last_step == step:
+                continue
+            value = float(state.metrics[rule.signal])
+            rs.last_step = step
+            checked = True
+            if not math.isfinite(value):
+                if rule.name not in self._warned:
+                    self._warned.add(rule.name)
+                    warnings.warn(f"rule {rule.name!r}: {rule.signal} = {value} at step {step} is not finite; "
+                                  "non-finite values are skipped", RuntimeWarning, stacklevel=2)
+                continue
+            alarm = self._step_rule(rule, rs, value, step)
+            if alarm is not None:
+                new.append(alarm)
+        if new:
+            self._update_actions(new)
+            self.alarms.extend(new)
+            for alarm in new:
+                if self.verbose and state.is_world_process_zero:
+                    logger.info("MitigationPolicy: %s", alarm["message"])
+        if checked:
+            values = {"mem/alarm": float(len(self.alarms))}
+            values.update({f"mem/policy/{name}": float(self.applied.get(name, {}).get("strength", 0.0))
+                           for name in sorted({r.action for r in self.rules})})
+            state.update_metrics(values)
+            if logs is not None:
+                logs.update(values)
+            if new:
+                control.should_log = True
+        return new
+
+    def _step_rule(self, rule: Rule, rs: _RuleState, value: float, step: int) -> dict[str, Any] | None:
+        if rs.first is None:
+            rs.first = value
+            if rule.rise_factor is not None and rule.threshold is None and value <= 0:
+                warnings.warn(f"rule {rule.name!r}: first value {value} <= 0, so a rise factor does not move the "
+                              "level past it; give a threshold as a floor", RuntimeWarning, stacklevel=3)
+        rs.last_value, rs.checks = value, rs.checks + 1
+        on_level, release_level = rule.levels(rs.first)
+        if not rs.on:
+            rs.count = rs.count + 1 if rule.beyond(value, on_level) else 0
+            if rs.count < rule.patience:
+                return None
+            rs.on, rs.count, level = True, 0, on_level
+        else:
+            rs.count = rs.count + 1 if rule.beyond(release_level, value) else 0  # back past the release level
+            if rs.count < rule.release_patience:
+                return None
+            rs.on, rs.count, level = False, 0, release_level
+        side = ("above" if rule.direction == "above" else "below") if rs.on else \
+            ("below" if rule.direction == "above" else "above")
+        checks = rule.patience if rs.on else rule.release_patience
+        message = (f"step {step}: {rule.signal} = {value:.6g} {side} {level:.6g} for {checks} check(s) -> "
+                   f"{rule.action} {'on' if rs.on else 'off'} (rule {rule.name})")
+        return {"step": step, "rule": rule.name, "signal": rule.signal, "value": value, "level": float(level),
+                "action": rule.action, "on": rs.on, "strength": 0.0, "message": message}
+
+    def _desired(self, name: str) -> dict[str, Any] | None:
+        best: tuple[Rule, float] | None = None
+        for rule in self.rules:
+            if rule.action == name and self.rule_states[rule.name].on:
+                if best is None or rule.strength > best[1]:
+                    best = (rule, rule.strength)
+        if best is None:
+            return None
+        rule = best[0]
+        band = rule.band() if callable(rule.band) else rule.band
+        if band is not None and hasattr(band, "t_lo"):
+            band = None if band.t_lo is None else (int(band.t_lo), int(band.t_hi) + 1)
+        return {"strength": float(rule.strength), "band": list(band) if band is not None else None,
+                "rule": rule.name}
+
+    def _update_actions(self, alarms: list[dict[str, Any]]) -> None:
+        self._check_actions()
+        for name in dict.fromkeys(a["action"] for a in alarms):
+            want = self._desired(name)
+            if want != self.applied.get(name):
+                if want is None:
+                    self._apply(name, 0.0, None)
+                    self.applied.pop(name, None)
+                else:
+                    self._apply(name, want["strength"], tuple(want["band"]) if want["band"] else None)
+                    self.applied[name] = want
+        for alarm in alarms:
+            alarm["strength"] = float(self.applied.get(alarm["action"], {}).get("strength", 0.0))
+            alarm["message"] += f", {alarm['action']} strength now {alarm['strength']:g}"
+
+    def _reapply_actions(self) -> None:
+        """After a resume: put the actions back in the state the checkpoint had (idempotent for stateful ones)."""
+        for name, want in self.applied.items():
+            if name in self.actions:
+                self._apply(name, want["strength"], tuple(want["band"]) if want["band"] else None)
+        self._reapply = False
+
+    # -------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rules": {name: vars(rs).copy() for name, rs in self.rule_states.items()},
+            "applied": {k: dict(v) for k, v in self.applied.items()},
+            "alarms": [dict(a) for a in self.alarms],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = sorted(set(state["rules"]) - set(self.rule_states))
+        if unknown:
+            logger.warning("MitigationPolicy: the checkpoint has state for rules that are not configured now: %s",
+                           unknown)
+        for name, saved in state["rules"].items():
+            if name in self.rule_states:
+                self.rule_states[name] = _RuleState(**saved)
+        self.applied = {k: dict(v) for k, v in state["applied"].items()}
+        self.alarms = [dict(a) for a in state["alarms"]]
+        self._reapply = True
+        if all(name in self.actions for name in self.applied):
+            self._reapply_actions()
+
