@@ -172,6 +172,20 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: expected one of {choices}, found {value!r}")
+        return value
+    if origin is tuple:
+        items = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, found {type(value).__name__} {value!r}")
+        if len(items) == 2 and items[1] is Ellipsis:
+            return tuple(_convert(v, items[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(items):
+            raise ConfigError(f"{where}: expected {len(items)} values, found {len(value)}: {value!r}")
+        return tuple(_convert(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, found {type(value).__name__}")

@@ -50,3 +50,21 @@ def test_scientific_notation_is_a_number_even_where_yaml_reads_a_string():
     assert load_config(None, ["training.learning_rate=1e-4"]).training.learning_rate == 1e-4
     with pytest.raises(ConfigError, match="expected a number, found str 'fast'"):
         load_config(None, ["training.learning_rate=fast"])
+
+
+def test_literal_and_tuple_fields_are_checked():
+    from dataclasses import dataclass
+    from typing import Literal
+
+    from mnemoguard.config import load_dataclass
+
+    @dataclass
+    class Section:
+        mode: Literal["min", "max"] = "min"
+        band: tuple[int, int] | None = None
+
+    assert load_dataclass(Section, {"mode": "max", "band": [300, 700]}) == Section("max", (300, 700))
+    with pytest.raises(ConfigError, match=r"mode: expected one of \('min', 'max'\), found 'up'"):
+        load_dataclass(Section, {"mode": "up"})
+    with pytest.raises(ConfigError, match="band: expected 2 values, found 3"):
+        load_dataclass(Section, {"band": [1, 2, 3]})
