@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .callbacks.guard import GuardConfig
+
 
 class ConfigError(ValueError):
     """A recipe that does not fit the schema: says which key, what was expected and what was found."""
@@ -138,6 +140,7 @@ class RecipeConfig:
     ema: EMASettings = field(default_factory=EMASettings)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)  # memorization monitor and actions (off by default)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

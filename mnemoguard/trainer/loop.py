@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..callbacks import Callback, CallbackList, TrainerControl, TrainerState, UniformTimestepSampler
+from ..callbacks.guard import build_guard_callbacks
 from ..config import RecipeConfig
 from ..ema import EMAModel
 from ..sampling import generate
@@ -61,7 +62,8 @@ class Trainer:
         components: SDComponents | None = None,
     ) -> None:
         self.config = config
-        self.callbacks = CallbackList(callbacks)
+        # The recipe's guard first (its monitor produces what its consumers read), then the caller's callbacks.
+        self.callbacks = CallbackList([*build_guard_callbacks(config.guard), *(callbacks or [])])
         self._dataset_override = dataset
         self._components_override = components
         self.state = TrainerState()
