@@ -1,10 +1,11 @@
-"""``mnemoguard`` command line: ``train RECIPE``, ``demo``, ``config``.
+"""``mnemoguard`` command line: ``train RECIPE``, ``demo``, ``config``, ``bench``.
 
 Examples::
 
     mnemoguard demo                                  # the CPU demo recipe (built into the package)
     mnemoguard train recipes/sd15_lora.yaml --set training.max_train_steps=2000
     accelerate launch --config_file recipes/accelerate/zero2.yaml -m mnemoguard.cli train recipes/sd15_full.yaml
+    mnemoguard bench --out outputs/bench --set seed=1   # planted-memorization benchmark (sized for ~15 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -40,6 +41,24 @@ def _train(recipe: str | None, overrides: list[str]) -> int:
     return 0
 
 
+def _bench(config: str | None, out: str, overrides: list[str], overwrite: bool) -> int:
+    import shlex
+
+    from .testbed.bench import MARKDOWN_FILE, RESULTS_FILE, run_bench
+
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    command = shlex.join(["mnemoguard", "bench", *([config] if config else []), "--out", out, *sets])
+    try:
+        results = run_bench(config, out, overrides=overrides, overwrite=overwrite, command=command)
+    except FileExistsError as e:
+        print(f"mnemoguard: {e}", file=sys.stderr)
+        return 2
+    print(f"\nBenchmark done in {results['timing']['total']:.0f} s.")
+    print(f"Numbers:  {os.path.join(out, RESULTS_FILE)}")
+    print(f"Report:   {os.path.join(out, MARKDOWN_FILE)} (tables and figures for BENCHMARKS.md)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mnemoguard", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="the built-in CPU demo: tiny UNet on real digits, a few minutes on 2 cores")
     p_cfg = sub.add_parser("config", help="print the resolved recipe (defaults + file + overrides) as YAML")
     p_cfg.add_argument("recipe", nargs="?", default=None)
+    p_bench = sub.add_parser("bench", help="train on the planted-memorization testbed and measure every signal")
+    p_bench.add_argument("config", nargs="?", default=None, help="a YAML bench config (default: built-in sizes)")
+    p_bench.add_argument("--out", default="outputs/bench", help="output folder (default: outputs/bench)")
+    p_bench.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p_bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a bench value, e.g. --set seed=1 --set train.max_train_steps=3000")
     for p in (p_train, p_demo, p_cfg):
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe value, e.g. --set model.lora.rank=8 (repeatable)")
@@ -57,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args.recipe, args.overrides)
         if args.command == "demo":
             return _train(None, [f"training.output_dir={DEMO_DIR}", *args.overrides])
+        if args.command == "bench":
+            return _bench(args.config, args.out, args.overrides, args.overwrite)
         if args.command == "config":
             import yaml
 

@@ -53,7 +53,7 @@ def test_defaults_and_partial_sections_keep_bench_sizes():
     cfg = load_bench_config({"testbed": {"duplicated": {"copies": 30}}}, ["probes.num_unseen=50"])
     assert cfg.testbed.duplicated.copies == 30
     assert cfg.testbed.duplicated.num_images == BenchConfig().testbed.duplicated.num_images  # not the testbed's 100
-    assert cfg.testbed.plain.num_images == 600
+    assert cfg.testbed.plain.num_images == BenchConfig().testbed.plain.num_images != 1000  # not the testbed default
     assert cfg.probes.num_unseen == 50
     assert 1.0 in cfg.probes.guidance and max(cfg.probes.guidance) > 1
 
@@ -68,7 +68,7 @@ def test_config_errors_name_the_key(tmp_path):
     path = tmp_path / "bench.yaml"
     path.write_text("seed: 2\ntrain:\n  max_train_steps: 10\n")
     cfg = load_bench_config(path)
-    assert (cfg.seed, cfg.train.max_train_steps, cfg.train.eval_every) == (2, 10, 1000)
+    assert (cfg.seed, cfg.train.max_train_steps, cfg.train.eval_every) == (2, 10, 500)
 
 
 def test_probe_noise_does_not_depend_on_batching():
@@ -101,6 +101,8 @@ def test_smoke_run_writes_json_figures_and_markdown(bench_run):
     data = json.loads((out / "bench.json").read_text())
     assert data["format"] == "mnemoguard-bench" and data["seed"] == 0
     assert [c["step"] for c in data["checkpoints"]] == [2, 4]
+    logged = [json.loads(line) for line in (out / "checkpoints.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in logged] == [2, 4]
     cp = data["checkpoints"][-1]
     assert set(cp["ground_truth"]) == {"w=1", "w=3"}
     planted = cp["ground_truth"]["w=1"]["planted"]
@@ -159,3 +161,17 @@ def test_phrase_tokens_found_in_minilm_captions():
 
     mask = phrase_token_mask(Parts, ["a handwritten digit seven with the red stamp, form 0412"], "with the red stamp")
     assert mask is not None and int(mask.sum()) == 4
+
+
+def test_copy_ground_truth_needs_the_captions_own_image():
+    from mnemoguard.testbed.bench_probes import copy_ground_truth
+
+    gen = torch.Generator().manual_seed(0)
+    train = torch.rand(5, 1, 4, 4, generator=gen)
+    images = torch.stack([train[0], train[1], train[2], torch.rand(1, 4, 4, generator=gen)])
+    res = copy_ground_truth(images, train, [0, 2, None, None], n_resamples=10)
+    assert res["copy"] == [True, True, True, False]
+    assert res["memorized"] == [True, False, False, False]  # row 1 copies image 1, not its own image 2
+    assert res["memorized_fraction"]["fraction"] == 0.25 and res["copy_fraction"]["fraction"] == 0.75
+    negatives = copy_ground_truth(images, train, [None] * 4, n_resamples=10)
+    assert negatives["memorized"] == [True, True, True, False]  # without an own image, any copy counts

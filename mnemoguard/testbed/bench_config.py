@@ -1,0 +1,207 @@
+"""The ``mnemoguard bench`` configuration: testbed sizes, training length, probes, signals, maps, danger zone.
+
+Same rules as the recipe (:mod:`mnemoguard.config`): YAML or dict in, unknown keys are errors, ``key.path=value``
+overrides. The defaults aim at one run in about 15 minutes on 2 CPU cores. They are extrapolated from short runs,
+not measured end to end:
+
+* **What drives the onset.** An image duplicated R times among N rows is drawn 32 R / N times per optimizer step
+  at batch 32 (at most 32 / K for K duplicated images). testbed-notes: 10 images x 50 copies in 1,500 rows at
+  lr 5e-4 gave 2.5 % copies after ~2,100 draws of each image (2,000 steps) and 35 % after ~4,300 (4,000 steps),
+  unseen captions at 0 %. A reduced bench run (2 images x 150 copies in 400 rows, lr 1e-3) gave 0 % after ~1,500
+  draws (125 steps) and 12.5 % after ~3,000 (250 steps), unseen and held-out at 0 %.
+* **Speed.** The reference trainer took about 0.45-0.5 s per step on ONE thread of this 2-core machine (batch 32;
+  backward is 60 % of it), so testbed-notes' 4,000-step set-up (8.5 steps/s with its own loop on 2 idle cores)
+  would take over 15 minutes here.
+* **Hence:** 12 images x 72 copies among 480 plain + 60 template rows (1,404 rows, 1.64 draws per step), lr 1e-3,
+  2,000 steps: checkpoints at ~820, 1,640, 2,460 and 3,280 draws per image, across the onset window above.
+  12 planted captions x 4 seeds per side is far from the issue's >= 100 memorized captions: at this rate 100
+  planted images need ~8x the steps (a GPU, or ``testbed.duplicated.num_images=100`` with a longer
+  ``train.max_train_steps``). testbed-notes' exact set-up: ``--set testbed.plain.num_images=1000
+  testbed.duplicated.num_images=10 testbed.duplicated.copies=50 testbed.template.enabled=false
+  train.learning_rate=5e-4 train.max_train_steps=4000``.
+* **Evaluation.** Every 500 steps: 12 planted captions x 4 seeds and 100 unseen + 16 held-out captions x 1 seed at
+  w = 1 and w = 3 (25 DDIM steps), plus the signals: about 15,000 UNet passes at batch 1, 90 s on one loaded
+  thread. Maps and the danger zone once at the end (about 30 s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, load_dataclass
+from .config import DuplicatedConfig, HeldOutConfig, PlainConfig, TemplateConfig, TestbedConfig, UnseenConfig
+
+__all__ = [
+    "BenchConfig",
+    "BenchDangerZoneConfig",
+    "BenchLocalizationConfig",
+    "BenchProbeConfig",
+    "BenchSignalConfig",
+    "BenchTrainConfig",
+    "load_bench_config",
+]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def bench_testbed() -> TestbedConfig:
+    """The benchmark's testbed: few duplicated images, each drawn 1.64 times per step (see the module docstring)."""
+    return TestbedConfig(
+        plain=PlainConfig(num_images=480),
+        duplicated=DuplicatedConfig(num_images=12, copies=72),
+        template=TemplateConfig(num_images=60),
+        held_out=HeldOutConfig(num_images=32),
+        unseen=UnseenConfig(num_global_style=100, num_template_style=16),
+    )
+
+
+@dataclass
+class BenchTrainConfig:
+    """The reference trainer's run (any other recipe key goes through ``recipe_overrides``)."""
+
+    max_train_steps: int = 2000  # ~3,300 draws of each planted image (module docstring)
+    eval_every: int = 500  # checkpoint + full evaluation every K optimizer steps (about a minute each)
+    learning_rate: float = 1e-3  # testbed-notes used 5e-4 over 4,000 steps; 1e-3 memorizes sooner
+    train_batch_size: int = 32
+    text_encoder: str = "minilm"  # minilm (real, 384-d) | clip (tiny random; tests)
+    recipe_overrides: list[str] = field(default_factory=list)  # e.g. ["ema.lag=500"], applied last
+
+    def __post_init__(self) -> None:
+        _check(self.max_train_steps >= 1, f"train.max_train_steps: expected >= 1, found {self.max_train_steps}")
+        _check(self.eval_every >= 1, f"train.eval_every: expected >= 1, found {self.eval_every}")
+        _check(self.text_encoder in ("minilm", "clip"),
+               f"train.text_encoder: expected minilm or clip, found {self.text_encoder!r}")
+
+
+@dataclass
+class BenchProbeConfig:
+    """Which captions are generated at every checkpoint, how often, at which guidance."""
+
+    num_positive: int | None = None  # planted (global) captions probed; None = all of them
+    num_unseen: int = 100  # unseen global-style captions (negatives)
+    num_held_out: int = 16  # held-out captions (negatives, specific style, image never trained)
+    seeds_positive: int = 4  # generations per planted caption (ground truth)
+    seeds_negative: int = 1  # generations per negative caption
+    guidance: list[float] = field(default_factory=lambda: [1.0, 3.0])  # must hold 1 and one w > 1 (users' CFG)
+    num_inference_steps: int = 25  # DDIM
+    ratio_threshold: float = 1 / 3  # Gu et al.'s d1/d2 threshold
+    bootstrap_resamples: int = 1000
+    batch_size: int = 32  # rows per sampling call (speed and memory only; 32 was fastest on CPU)
+
+    def __post_init__(self) -> None:
+        _check(1.0 in self.guidance and any(w > 1 for w in self.guidance),
+               f"probes.guidance: expected 1.0 and at least one w > 1, found {self.guidance}")
+        _check(self.seeds_positive >= 1 and self.seeds_negative >= 1, "probes.seeds_*: expected >= 1")
+        _check(self.num_inference_steps >= 3, f"probes.num_inference_steps: expected >= 3, found "
+                                               f"{self.num_inference_steps}")
+
+
+@dataclass
+class BenchSignalConfig:
+    """Settings of the prompt-level signals (read on the first generation of every probed caption)."""
+
+    bands: list[list[int]] = field(default_factory=lambda: [[0, 333], [333, 666], [666, 1000]])  # [t_lo, t_hi)
+    asthana_gamma: list[float] = field(default_factory=lambda: [1.0, 2.0])  # their SD 1.4 preset
+    asthana_lo_index: int = -3  # DDIM timesteps[-3] (their choice)
+    curvature_step: int = 12  # DDIM step of the w=1 trajectory where the Hutchinson trace is taken
+    curvature_probes: int = 4  # Rademacher probes (fd: 4 passes each, CFG pair at x +- h v)
+    curvature_method: str = "fd"  # fd | vjp | jvp
+
+    def __post_init__(self) -> None:
+        _check(all(len(b) == 2 and 0 <= b[0] < b[1] <= 1000 for b in self.bands),
+               f"signals.bands: expected [t_lo, t_hi) pairs within [0, 1000], found {self.bands}")
+        _check(len(self.asthana_gamma) == 2, f"signals.asthana_gamma: expected 2 numbers, found {self.asthana_gamma}")
+        _check(self.curvature_method in ("fd", "vjp", "jvp"),
+               f"signals.curvature_method: expected fd, vjp or jvp, found {self.curvature_method!r}")
+
+
+@dataclass
+class BenchLocalizationConfig:
+    """Kim & Lee's maps on template captions, at the last checkpoint (or every one)."""
+
+    enabled: bool = True
+    num_captions: int = 16  # template captions mapped (their generations also give the template-verbatim rate)
+    step_index: int = -1  # DDIM step of the guided trajectory where maps are taken (-1 = last, Kim & Lee)
+    num_probes: int = 16  # Hutchinson probes (Kim & Lee: 16)
+    method: str = "vjp"
+    cross_attention: bool = True  # the cross-attention baseline (attention to the template phrase's tokens)
+    every_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("fd", "vjp", "jvp"), f"localization.method: expected fd, vjp or jvp, "
+                                                      f"found {self.method!r}")
+
+
+@dataclass
+class BenchDangerZoneConfig:
+    """Dodson et al.'s curves of the training data and the per-noise-level memorization rate."""
+
+    enabled: bool = True
+    num_sigmas: int = 32
+    sigma_range: list[float] = field(default_factory=lambda: [0.01, 100.0])
+    num_probes: int = 256
+    start_timesteps: list[int] = field(default_factory=lambda: [40, 120, 240, 400, 560, 720, 880])  # snapped to DDIM
+    num_images: int = 16  # training images per kind (global, plain) denoised from each noise level
+    loss_draws: int = 4  # noise draws per image and band for the training-loss gap (every checkpoint)
+
+    def __post_init__(self) -> None:
+        _check(len(self.sigma_range) == 2 and 0 < self.sigma_range[0] < self.sigma_range[1],
+               f"danger_zone.sigma_range: expected [low, high] with 0 < low < high, found {self.sigma_range}")
+
+
+@dataclass
+class BenchConfig:
+    """Everything ``mnemoguard bench`` does (see ``docs/testbed.md``, "The benchmark")."""
+
+    seed: int = 0  # the run's one seed: testbed selection (overrides testbed.seed), weights, data order, probe noise
+    progress: bool = True  # tqdm progress bars
+    testbed: TestbedConfig = field(default_factory=bench_testbed)
+    train: BenchTrainConfig = field(default_factory=BenchTrainConfig)
+    probes: BenchProbeConfig = field(default_factory=BenchProbeConfig)
+    signals: BenchSignalConfig = field(default_factory=BenchSignalConfig)
+    localization: BenchLocalizationConfig = field(default_factory=BenchLocalizationConfig)
+    danger_zone: BenchDangerZoneConfig = field(default_factory=BenchDangerZoneConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.seed >= 0, f"seed: expected >= 0, found {self.seed}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_bench_config(
+    config: BenchConfig | str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None
+) -> BenchConfig:
+    """A :class:`BenchConfig` from a dataclass, a YAML file or a dict (merged over the bench defaults, so a partial
+    ``testbed:`` section keeps the bench's testbed sizes), then ``key.path=value`` overrides.
+
+    Raises:
+        ConfigError: unknown keys, wrong types or out-of-range values.
+    """
+    if isinstance(config, BenchConfig):
+        return load_dataclass(BenchConfig, config, overrides, what="bench config")
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"bench config file not found: {path}")
+        config = yaml.safe_load(path.read_text()) or {}
+    if config is not None and not isinstance(config, dict):
+        raise ConfigError(f"bench config: expected a mapping, a YAML path or a BenchConfig, found "
+                          f"{type(config).__name__}")
+    data = _merge(dataclasses.asdict(BenchConfig()), config or {})
+    return load_dataclass(BenchConfig, data, overrides, what="bench config")
