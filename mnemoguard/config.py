@@ -261,10 +261,11 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive merge: values of ``update`` win; nested mappings are merged key by key."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -289,7 +290,7 @@ def load_dataclass(
             raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
     else:
         raise ConfigError(f"{what}: expected a {cls.__name__}, a YAML path or a dict, found {type(source).__name__}")
-    return _from_dict(cls, _merge(data, parse_overrides(overrides)))
+    return _from_dict(cls, merge_dicts(data, parse_overrides(overrides)))
 
 
 def load_config(

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, load_dataclass
+from ..config import ConfigError, load_dataclass, merge_dicts
 from .config import DuplicatedConfig, HeldOutConfig, PlainConfig, TemplateConfig, TestbedConfig, UnseenConfig
 
 __all__ = [
@@ -177,13 +177,6 @@ class BenchConfig:
         return dataclasses.asdict(self)
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_bench_config(
     config: BenchConfig | str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None
 ) -> BenchConfig:
@@ -203,5 +196,5 @@ def load_bench_config(
     if config is not None and not isinstance(config, dict):
         raise ConfigError(f"bench config: expected a mapping, a YAML path or a BenchConfig, found "
                           f"{type(config).__name__}")
-    data = _merge(dataclasses.asdict(BenchConfig()), config or {})
+    data = merge_dicts(dataclasses.asdict(BenchConfig()), config or {})
     return load_dataclass(BenchConfig, data, overrides, what="bench config")
