@@ -1,0 +1,155 @@
+"""MemorizationMonitor: RNG isolation (same weights on and off), determinism, separate band tags, state round-trip,
+probe choice and the per-step loss flags."""
+
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mnemoguard.callbacks import MemorizationMonitor, TrainerControl, TrainerState
+from mnemoguard.callbacks.monitor import duplicated_caption_rows, preserved_rng_state
+from mnemoguard.trainer import Trainer
+
+from ..trainer_utils import tiny_recipe, unet_weights
+from ._guard_run import HELDOUT, RUN_OVERRIDES, STEPS, guarded_run, make_monitor
+
+
+def test_monitor_does_not_change_the_training_trajectory(tmp_path):
+    run = guarded_run()
+    plain = Trainer(tiny_recipe(tmp_path, *RUN_OVERRIDES))
+    plain.train()
+    off = unet_weights(plain)
+    assert off.keys() == run.weights.keys()
+    assert all(torch.equal(off[k], run.weights[k]) for k in off)
+    assert [h["step"] for h in run.monitor.history] == [2, 4] and run.state.global_step == STEPS
+
+
+def test_monitor_values_are_deterministic_and_logged_per_band():
+    run = guarded_run()
+    mon, state = run.monitor, run.state
+    last = mon.history[-1]["metrics"]
+    # The same weights measured again give exactly the logged values (fixed probes, noise, timesteps, seed).
+    assert run.remeasured[0] == run.remeasured[1]
+    assert {k: v for k, v in run.remeasured[0].items()} == last
+    # One tag per signal, band and split; nothing averaged across bands.
+    assert list(mon.bands) == ["low", "mid", "high"]
+    for sig in ("live_vs_ema", "wen_gap", "anisotropy", "probe_loss"):
+        for band in ("low", "mid", "high"):
+            for part in ("train", "heldout", "contrast", "train_std", "heldout_std"):
+                assert f"mem/{sig}/band={band}/{part}" in last
+    assert not [k for k in last if k.startswith("mem/") and "band=" not in k and "nn_ratio" not in k
+                and "curvature_diff" not in k]
+    assert "mem/nn_ratio/train" in last and "mem/curvature_diff/t=1/train" in last
+    # Under the metrics contract: in state.metrics, fresh at the check, and written to the log history.
+    logged = {row["step"]: row for row in state.log_history}
+    assert logged[4]["mem/live_vs_ema/band=mid/train"] == last["mem/live_vs_ema/band=mid/train"]
+    assert "mem/live_vs_ema/band=mid/train" in logged[2] and "mem/agc/flagged_samples" in logged[4]
+    assert state.metric_steps["mem/wen_gap/band=high/heldout"] == 4
+    # Per-probe values kept for the histograms: 4 training probes, 2 held-out captions, per band.
+    per = mon.history[-1]["per_probe"]["live_vs_ema"]["mid"]
+    assert len(per["train"]) == 4 and len(per["heldout"]) == 2
+    assert np.isclose(np.mean(per["train"]), last["mem/live_vs_ema/band=mid/train"])
+    # Probes: duplicated captions first, then random rows; unseen captions as held-out probes.
+    probes = mon.probes()
+    assert [p["kind"] for p in probes] == ["duplicate", "duplicate", "random", "random", "captions", "captions"]
+    assert [p["caption"] for p in probes[4:]] == HELDOUT
+    vis = mon.latest_visuals
+    assert vis["step"] == 4 and vis["generations"].shape == (2, 1, 16, 16) and vis["maps"].shape == (2, 16, 16)
+    assert mon.agc_count and sum(mon.agc_count) > 0
+
+
+def test_monitor_state_round_trip_and_resume(tmp_path):
+    run = guarded_run()
+    saved = run.monitor.state_dict()
+    buf = io.BytesIO()
+    torch.save(saved, buf)  # what accelerate does with registered objects
+    buf.seek(0)
+    fresh = make_monitor()
+    fresh.load_state_dict(torch.load(buf, weights_only=False))
+    assert fresh.state_dict() == saved
+    assert fresh.spec["train_rows"] == run.monitor.spec["train_rows"] and fresh.num_checks == 2
+
+    # Resume from checkpoint-2 with a fresh monitor: same probe set, and step 4 replays the uninterrupted values.
+    shutil.copytree(run.out / "checkpoint-2", tmp_path / "checkpoint-2")
+    resumed = make_monitor()
+    cfg = tiny_recipe(tmp_path, *RUN_OVERRIDES, "training.resume_from_checkpoint=checkpoint-2",
+                      "logging.report_to=none")
+    Trainer(cfg, callbacks=[resumed]).train()
+    assert resumed.spec == run.monitor.spec
+    assert [h["step"] for h in resumed.history] == [2, 4]
+    assert resumed.history[0] == run.monitor.history[0]
+    assert resumed.history[1]["metrics"] == run.monitor.history[1]["metrics"]
+
+
+def test_preserved_rng_state_restores_every_generator():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    with preserved_rng_state():
+        torch.rand(5), np.random.rand(5), random.random()
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_duplicated_caption_rows_ranks_by_count():
+    caps = ["a", "b", "a", "c", "b", "a", "d", "", ""]
+    assert duplicated_caption_rows(caps) == [(0, 3), (1, 2)]
+
+
+def test_per_step_loss_flags_low_loss_samples():
+    mon = MemorizationMonitor(loss_buckets=10, loss_min_count=2, loss_ema_decay=0.5, loss_flag_ratio=1.25)
+    t = torch.tensor([50, 50, 50, 500])
+    flags = mon.observe_losses(torch.tensor([1.0, 1.0, 1.0, 1.0]), t, torch.tensor([0, 1, 2, 3]))
+    assert not flags.any()  # buckets start at their first observation and need 2 before flagging
+    flags = mon.observe_losses(torch.tensor([0.5, 0.9, 1.0]), torch.tensor([55, 60, 500]), torch.tensor([7, 8, 9]),
+                               keep=torch.tensor([True, True, False]))
+    assert flags.tolist() == [True, False, False] and mon.flag_counts == {7: 1}
+    metrics = mon._agc_metrics()
+    assert metrics["mem/agc/flag_rate/band=low"] == pytest.approx(1 / 5)
+    assert metrics["mem/agc/flagged_samples"] == 1.0 and "mem/agc/flag_rate/band=high" not in metrics
+
+
+def test_config_errors_say_what_was_expected():
+    with pytest.raises(ValueError, match="subset of"):
+        MemorizationMonitor(signals=["nope"])
+    with pytest.raises(ValueError, match="baseline_checkpoint"):
+        MemorizationMonitor(baseline="checkpoint")
+    with pytest.raises(ValueError, match="t_lo < t_hi"):
+        MemorizationMonitor(bands=[(500, 100)])
+    with pytest.raises(ValueError, match="band_names"):
+        MemorizationMonitor(bands=[(0, 100), (100, 200)], band_names=["a"])
+    mon = MemorizationMonitor(bands=[(0, 100), (100, 900)])
+    assert list(mon.bands) == ["t0-100", "t100-900"]
+    # Not started: hooks are no-ops.
+    mon.on_step_end(TrainerState(global_step=100), TrainerControl(), logs={})
+
+
+@pytest.mark.slow
+def test_two_ranks_hold_the_same_monitor_values(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "recipes" / "accelerate" / "multi_gpu.yaml"), "--main_process_port", "29641",
+           str(Path(__file__).with_name("_monitor_worker.py")), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"monitor{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0] == ranks[1]  # probes, every check's values, per-probe values, the per-step loss flags
+    last = ranks[0]["history"][-1]
+    assert [h["step"] for h in ranks[0]["history"]] == [2, 4]
+    per = last["per_probe"]["live_vs_ema"]["high"]
+    assert len(per["train"]) == 5 and len(per["heldout"]) == 2 and all(np.isfinite(per["train"] + per["heldout"]))
+    assert sum(ranks[0]["agc_count"]) > 32  # both ranks' samples (4 steps x 8 per rank, minus dropped captions)

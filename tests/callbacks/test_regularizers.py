@@ -1,0 +1,540 @@
+"""Regularizers: each pure function against a hand-checkable reference, each switch, state round-trips, a real run."""
+
+import io
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from mnemoguard.baselines import Baseline
+from mnemoguard.callbacks import (
+    REGULARIZERS,
+    AntiGradientControl,
+    BaselinePreservation,
+    Callback,
+    CaptionDropout,
+    CaptionWordRepetition,
+    GaussianEmbeddingNoise,
+    MitigationPolicy,
+    MultipleCaptions,
+    RandomCaptionReplacement,
+    RandomTokenAddition,
+    TrainerControl,
+    TrainerState,
+    WenFilter,
+    build_regularizer,
+    build_regularizers,
+)
+from mnemoguard.callbacks.regularizers import (
+    TokenVocab,
+    agc_keep,
+    agc_update,
+    caption_dropout,
+    caption_word_repetition,
+    drop_samples,
+    gaussian_embedding_noise,
+    insert_word,
+    multiple_captions,
+    preservation_loss,
+    random_caption_replacement,
+    random_token_addition,
+    skip_if_nothing_kept,
+    timestep_buckets,
+    wen_filter_weights,
+    wen_threshold,
+)
+from mnemoguard.trainer import Trainer
+
+from ..trainer_utils import tiny_recipe, unet_weights
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+VOCAB = TokenVocab(torch.tensor([10, 11, 12, 13]), lambda ids: " ".join(f"tok{i}" for i in ids))
+
+
+# ---------------------------------------------------------------------------------------------------- pure functions
+def test_drop_samples_renormalises_over_the_samples_still_active():
+    w = torch.ones(4)
+    assert drop_samples(w, torch.tensor([True, False, True, False])).tolist() == [2.0, 0.0, 2.0, 0.0]
+    assert drop_samples(w, torch.tensor([True, False, True, False]), renormalize=False).tolist() == [1, 0, 1, 0]
+    # An earlier filter dropped sample 1: 3 active -> 2 kept, survivors x 3/2 (filters compose).
+    w = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    assert drop_samples(w, torch.tensor([True, True, False, True])).tolist() == [1.5, 0.0, 0.0, 1.5]
+    assert drop_samples(w, torch.zeros(4, dtype=torch.bool)).tolist() == [0.0] * 4
+    with pytest.raises(ValueError, match="shape"):
+        drop_samples(w, torch.ones(3, dtype=torch.bool))
+
+
+def test_wen_filter_weights_drop_the_samples_at_or_above_the_threshold():
+    eps_u = torch.zeros(4, 1, 2, 2)
+    eps_c = torch.zeros(4, 1, 2, 2)
+    eps_c[:, 0, 0, 0] = torch.tensor([1.0, 3.0, 0.5, 2.0])  # per-sample L2 gaps 1, 3, 0.5, 2
+    w, keep, gap = wen_filter_weights(torch.ones(4), eps_c, eps_u, threshold=2.0)
+    assert gap.tolist() == [1.0, 3.0, 0.5, 2.0]
+    assert keep.tolist() == [True, False, True, False] and w.tolist() == [2.0, 0.0, 2.0, 0.0]
+    # Samples outside the band are kept whatever their gap.
+    w, keep, _ = wen_filter_weights(torch.ones(4), eps_c, eps_u, 2.0, eligible=torch.tensor([1, 0, 1, 1]).bool())
+    assert keep.tolist() == [True, True, True, False] and w.tolist() == pytest.approx([4 / 3, 4 / 3, 4 / 3, 0])
+    assert wen_threshold(2.0, strength=2.0) == 1.0 and wen_threshold(2.0, 0.0) == math.inf
+    assert wen_threshold(2.0, 1.0, numel=4096, reference_dim=16384) == pytest.approx(1.0)
+
+
+def test_agc_keep_and_update_follow_the_authors_rule():
+    table = torch.tensor([0.0, 1.0, 2.0, 0.0], dtype=torch.float64)
+    loss = torch.tensor([0.5, 0.7, 2.0, 0.1])
+    buckets = torch.tensor([0, 1, 2, 3])
+    # keep iff l * 1.25 >= avg: 0.625>=0, 0.875<1, 2.5>=2, 0.125>=0 (an unseen bucket keeps everything).
+    assert agc_keep(loss, buckets, table).tolist() == [True, False, True, True]
+    assert agc_keep(loss, buckets, table, strength=0.0).all()
+    assert agc_keep(loss, buckets, table, strength=2.0).tolist() == [True, False, False, True]
+    # Sequential update: two samples of one bucket both count, in batch order; the input table is untouched.
+    new = agc_update(table, torch.tensor([1.0, 2.0]), torch.tensor([1, 1]), beta=0.8)
+    assert new[1].item() == pytest.approx(0.8 * (0.8 * 1.0 + 0.2 * 1.0) + 0.2 * 2.0) and table[1] == 1.0
+    assert timestep_buckets(torch.tensor([0, 999, 500, 99]), 1000, 10).tolist() == [0, 9, 5, 0]
+    assert timestep_buckets(torch.tensor([0, 999]), 1000, 1000).tolist() == [0, 999]
+
+
+def test_insert_word_is_dcr_split_insert_join():
+    assert insert_word("a b c", "X", 0) == "X a b c"
+    assert insert_word("a b c", "X", 3) == "a b c X"
+    assert insert_word("a  b", "X", 2) == "a  X b"  # split(" ") keeps empty words, as DCR does
+    with pytest.raises(ValueError, match=r"position must be in \[0, 3\]"):
+        insert_word("a b c", "X", 4)
+
+
+def test_caption_word_repetition_matches_a_replay_of_the_draws():
+    caps = ["a red car", "one"]
+    out = caption_word_repetition(caps, 1.0, gen(5))
+    g = gen(5)
+    torch.rand(2, generator=g)  # the selection draws
+    ref = []
+    for c in caps:
+        words, cur = c.split(" "), c
+        for _ in range(2):
+            word = words[int(torch.randint(0, len(words), (1,), generator=g))]
+            cur = insert_word(cur, word, int(torch.randint(0, len(cur.split(" ")) + 1, (1,), generator=g)))
+        ref.append(cur)
+    assert out == ref
+    assert out[1] == "one one one"
+    for c, o in zip(caps, out):
+        extra = o.split(" ")
+        for w in c.split(" "):
+            extra.remove(w)
+        assert len(extra) == 2 and set(extra) <= set(c.split(" "))
+
+
+def test_random_tokens_replace_and_insert_from_the_vocabulary():
+    caps = ["a red car", "a dog"]
+    rc = random_caption_replacement(caps, 1.0, VOCAB, gen(0))
+    for c in rc:
+        toks = c.split(" ")
+        assert len(toks) == 4 and set(toks) <= {"tok10", "tok11", "tok12", "tok13"}
+    rt = random_token_addition(caps, 1.0, VOCAB, gen(0))
+    for c, o in zip(caps, rt):
+        words = o.split(" ")
+        assert len(words) == len(c.split(" ")) + 2
+        assert [w for w in words if not w.startswith("tok")] == c.split(" ")  # original order kept
+    # prob 0, or not eligible: unchanged; the selection draw u <= p selects about p of the captions.
+    assert random_caption_replacement(caps, 0.0, VOCAB, gen(0)) == caps
+    assert random_token_addition(caps, 1.0, VOCAB, gen(0), eligible=[False, False]) == caps
+    many = random_caption_replacement(["x"] * 4000, 0.1, VOCAB, gen(1))
+    assert abs(sum(c != "x" for c in many) / 4000 - 0.1) < 0.02
+    with pytest.raises(ValueError, match="one entry per caption"):
+        random_caption_replacement(caps, 1.0, VOCAB, gen(0), eligible=[True])
+
+
+def test_multiple_captions_and_caption_dropout():
+    caps = ["a", "b", "c"]
+    pools = [["a1", "a2"], None, ["c1"]]
+    out = multiple_captions(caps, pools, gen(0))
+    assert out[0] in ("a1", "a2") and out[1] == "b" and out[2] == "c1"
+    seen = {multiple_captions(["a"], [["a1", "a2"]], gen(s))[0] for s in range(20)}
+    assert seen == {"a1", "a2"}  # uniform over the pool
+    assert caption_dropout(caps, 1.0, gen(0)) == ["", "", ""]
+    assert caption_dropout(caps, 0.0, gen(0)) == caps
+    assert caption_dropout(caps, 1.0, gen(0), eligible=[True, False, True]) == ["", "b", ""]
+
+
+def test_gaussian_embedding_noise_is_lambda_times_the_generators_normal_draw():
+    emb = torch.zeros(3, 2, 4)
+    out = gaussian_embedding_noise(emb, 0.1, gen(7))
+    assert torch.allclose(out, 0.1 * torch.randn(3, 2, 4, generator=gen(7)))
+    out = gaussian_embedding_noise(emb, 0.1, gen(7), eligible=torch.tensor([True, False, True]))
+    assert out[1].abs().sum() == 0 and out[0].abs().sum() > 0
+
+
+def test_preservation_loss_weighs_flagged_samples_like_the_main_loss():
+    mask = torch.tensor([True, False, True, False])
+    term, per = preservation_loss(torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), mask, weight=0.5)
+    assert per.tolist() == [1.0, 1.0] and term.item() == pytest.approx(0.5 * 2 / 4)
+    with pytest.raises(ValueError, match="expected the 2 masked samples"):
+        preservation_loss(torch.ones(3, 1), torch.zeros(3, 1), mask, 1.0)
+
+
+def test_token_vocab_from_a_tokenizer_skips_special_tokens(tmp_path):
+    from mnemoguard.trainer.models import build_tiny_clip_tokenizer
+
+    tok = build_tiny_clip_tokenizer(tmp_path)
+    vocab = TokenVocab.from_tokenizer(tok)
+    assert vocab.ids.numel() == len(tok) - len(set(tok.all_special_ids))
+    assert not set(vocab.ids.tolist()) & set(tok.all_special_ids)
+    assert TokenVocab.from_tokenizer(tok, limit=5).ids.tolist() == [0, 1, 2, 3, 4]
+    assert isinstance(vocab.decode(vocab.sample(2, gen(0))), str)
+
+
+# ---------------------------------------------------------------------------------------------------- hooks, fakes
+class FakeUNet(nn.Module):
+    """ε = the mean of the text embedding, everywhere: the unconditional ε of a zero embedding is 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x, t, encoder_hidden_states=None, return_dict=True):
+        out = self.w * encoder_hidden_states.float().mean(dim=(1, 2)).view(-1, 1, 1, 1).expand_as(x)
+        return (out,) if not return_dict else SimpleNamespace(sample=out)
+
+
+class FakeComponents:
+    def __init__(self):
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+        self.tokenizer = None
+        self.encoded: list[str] = []
+
+    def encode_prompt(self, captions, device=None):
+        self.encoded += list(captions)
+        return torch.stack([torch.full((2, 3), float(len(c))) for c in captions])
+
+
+class FakeTrainer:
+    def __init__(self):
+        self.components = FakeComponents()
+
+    def encode_captions(self, captions):
+        return torch.stack([torch.full((2, 3), float(len(c))) for c in captions])
+
+
+def hook_kwargs(**extra):
+    trainer = FakeTrainer()
+    kw = {"trainer": trainer, "components": trainer.components, "unet": FakeUNet(), "ema": None,
+          "accelerator": None}
+    kw.update(extra)
+    return kw
+
+
+def batch(B=4, captions=None, t=None):
+    captions = captions or ["a red car", "a dog", "", "one two"]
+    return {
+        "captions": list(captions[:B]),
+        "indices": torch.arange(B),
+        "timesteps": torch.tensor(t if t is not None else [100, 400, 600, 900][:B]),
+        "noisy_model_input": torch.zeros(B, 1, 2, 2),
+        "encoder_hidden_states": torch.stack([torch.full((2, 3), float(len(c))) for c in captions[:B]]),
+        "weights": torch.ones(B),
+        "extra_loss": torch.zeros(()),
+    }
+
+
+def run_loss_hook(cb, inputs, **kw):
+    kw = {**hook_kwargs(), **kw}
+    cb.on_loss(TrainerState(), TrainerControl(), inputs=inputs, **kw)
+    return inputs
+
+
+def test_wen_filter_hook_drops_large_gaps_reports_and_switches():
+    wen = WenFilter()
+    param = nn.Parameter(torch.ones(4))
+    inputs = batch()
+    inputs["model_pred"] = torch.zeros(4, 1, 2, 2)
+    inputs["model_pred"][:, 0, 0, 0] = torch.tensor([1.0, 3.0, 0.5, 2.5])  # eps_uncond = 0: gaps 1, 3, 0.5, 2.5
+    inputs["loss_per_sample"] = param * 1.0
+    run_loss_hook(wen, inputs)
+    assert inputs["weights"].tolist() == [2.0, 0.0, 2.0, 0.0]
+    assert inputs["wen_gap"].tolist() == [1.0, 3.0, 0.5, 2.5]
+    state, logs = TrainerState(global_step=1), {}
+    wen.on_step_end(state, TrainerControl(), logs=logs)
+    assert logs["reg/wen_filter/kept_fraction"] == 0.5 and state.is_fresh("reg/wen_filter/kept_fraction")
+    assert logs["reg/wen_filter/strength"] == 1.0 and logs["reg/wen_filter/skipped"] == 0.0
+    # strength 2 halves the threshold: gap 1 is now dropped too, but only samples with t in [0, 500) are filtered.
+    wen.activate(strength=2.0, band=(0, 500))
+    inputs.update(weights=torch.ones(4))
+    run_loss_hook(wen, inputs)
+    assert inputs["weights"].tolist() == [0.0, 0.0, 2.0, 2.0]
+    wen.deactivate()
+    inputs.update(weights=torch.ones(4))
+    run_loss_hook(wen, inputs)
+    assert inputs["weights"].tolist() == [1.0] * 4 and not wen.active
+    logs = {}
+    wen.on_step_end(TrainerState(global_step=2), TrainerControl(), logs=logs)
+    assert "reg/wen_filter/kept_fraction" in logs  # the step where it ran is still reported
+    logs = {}
+    wen.on_step_end(TrainerState(global_step=3), TrainerControl(), logs=logs)
+    assert logs == {}  # a step where it did not run reports nothing
+
+
+def test_nothing_kept_leaves_gradients_none_on_one_process_and_zero_when_distributed():
+    param = nn.Parameter(torch.ones(3))
+    inputs = {"weights": torch.zeros(3), "loss_per_sample": param * 2.0, "extra_loss": torch.zeros(())}
+    assert skip_if_nothing_kept(inputs, accelerator=None) and inputs["step_skipped"]
+    loss = (inputs["loss_per_sample"] * inputs["weights"]).mean() + inputs["extra_loss"]
+    loss.backward()
+    assert loss.item() == 0.0 and param.grad is None  # the optimizer skips the parameter
+    inputs = {"weights": torch.zeros(3), "loss_per_sample": param * 2.0, "extra_loss": torch.zeros(())}
+    assert skip_if_nothing_kept(inputs, accelerator=SimpleNamespace(num_processes=2, scaler=None))
+    ((inputs["loss_per_sample"] * inputs["weights"]).mean() + inputs["extra_loss"]).backward()
+    assert param.grad is not None and param.grad.abs().sum() == 0  # DDP: every rank reduces (zero) gradients
+    assert not skip_if_nothing_kept({"weights": torch.tensor([0.0, 1.0])})
+
+
+def test_agc_hook_gates_against_the_table_before_updating_it():
+    agc = AntiGradientControl(num_buckets=4, enabled=False)
+    comps = FakeComponents()
+    inputs = {"loss_per_sample": torch.tensor([1.0, 1.0]), "timesteps": torch.tensor([0, 250]),
+              "weights": torch.ones(2), "extra_loss": torch.zeros(())}
+    run_loss_hook(agc, inputs, components=comps)  # off, but the table tracks (track_when_disabled)
+    assert inputs["weights"].tolist() == [1.0, 1.0] and agc.table.tolist() == pytest.approx([0.2, 0.2, 0, 0])
+    agc.activate()
+    inputs.update(loss_per_sample=torch.tensor([0.1, 1.0]), weights=torch.ones(2))
+    run_loss_hook(agc, inputs, components=comps)  # 0.1·1.25 < 0.2: dropped; 1.25 >= 0.2: kept (x2)
+    assert inputs["weights"].tolist() == [0.0, 2.0]
+    assert agc.table.tolist() == pytest.approx([0.8 * 0.2 + 0.2 * 0.1, 0.8 * 0.2 + 0.2 * 1.0, 0, 0])
+    assert agc.last_ratio.tolist() == pytest.approx([0.5, 5.0])
+    logs = {}
+    agc.on_step_end(TrainerState(global_step=1), TrainerControl(), logs=logs)
+    assert logs["reg/iet_agc/kept_fraction"] == 0.5
+
+
+def test_caption_hooks_re_encode_changed_rows_and_leave_empty_captions():
+    kw = hook_kwargs()
+    comps = kw["components"]
+    cwr = CaptionWordRepetition(prob=1.0)
+    inputs = batch()
+    before = inputs["encoder_hidden_states"].clone()
+    cwr.on_before_forward(TrainerState(), TrainerControl(), inputs=inputs, **kw)
+    assert inputs["captions"][2] == ""  # the trainer's dropped caption stays dropped
+    for i in (0, 1, 3):
+        assert len(inputs["captions"][i].split(" ")) == len(batch()["captions"][i].split(" ")) + 2
+        assert inputs["encoder_hidden_states"][i, 0, 0].item() == len(inputs["captions"][i])
+    assert torch.equal(inputs["encoder_hidden_states"][2], before[2])
+    assert comps.encoded == [inputs["captions"][i] for i in (0, 1, 3)]  # random captions bypass the cache
+
+    rc = RandomCaptionReplacement(vocab=VOCAB, prob=1.0)
+    rc.activate(band=(0, 500))
+    inputs = batch()
+    rc.on_before_forward(TrainerState(), TrainerControl(), inputs=inputs, **kw)
+    assert inputs["captions"][0].startswith("tok") and inputs["captions"][1].startswith("tok")
+    assert inputs["captions"][3] == "one two"  # t = 900 is outside the band
+
+    rt = RandomTokenAddition(vocab=VOCAB, prob=0.05)
+    assert rt.prob == 0.05
+    rt.activate(strength=40.0)
+    assert rt.prob == 1.0  # strength multiplies the probability, capped at 1
+
+    drop = CaptionDropout(prob=1.0)
+    inputs = batch()
+    drop.on_before_forward(TrainerState(), TrainerControl(), inputs=inputs, **kw)
+    assert inputs["captions"] == ["", "", "", ""] and inputs["encoder_hidden_states"].abs().sum() == 0
+    logs = {}
+    drop.on_step_end(TrainerState(global_step=1), TrainerControl(), logs=logs)
+    assert logs["reg/caption_dropout/changed_fraction"] == 1.0
+
+    mc = MultipleCaptions(alternatives={0: ["x"], 1: ["y", "y"]})
+    inputs = batch()
+    mc.on_before_forward(TrainerState(), TrainerControl(), inputs=inputs, **kw)
+    assert inputs["captions"] == ["x", "y", "", "one two"]
+    with pytest.raises(ValueError, match="alternatives"):
+        MultipleCaptions()
+
+
+def test_gaussian_embedding_noise_hook_scales_with_strength():
+    gni = GaussianEmbeddingNoise(seed=3)
+    inputs = batch()
+    clean = inputs["encoder_hidden_states"].clone()
+    g_state = gni.generator.get_state()
+    gni.on_before_forward(TrainerState(), TrainerControl(), inputs=inputs)
+    ref = torch.Generator()
+    ref.set_state(g_state)
+    noise = inputs["encoder_hidden_states"] - clean
+    assert torch.allclose(noise, 0.1 * torch.randn(clean.shape, generator=ref), atol=1e-5)
+    gni.activate(strength=2.0)
+    ref_state = gni.generator.get_state()
+    inputs = batch()
+    gni.on_before_forward(TrainerState(), TrainerControl(), inputs=inputs)
+    ref.set_state(ref_state)
+    noise = inputs["encoder_hidden_states"] - clean
+    assert torch.allclose(noise, 0.2 * torch.randn(clean.shape, generator=ref), atol=1e-5)
+
+
+class ZeroBaseline(Baseline):
+    def eps(self, x_t, t, cond=None, **kw):
+        return torch.zeros_like(x_t)
+
+
+def test_preservation_hook_adds_the_weighted_mse_on_flagged_samples():
+    pres = BaselinePreservation(baseline=ZeroBaseline(), weight=2.0, flagged=[1, 3])
+    inputs = batch()
+    inputs["model_pred"] = torch.ones(4, 1, 2, 2, requires_grad=True)
+    run_loss_hook(pres, inputs)
+    assert inputs["extra_loss"].detach().item() == pytest.approx(2.0 * 2 / 4) and inputs["extra_loss"].requires_grad
+    pres.set_flagged(None)  # every sample
+    inputs["extra_loss"] = torch.zeros(())
+    run_loss_hook(pres, inputs)
+    assert inputs["extra_loss"].detach().item() == pytest.approx(2.0)
+    logs = {}
+    pres.on_step_end(TrainerState(global_step=1), TrainerControl(), logs=logs)
+    assert logs["reg/baseline_preservation/mse"] == 1.0 and logs["reg/baseline_preservation/flagged_fraction"] == 0.75
+    with pytest.raises(ValueError, match="needs the trainer's EMA"):
+        BaselinePreservation(baseline="ema").on_loss(TrainerState(), TrainerControl(), inputs=batch(),
+                                                     **hook_kwargs())
+
+
+def test_preservation_with_a_lora_uses_the_base_model_and_trains_the_adapters():
+    from mnemoguard.config import LoraSettings
+    from mnemoguard.trainer.models import add_lora
+
+    from ..conftest import make_tiny_unet
+
+    unet = make_tiny_unet()
+    add_lora(unet, LoraSettings())
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen(1)))
+    x, t, ehs = torch.randn(2, 1, 16, 16, generator=gen(2)), torch.tensor([10, 700]), torch.randn(2, 4, 32)
+    pred = unet(x, t, encoder_hidden_states=ehs).sample
+    with torch.no_grad():
+        unet.disable_adapters()
+        base = unet(x, t, encoder_hidden_states=ehs).sample
+        unet.enable_adapters()
+    pres = BaselinePreservation()  # auto: a LoRA -> adapters disabled
+    inputs = {"noisy_model_input": x, "timesteps": t, "encoder_hidden_states": ehs, "indices": torch.arange(2),
+              "model_pred": pred, "extra_loss": torch.zeros(()), "weights": torch.ones(2)}
+    run_loss_hook(pres, inputs, unet=unet)
+    term = inputs["extra_loss"].detach().item()
+    assert term == pytest.approx(float((pred - base).detach().pow(2).mean()), rel=1e-5) and term > 0
+    inputs["extra_loss"].backward()
+    lora = [p for n, p in unet.named_parameters() if "lora_" in n]
+    assert all(p.requires_grad for p in lora) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+    assert not any(p.requires_grad for n, p in unet.named_parameters() if "lora_" not in n)
+
+
+def test_step_metrics_are_summed_across_ranks():
+    class TwoRanks:
+        num_processes, device = 2, "cpu"
+
+        def reduce(self, tensor, reduction):
+            assert reduction == "sum"
+            return tensor + torch.tensor([4.0, 1.0, 4.0, 4.0, 0.0], dtype=tensor.dtype)  # the other rank's sums
+
+    wen = WenFilter()
+    wen._begin_micro_batch()
+    wen._count(kept=3, eligible=4, gap_sum=2.0, samples=4, skipped=0.0)  # keys reduced in sorted order
+    logs = {}
+    wen.on_step_end(TrainerState(global_step=1), TrainerControl(), logs=logs, accelerator=TwoRanks())
+    assert logs["reg/wen_filter/kept_fraction"] == pytest.approx(7 / 8)
+    assert logs["reg/wen_filter/gap_mean"] == pytest.approx(3.0 / 8)
+
+
+# ---------------------------------------------------------------------------------------------------- registry, state
+def test_registry_builds_every_regularizer_and_states_round_trip():
+    assert set(REGULARIZERS) == {"wen_filter", "iet_agc", "random_caption_replacement", "random_token_addition",
+                                 "caption_word_repetition", "multiple_captions", "gaussian_embedding_noise",
+                                 "caption_dropout", "baseline_preservation"}
+    kwargs = {"multiple_captions": {"alternatives": {0: ["a"]}}, "baseline_preservation": {"flagged": [2, 5]}}
+    regs = build_regularizers({n: {"enabled": False} for n in REGULARIZERS}, **kwargs)
+    assert [r.name for r in regs][:2] == ["caption_dropout", "multiple_captions"] and not any(r.active for r in regs)
+    for reg in regs:
+        reg.activate(strength=0.5, band=(10, 20))
+        torch.rand(3, generator=reg.generator)
+        if isinstance(reg, AntiGradientControl):
+            reg._setup(1000)
+            reg.table[7] = 3.0
+        buf = io.BytesIO()
+        torch.save(reg.state_dict(), buf)  # as accelerate checkpoints it
+        saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+        fresh = build_regularizer(reg.name, None, **kwargs.get(reg.name, {}))
+        fresh.load_state_dict(saved)
+        assert fresh.active and fresh.strength == 0.5 and fresh.band == (10, 20)
+        assert torch.equal(torch.rand(5, generator=fresh.generator), torch.rand(5, generator=reg.generator))
+        assert fresh.action_name == reg.name
+    agc = next(r for r in regs if r.name == "iet_agc")
+    fresh = AntiGradientControl()
+    fresh.load_state_dict(agc.state_dict())
+    assert fresh.table[7] == 3.0 and fresh.num_train_timesteps == 1000
+    pres = next(r for r in regs if r.name == "baseline_preservation")
+    fresh = BaselinePreservation()
+    fresh.load_state_dict(pres.state_dict())
+    assert fresh.flagged == {2, 5}
+    with pytest.raises(KeyError, match="unknown regularizer"):
+        build_regularizer("nope")
+    with pytest.raises(TypeError, match="its fields are"):
+        build_regularizer("wen_filter", {"treshold": 1.0})
+    with pytest.raises(ValueError, match="strength must be >= 0"):
+        WenFilter().activate(-1.0)
+    with pytest.raises(ValueError, match="t_lo < t_hi"):
+        WenFilter().activate(1.0, band=(5, 5))
+    with pytest.raises(ValueError, match=r"prob must be in \[0, 1\], found 1.5"):
+        CaptionDropout(prob=1.5)
+
+
+def test_a_policy_switches_a_regularizer_by_its_action_name():
+    wen = WenFilter(enabled=False)
+    policy = MitigationPolicy([], verbose=False)
+    policy.register_action(wen.action_name, wen)
+    policy._apply("wen_filter", 2.0, (300, 700))
+    assert wen.active and wen.strength == 2.0 and wen.band == (300, 700)
+    policy._apply("wen_filter", 0.0, None)
+    assert not wen.active
+
+
+# ---------------------------------------------------------------------------------------------------- a real run
+class Script(Callback):
+    """Records the weights and Adam's step count after step 2, then makes Wen's filter drop everything."""
+
+    def __init__(self, wen, pres):
+        self.wen, self.pres = wen, pres
+        self.after = {}
+
+    def on_step_end(self, state, control, trainer, **kwargs):
+        opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+        steps = {float(s["step"]) for s in opt.state.values()}
+        self.after[state.global_step] = (unet_weights(trainer), steps)
+        if state.global_step == 2:
+            self.wen.activate(strength=1e12)  # τ = 2e-12: nothing is kept
+            self.pres.deactivate()  # its term would train the UNet towards the EMA
+
+
+def test_all_regularizers_in_a_real_run_and_a_step_with_nothing_kept_changes_nothing(tmp_path):
+    regs = build_regularizers(
+        {n: None for n in REGULARIZERS},
+        multiple_captions={"alternatives": lambda i: ["a digit", "a handwritten number"]},
+    )
+    by_name = {r.name: r for r in regs}
+    by_name["wen_filter"].activate(strength=1e-6)  # τ = 2e6: keeps everything in the first steps
+    script = Script(by_name["wen_filter"], by_name["baseline_preservation"])
+    cfg = tiny_recipe(tmp_path, "training.max_train_steps=3", "training.checkpointing_steps=100",
+                      "training.adam_weight_decay=0", "training.snr_gamma=5.0")
+    trainer = Trainer(cfg, callbacks=[*regs, script])
+    state = trainer.train()
+
+    losses = [h["train/loss"] for h in state.log_history if "train/loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses[:2]) and losses[2] == 0.0
+    m = state.metrics
+    assert m["reg/wen_filter/kept_fraction"] == 0.0 and m["reg/wen_filter/skipped_total"] == 1.0
+    assert all(math.isfinite(m[f"reg/{n}/strength"]) for n in REGULARIZERS if n != "baseline_preservation")
+    assert 0 < m["reg/multiple_captions/changed_fraction"] <= 1
+    assert math.isfinite(m["reg/baseline_preservation/mse"]) and m["reg/baseline_preservation/flagged_fraction"] == 1
+    step1 = [h for h in state.log_history if h["step"] == 1][0]
+    assert step1["reg/wen_filter/kept_fraction"] == 1.0 and "reg/iet_agc/kept_fraction" in step1
+    # Step 3 kept nothing: the weights and Adam's state are those after step 2.
+    (w2, steps2), (w3, steps3) = script.after[2], script.after[3]
+    assert steps2 == steps3 == {2.0}
+    assert all(torch.equal(w2[n], w3[n]) for n in w2)
+    assert any(not torch.equal(script.after[1][0][n], w2[n]) for n in w2)  # the earlier steps did train
