@@ -7,13 +7,37 @@ dashboard and report, which read what all the others produced.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from .base import Callback
+from .dashboard import DashboardConfig, TensorBoardDashboard
 from .early_stopping import EarlyStopping
+from .monitor import MemorizationMonitor, MonitorConfig
 from .noise_gap import NoiseGapConfig, NoiseGapScheduler
 from .policy import MitigationPolicy, Rule
+from .regularizers import build_regularizers
+from .report import MemorizationReport, ReportConfig
+
+
+def _settings(obj: Any, config_cls: type) -> Any:
+    """The ``config_cls`` part of a ``*Settings`` object (its own fields, without ``enabled``)."""
+    return config_cls(**{f.name: getattr(obj, f.name) for f in fields(config_cls)})
+
+
+@dataclass
+class MonitorSettings(MonitorConfig):
+    enabled: bool = True  # the memorization monitor (probe set, per-band signals every N steps)
+
+
+@dataclass
+class DashboardSettings(DashboardConfig):
+    enabled: bool = True  # TensorBoard custom scalars, histograms, images, alarms, hparams
+
+
+@dataclass
+class ReportSettings(ReportConfig):
+    enabled: bool = True  # report.md + summary.json at the end; mnemoguard_* metadata in the export
 
 
 @dataclass
@@ -56,9 +80,15 @@ class EarlyStoppingSettings:
 @dataclass
 class GuardConfig:
     enabled: bool = False  # master switch: nothing below runs unless true
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
     noise_gap: NoiseGapSettings = field(default_factory=NoiseGapSettings)
     policy: list[RuleSettings] = field(default_factory=list)
+    # name -> settings, e.g. {wen_filter: {threshold: 4.0}, iet_agc: {enabled: false}}; names are those of
+    # mnemoguard.callbacks.REGULARIZERS, settings the fields of each one's config class.
+    regularizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     early_stopping: EarlyStoppingSettings = field(default_factory=EarlyStoppingSettings)
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
 
 
 def build_guard_callbacks(cfg: GuardConfig) -> list[Callback]:
@@ -66,15 +96,22 @@ def build_guard_callbacks(cfg: GuardConfig) -> list[Callback]:
     if not cfg.enabled:
         return []
     callbacks: list[Callback] = []
+    monitor = MemorizationMonitor(_settings(cfg.monitor, MonitorConfig)) if cfg.monitor.enabled else None
+    if monitor is not None:
+        callbacks.append(monitor)
     if cfg.policy:
         rules = [Rule(**{k: v for k, v in vars(r).items()}) for r in cfg.policy]
         callbacks.append(MitigationPolicy(rules))
     if cfg.noise_gap.enabled:
-        settings = {k: v for k, v in vars(cfg.noise_gap).items() if k != "enabled"}
-        callbacks.append(NoiseGapScheduler(NoiseGapConfig(**settings)))
+        callbacks.append(NoiseGapScheduler(_settings(cfg.noise_gap, NoiseGapConfig)))
+    callbacks += build_regularizers(cfg.regularizers)
     es = cfg.early_stopping
     if es.enabled:
         if not es.monitor:
             raise ValueError("guard.early_stopping.enabled needs guard.early_stopping.monitor (a metric key)")
         callbacks.append(EarlyStopping(**{k: v for k, v in vars(es).items() if k != "enabled"}))
+    if cfg.dashboard.enabled:
+        callbacks.append(TensorBoardDashboard(_settings(cfg.dashboard, DashboardConfig), monitor=monitor))
+    if cfg.report.enabled:
+        callbacks.append(MemorizationReport(_settings(cfg.report, ReportConfig), monitor=monitor))
     return callbacks
