@@ -226,7 +226,8 @@ def hutchinson_diagonal(
     s = hutchinson_samples(
         fn, x, num_probes=num_probes, generator=generator, method=method, fd_step=fd_step, probe_batch=probe_batch
     )
-    return s.float().mean(dim=0).to(x.dtype)
+    # accumulate in at least float32 (fp16 / bf16 inputs), keep float64 inputs in float64
+    return s.to(torch.promote_types(s.dtype, torch.float32)).mean(dim=0).to(x.dtype)
 
 
 def hutchinson_trace(
@@ -252,7 +253,7 @@ def hutchinson_trace(
     d = hutchinson_diagonal(
         fn, x, num_probes=num_probes, generator=generator, method=method, fd_step=fd_step, probe_batch=probe_batch
     )
-    return d.float().reshape(d.shape[0], -1).sum(dim=1).to(x.dtype)
+    return d.to(torch.promote_types(d.dtype, torch.float32)).reshape(d.shape[0], -1).sum(dim=1).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- Kim & Lee maps
