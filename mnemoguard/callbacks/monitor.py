@@ -177,14 +177,14 @@ def _encode(components: Any, pixels: torch.Tensor) -> torch.Tensor:
 
 def _to_pixels(image: Any, resolution: int, channels: int) -> torch.Tensor:
     """A held-out image (PIL, a ``datasets`` image cell, or a ``[C, H, W]`` tensor in [-1, 1]) -> ``[C, H, W]``."""
-    from ..trainer.data import _decode, preprocess_image
+    from ..trainer.data import decode_image, preprocess_image
 
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != channels or tuple(image.shape[1:]) != (resolution, resolution):
             raise ValueError(f"held-out image tensors must be [{channels}, {resolution}, {resolution}] in [-1, 1], "
                              f"found shape {tuple(image.shape)}")
         return image.float()
-    return preprocess_image(_decode(image), resolution, channels, center_crop=True, flip=False)
+    return preprocess_image(decode_image(image), resolution, channels, center_crop=True, flip=False)
 
 
 class MemorizationMonitor(Callback):
@@ -416,12 +416,12 @@ class MemorizationMonitor(Callback):
 
     def _row_pixels(self, trainer: Any, row: int) -> torch.Tensor | None:
         """A training row's image in its canonical view (centre crop, no flip), or None if it cannot be read."""
-        from ..trainer.data import _decode, preprocess_image
+        from ..trainer.data import decode_image, preprocess_image
 
         ds = trainer.dataset
         try:
             cell = ds.ds[int(row)][ds.cfg.image_column]
-            return preprocess_image(_decode(cell), ds.cfg.resolution, ds.channels, center_crop=True, flip=False)
+            return preprocess_image(decode_image(cell), ds.cfg.resolution, ds.channels, center_crop=True, flip=False)
         except Exception as err:  # a bad file: pick another probe
             logger.warning("MemorizationMonitor: training row %d cannot be used as a probe: %s", row, err)
             return None

@@ -96,7 +96,7 @@ def preprocess_image(
     return tensor.contiguous()
 
 
-def _decode(value: Any) -> Image.Image:
+def decode_image(value: Any) -> Image.Image:
     """An undecoded ``datasets.Image`` cell ({'bytes', 'path'}) or a PIL image -> a loaded PIL image."""
     if isinstance(value, Image.Image):
         value.load()
@@ -147,7 +147,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                     f"(found {caption!r})"
                 )
             try:
-                image = _decode(cell)
+                image = decode_image(cell)
             except Exception as e:
                 raise DataError(f"{self._where(index, cell)}: cannot read the image: {e}") from e
         except DataError:
