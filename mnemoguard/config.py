@@ -274,27 +274,30 @@ def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_dataclass(
-    cls: type, source: Any = None, overrides: list[str] | None = None, what: str = "recipe"
-) -> Any:
-    """Any config dataclass from an instance, a YAML file, a dict or ``None`` (defaults), then ``key.path=value``
-    overrides; unknown keys and wrong types are :class:`ConfigError` s that name the key (``what`` names the file
-    kind in messages)."""
-    if isinstance(source, cls):
-        data: dict[str, Any] = dataclasses.asdict(source)
-    elif source is None:
-        data = {}
-    elif isinstance(source, dict):
-        data = source
-    elif isinstance(source, (str, Path)):
+def read_mapping(source: Any, what: str = "recipe") -> dict[str, Any]:
+    """A YAML file path, a dict or ``None`` -> a dict (``what`` names the file kind in error messages)."""
+    if source is None:
+        return {}
+    if isinstance(source, dict):
+        return source
+    if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"{what} file not found: {path}")
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
-    else:
-        raise ConfigError(f"{what}: expected a {cls.__name__}, a YAML path or a dict, found {type(source).__name__}")
+        return data
+    raise ConfigError(f"{what}: expected a YAML path or a mapping, found {type(source).__name__}")
+
+
+def load_dataclass(
+    cls: type, source: Any = None, overrides: list[str] | None = None, what: str = "recipe"
+) -> Any:
+    """Any config dataclass from an instance, a YAML file, a dict or ``None`` (defaults), then ``key.path=value``
+    overrides; unknown keys and wrong types are :class:`ConfigError` s that name the key (``what`` names the file
+    kind in messages)."""
+    data = dataclasses.asdict(source) if isinstance(source, cls) else read_mapping(source, what)
     return _from_dict(cls, merge_dicts(data, parse_overrides(overrides)))
 
 

@@ -31,9 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import ConfigError, load_dataclass, merge_dicts
+from ..config import ConfigError, load_dataclass, merge_dicts, read_mapping
 from .config import DuplicatedConfig, HeldOutConfig, PlainConfig, TemplateConfig, TestbedConfig, UnseenConfig
 
 __all__ = [
@@ -188,13 +186,5 @@ def load_bench_config(
     """
     if isinstance(config, BenchConfig):
         return load_dataclass(BenchConfig, config, overrides, what="bench config")
-    if isinstance(config, (str, Path)):
-        path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"bench config file not found: {path}")
-        config = yaml.safe_load(path.read_text()) or {}
-    if config is not None and not isinstance(config, dict):
-        raise ConfigError(f"bench config: expected a mapping, a YAML path or a BenchConfig, found "
-                          f"{type(config).__name__}")
-    data = merge_dicts(dataclasses.asdict(BenchConfig()), config or {})
+    data = merge_dicts(dataclasses.asdict(BenchConfig()), read_mapping(config, what="bench config"))
     return load_dataclass(BenchConfig, data, overrides, what="bench config")
