@@ -267,7 +267,7 @@ def template_verbatim_rate(gt: GroundTruth, images01: torch.Tensor) -> float:
 
 def _recipe(cfg: BenchConfig, gt: GroundTruth, out: Path):
     t = cfg.train
-    return load_config(None, [
+    recipe = load_config(None, [
         *gt.recipe_overrides(),
         f"training.output_dir={out / 'train'}",
         f"training.seed={cfg.seed}",
@@ -283,8 +283,27 @@ def _recipe(cfg: BenchConfig, gt: GroundTruth, out: Path):
         "validation.every_n_steps=0",
         "logging.report_to=none",
         f"logging.progress_bar={str(cfg.progress).lower()}",
+        *_monitor_overrides(t),
         *t.recipe_overrides,
     ])
+    if t.monitor_every:  # the unseen captions are the monitor's held-out probes (not expressible as a --set)
+        recipe.guard.monitor.heldout_captions = gt.captions("unseen", "global")[: t.monitor_probes]
+    return recipe
+
+
+def _monitor_overrides(t: Any) -> list[str]:
+    """The guard's monitor only (no policy, no early stop): planted captions are its duplicate probes."""
+    if not t.monitor_every:
+        return []
+    return [
+        "guard.enabled=true",
+        f"guard.monitor.every_n_steps={t.monitor_every}",
+        f"guard.monitor.num_duplicate_probes={t.monitor_probes}",
+        "guard.monitor.num_random_probes=0",
+        f"guard.monitor.num_heldout_probes={t.monitor_probes}",
+        "guard.monitor.curvature_every_k_checks=0",
+        "guard.dashboard.enabled=false",
+    ]
 
 
 def run_bench(
@@ -340,6 +359,8 @@ def run_bench(
         "probes": {"captions": callback.probes.captions, "groups": callback.probes.groups},
         "steps": state.global_step,
         "train_loss": [(h["step"], h["train/loss"]) for h in state.log_history if "train/loss" in h],
+        "monitor": [{k: v for k, v in h.items() if k == "step" or k.startswith("mem/")}
+                    for h in state.log_history if any(k.startswith("mem/") for k in h)],
         "checkpoints": callback.checkpoints,
         **callback.final,
         "timing": timing,

@@ -19,6 +19,12 @@ not measured end to end:
   ``train.max_train_steps``). testbed-notes' exact set-up: ``--set testbed.plain.num_images=1000
   testbed.duplicated.num_images=10 testbed.duplicated.copies=50 testbed.template.enabled=false
   train.learning_rate=5e-4 train.max_train_steps=4000``.
+* **Clean negatives.** Planted images come from digits 0-5 only, and the unseen and held-out captions name digits
+  6-9. In the first full run (seed 0) all ten digits had planted images and unseen captions in the planted style
+  came out as copies 4-14 % of the time: with 1.64 draws per step, one or two duplicated images are ~60 % of
+  their digit's training rows, so *any* caption naming that digit in the planted style regurgitates them. That is
+  memorization leaking to neighbouring prompts, real but not a clean negative; the default keeps it out of the
+  negatives (``testbed.unseen.avoid_planted_classes=false`` brings it back).
 * **Evaluation.** Every 500 steps: 12 planted captions x 4 seeds and 100 unseen + 16 held-out captions x 1 seed at
   w = 1 and w = 3 (25 DDIM steps), plus the signals: about 15,000 UNet passes at batch 1, 90 s on one loaded
   thread. Maps and the danger zone once at the end (about 30 s).
@@ -45,6 +51,9 @@ __all__ = [
 ]
 
 
+PLANTED_CLASSES = (0, 1, 2, 3, 4, 5)  # digits that get planted images; negatives name only digits 6-9
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -54,10 +63,10 @@ def bench_testbed() -> TestbedConfig:
     """The benchmark's testbed: few duplicated images, each drawn 1.64 times per step (see the module docstring)."""
     return TestbedConfig(
         plain=PlainConfig(num_images=480),
-        duplicated=DuplicatedConfig(num_images=12, copies=72),
+        duplicated=DuplicatedConfig(num_images=12, copies=72, classes=list(PLANTED_CLASSES)),
         template=TemplateConfig(num_images=60),
-        held_out=HeldOutConfig(num_images=32),
-        unseen=UnseenConfig(num_global_style=100, num_template_style=16),
+        held_out=HeldOutConfig(num_images=32, avoid_planted_classes=True),
+        unseen=UnseenConfig(num_global_style=100, num_template_style=16, avoid_planted_classes=True),
     )
 
 
@@ -70,11 +79,16 @@ class BenchTrainConfig:
     learning_rate: float = 1e-3  # testbed-notes used 5e-4 over 4,000 steps; 1e-3 memorizes sooner
     train_batch_size: int = 32
     text_encoder: str = "minilm"  # minilm (real, 384-d) | clip (tiny random; tests)
+    monitor_every: int = 100  # run the guard's MemorizationMonitor every K steps alongside (0 = off); its curves
+    # (planted vs unseen probes, per band) go into bench.json beside the ground truth, for detection lead
+    monitor_probes: int = 8  # planted (duplicated) and unseen captions the monitor probes, each
     recipe_overrides: list[str] = field(default_factory=list)  # e.g. ["ema.lag=500"], applied last
 
     def __post_init__(self) -> None:
         _check(self.max_train_steps >= 1, f"train.max_train_steps: expected >= 1, found {self.max_train_steps}")
         _check(self.eval_every >= 1, f"train.eval_every: expected >= 1, found {self.eval_every}")
+        _check(self.monitor_every >= 0, f"train.monitor_every: expected >= 0, found {self.monitor_every}")
+        _check(self.monitor_probes >= 1, f"train.monitor_probes: expected >= 1, found {self.monitor_probes}")
         _check(self.text_encoder in ("minilm", "clip"),
                f"train.text_encoder: expected minilm or clip, found {self.text_encoder!r}")
 

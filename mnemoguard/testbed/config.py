@@ -61,10 +61,13 @@ class DuplicatedConfig:
     enabled: bool = True
     num_images: int = 100  # distinct planted images = distinct memorized-candidate captions
     copies: int = 20  # times each appears in the training folder (testbed-notes: 10 images x 50 copies)
+    classes: list[int] | None = None  # draw planted images from these class indices only; None = any class
 
     def __post_init__(self) -> None:
         _check(self.num_images >= 0, f"duplicated.num_images: expected >= 0, found {self.num_images}")
         _check(self.copies >= 1, f"duplicated.copies: expected >= 1, found {self.copies}")
+        _check(self.classes is None or (len(self.classes) > 0 and all(c >= 0 for c in self.classes)),
+               f"duplicated.classes: expected null or a non-empty list of class indices >= 0, found {self.classes}")
 
 
 @dataclass
@@ -110,6 +113,7 @@ class HeldOutConfig:
     """Images never trained on, with captions in the planted (specific) style: the train/held-out contrast."""
 
     num_images: int = 100
+    avoid_planted_classes: bool = False  # True: only classes with no planted (duplicated) image; see docs/testbed.md
 
     def __post_init__(self) -> None:
         _check(self.num_images >= 0, f"held_out.num_images: expected >= 0, found {self.num_images}")
@@ -121,6 +125,7 @@ class UnseenConfig:
 
     num_global_style: int = 100  # "a handwritten digit three, sample 5821 by writer K" (needs duplicated.enabled)
     num_template_style: int = 100  # "a handwritten digit three with the red stamp, form 7730" (needs template)
+    avoid_planted_classes: bool = False  # True: global-style captions name only classes with no planted image
 
     def __post_init__(self) -> None:
         for name in ("num_global_style", "num_template_style"):

@@ -81,6 +81,33 @@ def _grouped(indices: np.ndarray, labels: np.ndarray, num_classes: int) -> list[
     return [(c, indices[labels[indices] == c]) for c in range(num_classes) if np.any(labels[indices] == c)]
 
 
+def _cut_pools(
+    order: np.ndarray, labels: np.ndarray, needed: dict[str, int], cfg: TestbedConfig, num_classes: int
+) -> dict[str, np.ndarray]:
+    """Disjoint pools cut from the shuffled ``order`` in the order of ``needed``, each the first images (of the
+    remaining ones) whose class the pool allows: planted images only from ``duplicated.classes``, held-out images
+    only from classes with no planted image when ``held_out.avoid_planted_classes``. Without class restrictions
+    this is consecutive slices of ``order``, so a later pool's size never changes an earlier pool's images."""
+    pools: dict[str, np.ndarray] = {}
+    free = np.ones(len(order), dtype=bool)
+    for key, n in needed.items():
+        allowed = np.ones(len(order), dtype=bool)
+        if key == "duplicated.num_images" and cfg.duplicated.classes is not None:
+            allowed = np.isin(labels[order], cfg.duplicated.classes)
+        if key == "held_out.num_images" and cfg.held_out.avoid_planted_classes:
+            allowed = ~np.isin(labels[order], labels[pools["duplicated.num_images"]])
+        candidates = np.flatnonzero(free & allowed)
+        if len(candidates) < n:
+            what = "planted classes " + str(cfg.duplicated.classes) if key.startswith("duplicated") else (
+                "classes with no planted image" if key.startswith("held_out") else "any class")
+            raise PlanError(f"{key}: expected {n} images from {what}, found only {len(candidates)} left in the "
+                            f"source ({num_classes} classes); lower the count or widen the classes")
+        take = candidates[:n]
+        pools[key] = order[take]
+        free[take] = False
+    return pools
+
+
 def make_plan(cfg: TestbedConfig, source: SourceImages, layout: Layout) -> Plan:
     """Select, caption and plant; raises :class:`PlanError` when the source has too few unique images."""
     rendered = _render(cfg, source, layout)
@@ -99,10 +126,14 @@ def make_plan(cfg: TestbedConfig, source: SourceImages, layout: Layout) -> Plan:
 
     pick_seq, id_seq, unseen_seq, rows_seq = np.random.SeedSequence(cfg.seed).spawn(4)
     order = keep[np.random.default_rng(pick_seq).permutation(len(keep))]
-    pools, start = {}, 0
-    for key, n in needed.items():
-        pools[key] = order[start : start + n]
-        start += n
+    labels = source.labels
+    num_classes = len(source.class_captions)
+    if cfg.duplicated.classes is not None and max(cfg.duplicated.classes) >= num_classes:
+        raise PlanError(f"duplicated.classes: source {source.name!r} has classes 0..{num_classes - 1}, "
+                        f"found {cfg.duplicated.classes}")
+    pools = _cut_pools(order, labels, needed, cfg, num_classes)
+    planted_classes = sorted({int(c) for c in labels[pools["duplicated.num_images"]]})
+    free_classes = [c for c in range(num_classes) if c not in planted_classes]
 
     unique_template = cfg.template.enabled and cfg.template.unique_captions
     n_unseen_g = cfg.unseen.num_global_style if cfg.duplicated.enabled else 0
@@ -119,7 +150,7 @@ def make_plan(cfg: TestbedConfig, source: SourceImages, layout: Layout) -> Plan:
     except ValueError as e:
         raise PlanError(str(e)) from e
 
-    labels, cls_caps, maker = source.labels, source.class_captions, source.maker
+    cls_caps, maker = source.class_captions, source.maker
     phrase = cfg.template.phrase
     out: list[PlannedCaption] = []
 
@@ -155,7 +186,12 @@ def make_plan(cfg: TestbedConfig, source: SourceImages, layout: Layout) -> Plan:
         out.append(PlannedCaption(cls_caps[lab], "plain", "plain", "none", lab, 1, idx.tolist(), rendered[idx]))
 
     unseen_rng = np.random.default_rng(unseen_seq)
-    for lab in unseen_rng.integers(0, len(cls_caps), size=n_unseen_g).tolist():
+    global_classes = free_classes if cfg.unseen.avoid_planted_classes else list(range(num_classes))
+    if n_unseen_g and not global_classes:
+        raise PlanError(f"unseen.avoid_planted_classes: every class has a planted image ({planted_classes}); "
+                        "restrict duplicated.classes or set unseen.avoid_planted_classes=false")
+    for k in unseen_rng.integers(0, max(len(global_classes), 1), size=n_unseen_g).tolist():
+        lab = global_classes[k]
         out.append(PlannedCaption(specific(lab), "unseen", "global", "none", lab, 0))
     for lab in unseen_rng.integers(0, len(cls_caps), size=n_unseen_t).tolist():
         number, _ = ids.take()

@@ -24,6 +24,8 @@ TINY = [
     "testbed.unseen.num_template_style=3",
     "train.max_train_steps=4",
     "train.eval_every=2",
+    "train.monitor_every=2",
+    "train.monitor_probes=2",
     "train.text_encoder=clip",
     "train.train_batch_size=8",
     "probes.seeds_positive=2",
@@ -114,6 +116,8 @@ def test_smoke_run_writes_json_figures_and_markdown(bench_run):
     for row in cp["detection"].values():
         assert 0.0 <= row["auc"] <= 1.0 and row["passes"] >= 2 and row["seconds"] >= 0
     assert len(cp["loss_by_band"]["gap"]) == 3
+    assert [m["step"] for m in data["monitor"]] == [2, 4]  # the guard's monitor ran alongside, its curves kept
+    assert any(k.startswith("mem/live_vs_ema/") for k in data["monitor"][0])
     loc = data["localization"]["metrics"]
     assert {"dh_uncond", "dh_ema", "ds_uncond", "ds_ema", "raw_curvature", "cross_attention"} <= set(loc)
     assert data["localization"]["template_verbatim"]["template"].keys() == {"w=1", "w=3"}

@@ -65,3 +65,29 @@ def test_disabled_cases_and_empty_training_set():
     assert _count(plan, "global") == _count(plan, "template") == _count(plan, "unseen") == 0
     with pytest.raises(PlanError, match="trains on no images"):
         _plan({"duplicated": {"enabled": False}, "template": {"enabled": False}, "plain": {"num_images": 0}})
+
+
+def test_planted_classes_and_clean_negatives_keep_negatives_off_planted_digits():
+    plan = _plan({"duplicated": {"num_images": 12, "classes": [0, 1, 2]},
+                  "held_out": {"num_images": 40, "avoid_planted_classes": True},
+                  "unseen": {"num_global_style": 50, "avoid_planted_classes": True}})
+    planted = {p.label for p in plan.captions if p.kind == "global"}
+    assert planted == {0, 1, 2}
+    assert all(p.label not in planted for p in plan.captions if p.kind == "held_out")
+    unseen = [p for p in plan.captions if p.kind == "unseen" and p.style == "global"]
+    assert len(unseen) == 50 and all(p.label not in planted for p in unseen)
+    assert {p.label for p in plan.captions if p.kind == "plain"} == set(range(10))  # plain images keep every digit
+
+
+def test_negatives_keep_every_class_unless_asked():
+    plan = _plan({"duplicated": {"num_images": 12, "classes": [0, 1, 2]}})
+    assert {p.label for p in plan.captions if p.kind == "held_out"} & {0, 1, 2}
+
+
+def test_class_restrictions_that_cannot_be_met_say_why():
+    with pytest.raises(PlanError, match=r"every class has a planted image"):
+        _plan({"duplicated": {"num_images": 40}, "unseen": {"avoid_planted_classes": True}})
+    with pytest.raises(PlanError, match=r"duplicated.num_images: expected 300 images from planted classes \[0\]"):
+        _plan({"duplicated": {"num_images": 300, "classes": [0]}})
+    with pytest.raises(PlanError, match=r"classes 0..9, found \[12\]"):
+        _plan({"duplicated": {"classes": [12]}})
