@@ -6,7 +6,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
 from mnemoguard.callbacks import Callback  # noqa: E402
+from mnemoguard.callbacks.regularizers import skip_if_nothing_kept  # noqa: E402
 from mnemoguard.ema import gathered_parameters  # noqa: E402
 from mnemoguard.trainer import Trainer  # noqa: E402
 from tests.trainer_utils import tiny_recipe  # noqa: E402
@@ -47,11 +50,32 @@ class StopOnLastRank(Callback):
             control.should_training_stop = True
 
 
+class DropAllAt(Callback):
+    """Every rank's filter drops every sample during optimizer step ``step`` (as Wen's filter does when every gap is
+    over its threshold); records each rank's weight checksum after every step."""
+
+    def __init__(self, out: str, step: int) -> None:
+        self.out, self.step, self.checksums = out, step, []
+
+    def on_loss(self, state, control, inputs, accelerator, **kwargs) -> None:
+        if state.global_step + 1 == self.step:
+            inputs["weights"] = torch.zeros_like(inputs["weights"])
+            skip_if_nothing_kept(inputs, accelerator)
+
+    def on_step_end(self, state, control, accelerator, unet, **kwargs) -> None:
+        params = accelerator.unwrap_model(unet).parameters()
+        self.checksums.append(float(sum(p.detach().double().sum() for p in params)))
+        Path(self.out, f"checksums{accelerator.process_index}.json").write_text(json.dumps(self.checksums))
+
+
 def main() -> None:
     out, *overrides = sys.argv[1:]
     stop = [o for o in overrides if o.startswith("stop_on_last_rank=")]
+    drop = [o for o in overrides if o.startswith("drop_all_at=")]
     callbacks = [RecordRank(out)] + [StopOnLastRank(int(o.split("=")[1])) for o in stop]
-    Trainer(tiny_recipe(out, *(o for o in overrides if o not in stop)), callbacks=callbacks).train()
+    callbacks += [DropAllAt(out, int(o.split("=")[1])) for o in drop]
+    rest = (o for o in overrides if o not in stop + drop)
+    Trainer(tiny_recipe(out, *rest), callbacks=callbacks).train()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,17 @@ def test_a_stop_asked_on_one_rank_stops_every_rank(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_step_where_every_rank_dropped_every_sample_leaves_the_weights_alone(tmp_path):
+    """DDP keeps the zero-gradient graph; the trainer must still skip the optimizer step (Adam's moments would
+    otherwise move the weights), on both ranks alike."""
+    _launch("multi_gpu.yaml", tmp_path, "training.max_train_steps=4", "drop_all_at=3", port=29613)
+    sums = [json.loads((tmp_path / f"checksums{r}.json").read_text()) for r in range(2)]
+    assert sums[0] == sums[1] and len(sums[0]) == 4
+    assert sums[0][2] == sums[0][1]  # step 3 skipped
+    assert len(set(sums[0][:2])) == 2 and sums[0][3] != sums[0][2]  # the others moved
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_trains_saves_and_resumes(tmp_path, stage):
     port = 29620 + stage

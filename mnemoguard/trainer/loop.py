@@ -157,8 +157,9 @@ class Trainer:
             self._text_cache.update({c: e for c, e in zip(todo, emb.to(self.weight_dtype))})
         return torch.stack([self._text_cache[c] for c in captions])
 
-    def _training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One micro-batch: noise, timesteps, conditioning, UNet forward, per-sample loss -> (loss, per-sample)."""
+    def _training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, bool]:
+        """One micro-batch: noise, timesteps, conditioning, UNet forward, per-sample loss -> (loss, whether a
+        regularizer dropped every sample: ``inputs["step_skipped"]``)."""
         t, parts, sched = self.config.training, self.components, self.components.noise_scheduler
         device = self.accelerator.device
         model_input = parts.encode_images(batch["pixel_values"].to(device, self.weight_dtype)).float()
@@ -202,7 +203,20 @@ class Trainer:
         self.callbacks.call("on_loss", self.state, self.control, inputs=inputs, **kw)
         # Weights multiply per-sample losses; the mean is over the batch (samplers re-weight, filters zero out).
         loss = (inputs["loss_per_sample"] * inputs["weights"]).mean() + inputs["extra_loss"]
-        return loss, inputs["loss_per_sample"].detach()
+        return loss, bool(inputs.get("step_skipped", False))
+
+    def _skip_optimizer_step(self, all_dropped: bool) -> bool:
+        """Whether every micro-batch of this optimizer step, on every rank, had all its samples dropped by a
+        regularizer (Wen's filter, IET-AGC): then the step is skipped, as in Wen et al.'s code, so that Adam's moments
+        do not move the weights on zero gradients. One all-reduce of a flag per step when distributed. DeepSpeed
+        steps its engine inside ``backward``, so there the zero-gradient step is taken (documented limitation)."""
+        acc = self.accelerator
+        if acc.distributed_type.name == "DEEPSPEED":
+            return False
+        if acc.num_processes == 1:
+            return all_dropped
+        flag = torch.tensor([0.0 if all_dropped else 1.0], device=acc.device)
+        return float(acc.reduce(flag, reduction="sum").item()) == 0.0
 
     def _hook_kwargs(self) -> dict[str, Any]:
         return {
@@ -397,7 +411,7 @@ class Trainer:
                         disable=not (acc.is_local_main_process and self.config.logging.progress_bar))
         self.unet.train()
         kw = self._hook_kwargs()
-        step_loss, micro, skipped = 0.0, 0, 0
+        step_loss, micro, skipped, all_dropped = 0.0, 0, 0, True
         done = state.global_step >= t.max_train_steps
         for epoch in range(first_epoch, num_epochs):
             if done:
@@ -414,11 +428,14 @@ class Trainer:
                     self.control.reset_step_flags()
                     self.callbacks.call("on_step_begin", state, self.control, **kw)
                 with acc.accumulate(self.unet):
-                    loss, _ = self._training_loss(batch)
+                    loss, dropped = self._training_loss(batch)
+                    all_dropped &= dropped
                     acc.backward(loss)
-                    if acc.sync_gradients and t.max_grad_norm:
+                    skip_step = acc.sync_gradients and self._skip_optimizer_step(all_dropped)
+                    if acc.sync_gradients and t.max_grad_norm and not skip_step:
                         acc.clip_grad_norm_(self.unet.parameters(), t.max_grad_norm)
-                    self.optimizer.step()
+                    if not skip_step:
+                        self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 state.micro_step += 1
@@ -428,7 +445,7 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
                 state.global_step += 1
-                micro = 0
+                micro, all_dropped = 0, True
                 if self.ema is not None:
                     self.ema.step(acc.unwrap_model(self.unet))
                 progress.update(1)

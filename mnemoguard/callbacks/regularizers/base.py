@@ -114,8 +114,10 @@ def skip_if_nothing_kept(inputs: dict[str, Any], accelerator: Any = None) -> boo
     ``None`` and the optimizer step skips every parameter: weights and optimizer state (Adam moments, step counts)
     stay exactly as they were, as in Wen et al.'s code, which skips the step. Under DDP / DeepSpeed / FSDP (every
     rank must reduce the same gradients) or fp16 with a ``GradScaler`` (which asserts that it saw gradients) the graph
-    is kept: the gradients are zero, which adds nothing, but an optimizer with momentum still moves by its moments.
-    ``inputs["step_skipped"]`` is set to ``True`` either way.
+    is kept and the gradients are zero. ``inputs["step_skipped"]`` is set to ``True`` either way; the reference
+    trainer skips the optimizer step when every micro-batch of the step on every rank set it (one all-reduced flag),
+    so there too weights and Adam moments stay put. Under DeepSpeed, whose engine steps inside ``backward``, the
+    zero-gradient step is taken and momentum still moves the weights.
     """
     weights = inputs["weights"]
     if bool((weights != 0).any()):
