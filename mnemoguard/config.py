@@ -39,6 +39,8 @@ class TinyModelConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "epsilon"  # epsilon | v_prediction
     seed: int = 0  # weight-initialisation seed
+    base: str | None = None  # initial UNet weights: "builtin:digits16" (shipped, see trainer/base_model.py) or a
+    # diffusers UNet folder trained with these settings; None = random initialisation
 
 
 @dataclass

@@ -284,6 +284,8 @@ def _recipe(cfg: BenchConfig, gt: GroundTruth, out: Path):
         "logging.report_to=none",
         f"logging.progress_bar={str(cfg.progress).lower()}",
         *_monitor_overrides(t),
+        *([f"model.tiny.base={t.base}"] if t.base else []),
+        *(["model.lora.enabled=true"] if t.lora else []),
         *t.recipe_overrides,
     ])
     if t.monitor_every:  # the unseen captions are the monitor's held-out probes (not expressible as a --set)

@@ -79,6 +79,9 @@ class BenchTrainConfig:
     learning_rate: float = 1e-3  # testbed-notes used 5e-4 over 4,000 steps; 1e-3 memorizes sooner
     train_batch_size: int = 32
     text_encoder: str = "minilm"  # minilm (real, 384-d) | clip (tiny random; tests)
+    base: str | None = None  # fine-tuning variant: initial UNet ("builtin:digits16" needs
+    # testbed.source.exclude_base=true so that planted and held-out images are new to the base); None = from scratch
+    lora: bool = False  # fine-tune a peft LoRA (model.lora.*, e.g. rank, via recipe_overrides) instead of the UNet
     monitor_every: int = 100  # run the guard's MemorizationMonitor every K steps alongside (0 = off); its curves
     # (planted vs unseen probes, per band) go into bench.json beside the ground truth, for detection lead
     monitor_probes: int = 8  # planted (duplicated) and unseen captions the monitor probes, each
@@ -184,6 +187,9 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, f"seed: expected >= 0, found {self.seed}")
+        _check(self.train.base != "builtin:digits16" or self.testbed.source.exclude_base,
+               "train.base=builtin:digits16 was trained on the even-indexed digits: set "
+               "testbed.source.exclude_base=true so that the testbed's planted and held-out images are new to it")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -39,9 +39,12 @@ class SourceConfig:
 
     name: str = "digits"  # digits (sklearn, 1,797 8x8) | faces (skimage lfw_subset, 200 25x25) | animals (10k 28x28)
     deduplicate: bool = True  # drop exact duplicates after rendering (animal-shape-mnist has 284 duplicate pairs)
+    exclude_base: bool = False  # digits only: drop the images the shipped base UNet trained on (fine-tuning variant)
 
     def __post_init__(self) -> None:
         _check(self.name in SOURCES, f"source.name: expected one of {SOURCES}, found {self.name!r}")
+        _check(not self.exclude_base or self.name == "digits",
+               f"source.exclude_base: the shipped base was trained on digits, found source {self.name!r}")
 
 
 @dataclass

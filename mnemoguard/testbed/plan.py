@@ -112,13 +112,19 @@ def make_plan(cfg: TestbedConfig, source: SourceImages, layout: Layout) -> Plan:
     """Select, caption and plant; raises :class:`PlanError` when the source has too few unique images."""
     rendered = _render(cfg, source, layout)
     keep = unique_first(layout.content_keys(rendered)) if cfg.source.deduplicate else np.arange(len(rendered))
+    num_duplicates = len(rendered) - len(keep)
+    if cfg.source.exclude_base:  # the fine-tuning variant: only images the shipped base never saw
+        from ..trainer.base_model import base_training_indices
+
+        keep = np.setdiff1d(keep, base_training_indices(len(rendered)))
     needed = _needed(cfg)
     total = sum(needed.values())
     if total > len(keep):
         parts = " + ".join(f"{k} {v}" for k, v in needed.items() if v)
         raise PlanError(
             f"source {source.name!r} has {len(keep)} usable images at {cfg.resolution}px "
-            f"({len(rendered) - len(keep)} duplicates removed) but the config needs {total} ({parts}); "
+            f"({num_duplicates} duplicates removed{', base images excluded' if cfg.source.exclude_base else ''}) "
+            f"but the config needs {total} ({parts}); "
             "lower the counts or pick a larger source"
         )
     if total - needed["held_out.num_images"] == 0:
@@ -199,4 +205,4 @@ def make_plan(cfg: TestbedConfig, source: SourceImages, layout: Layout) -> Plan:
                                   lab, 0))
 
     row_seed = int(np.random.default_rng(rows_seq).integers(0, 2**31 - 1))
-    return Plan(out, len(source.images), len(rendered) - len(keep), row_seed)
+    return Plan(out, len(source.images), num_duplicates, row_seed)

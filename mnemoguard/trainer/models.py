@@ -220,6 +220,10 @@ def build_tiny_components(cfg: TinyModelConfig, workdir: str | os.PathLike) -> S
         up_block_types=("CrossAttnUpBlock2D",) * (n_blocks - 1) + ("UpBlock2D",),
         cross_attention_dim=dim, attention_head_dim=cfg.attention_head_dim, norm_num_groups=32,
     )
+    if cfg.base:
+        from .base_model import load_base_weights
+
+        load_base_weights(unet, cfg.base)
     vae = None
     if cfg.latent:
         torch.manual_seed(cfg.seed + 1)
