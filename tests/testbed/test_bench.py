@@ -179,3 +179,27 @@ def test_copy_ground_truth_needs_the_captions_own_image():
     assert res["memorized_fraction"]["fraction"] == 0.25 and res["copy_fraction"]["fraction"] == 0.75
     negatives = copy_ground_truth(images, train, [None] * 4, n_resamples=10)
     assert negatives["memorized"] == [True, True, True, False]  # without an own image, any copy counts
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def test_summary_of_several_runs_writes_tables_and_figure(bench_run, tmp_path):
+    from mnemoguard.testbed.bench_summary import main as summary_main
+
+    out, _ = bench_run
+    assert summary_main([str(out), str(out), "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "summary.md").read_text()
+    assert "### 2 seeds (0, 0)" in md and "| wen_first |" in md and "Guard monitor vs ground truth" in md
+    assert (tmp_path / "summary.png").stat().st_size > 1000
+
+
+def test_onset_and_alarm_steps_by_hand():
+    from mnemoguard.testbed.bench_summary import alarm_step, onset_step
+
+    gt = lambda f: {"w=1": {"planted": {"memorized_fraction": {"fraction": f}}}}  # noqa: E731
+    run = {"checkpoints": [{"step": 250, "ground_truth": gt(0.0)}, {"step": 500, "ground_truth": gt(0.04)},
+                           {"step": 750, "ground_truth": gt(0.1)}]}
+    assert onset_step(run, 0.05) == 750 and onset_step(run, 0.5) is None
+    history = [{"step": 100, "k": -0.1}, {"step": 200, "k": 0.15}, {"step": 300, "k": 0.3}, {"step": 400, "k": 0.25}]
+    assert alarm_step(history, "k", rise_factor=2.0) == 300  # first value > 2 x |-0.1|
+    assert alarm_step(history, "k", rise_factor=2.0, patience=2) == 400
+    assert alarm_step(history, "missing") is None
