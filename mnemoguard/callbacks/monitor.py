@@ -56,8 +56,9 @@ the training loss per timestep bucket (``loss_buckets`` buckets, EMA decay ``los
 sample whose loss is abnormally low, ``loss · loss_flag_ratio < running mean of its bucket``. Two deviations from
 their code: a bucket starts at its first observation instead of 0 and flags only after ``loss_min_count``
 observations; samples trained on the empty caption (caption dropout) are left out. Per-sample flag counts are kept by
-dataset index; logged at every log step: ``mem/agc/flag_rate/band=<name>`` (flagged fraction since the last log)
-and ``mem/agc/flagged_samples`` (distinct samples flagged so far). Values are gathered across ranks.
+dataset index (an index of -1, a row whose dataset position the loop does not know, counts towards the rates only);
+logged at every log step: ``mem/agc/flag_rate/band=<name>`` (flagged fraction since the last log) and
+``mem/agc/flagged_samples`` (distinct samples flagged so far). Values are gathered across ranks.
 """
 
 from __future__ import annotations
@@ -535,7 +536,9 @@ class MemorizationMonitor(Callback):
         else:
             from ..baselines import load_lora_baseline, load_unet_baseline
 
-            if trainer.config.model.lora.enabled:
+            config = getattr(trainer, "config", None)  # None outside the reference Trainer (mnemoguard.Guard)
+            lora = config.model.lora.enabled if config is not None else bool(getattr(unet, "peft_config", None))
+            if lora:
                 self._baseline = load_lora_baseline(den, c.baseline_checkpoint)
             else:
                 self._baseline = load_unet_baseline(c.baseline_checkpoint, like=den)
@@ -572,11 +575,12 @@ class MemorizationMonitor(Callback):
         captions = inputs.get("captions")
         cond = torch.ones_like(loss) if captions is None else torch.tensor(
             [1.0 if c else 0.0 for c in captions], device=loss.device)
-        rows = torch.stack([loss, t, idx, cond], dim=1).double()
+        # The last column marks real rows (padding is -1): an index of -1 is a row of unknown dataset position.
+        rows = torch.stack([loss, t, idx, cond, torch.ones_like(loss)], dim=1).double()
         if accelerator is not None and accelerator.num_processes > 1:
             rows = accelerator.pad_across_processes(rows, dim=0, pad_index=-1)
             rows = accelerator.gather(rows)
-            rows = rows[rows[:, 2] >= 0]
+            rows = rows[rows[:, 4] > 0]
         self.observe_losses(rows[:, 0].cpu(), rows[:, 1].cpu().long(), rows[:, 2].cpu().long(),
                             rows[:, 3].cpu() > 0)
 
@@ -603,7 +607,7 @@ class MemorizationMonitor(Callback):
                 if lo <= ts[i] < hi:
                     self._window[k][1] += 1
                     self._window[k][0] += int(flags[i])
-            if flags[i]:
+            if flags[i] and idx[i] >= 0:  # negative: the row's dataset index is unknown (not counted per sample)
                 self.flag_counts[int(idx[i])] = self.flag_counts.get(int(idx[i]), 0) + 1
             if self.agc_count[b] == 0:
                 self.agc_mean[b] = losses[i]
