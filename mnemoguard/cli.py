@@ -2,7 +2,7 @@
 
 Examples::
 
-    mnemoguard demo                                  # the CPU demo recipe (built into the package)
+    mnemoguard demo                                  # the guard's whole story on a planted testbed (~5 min on 2 cores)
     mnemoguard train recipes/sd15_lora.yaml --set training.max_train_steps=2000
     accelerate launch --config_file recipes/accelerate/zero2.yaml -m mnemoguard.cli train recipes/sd15_full.yaml
     mnemoguard bench --out outputs/bench --set seed=1   # planted-memorization benchmark (sized for ~15 min on 2 cores)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="fine-tune with a YAML recipe")
     p_train.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
-    p_demo = sub.add_parser("demo", help="the built-in CPU demo: tiny UNet on real digits, a few minutes on 2 cores")
+    p_demo = sub.add_parser("demo", help="the guard's story: memorization, alarm, mitigation, stop")
     p_cfg = sub.add_parser("config", help="print the resolved recipe (defaults + file + overrides) as YAML")
     p_cfg.add_argument("recipe", nargs="?", default=None)
     p_bench = sub.add_parser("bench", help="train on the planted-memorization testbed and measure every signal")
@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _train(args.recipe, args.overrides)
         if args.command == "demo":
-            return _train(None, [f"training.output_dir={DEMO_DIR}", *args.overrides])
+            from .demo import run_demo
+
+            run_demo(DEMO_DIR, overrides=args.overrides)
+            return 0
         if args.command == "bench":
             return _bench(args.config, args.out, args.overrides, args.overwrite)
         if args.command == "config":

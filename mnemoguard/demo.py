@@ -1,0 +1,160 @@
+"""``mnemoguard demo``: the whole story on a small planted-memorization testbed, in a few minutes on 2 CPU cores.
+
+1. builds a testbed (:mod:`mnemoguard.testbed`): plain digits with class captions plus two digits duplicated many
+   times, each with its own caption — the duplication + specific-caption recipe for memorization;
+2. fine-tunes the shipped tiny base UNet (``builtin:digits16``) on it with the reference trainer and the guard on:
+   the memorization monitor (planted captions vs unseen captions of the same style, per noise band, every
+   ``monitor_every`` steps; a probe generation with its nearest training image every 4th check);
+3. the policy raises an **alarm** when the planted captions' low-noise probe loss falls clearly below the unseen
+   captions' (``mem/probe_loss/band=low/contrast``) and switches on a **mitigation** (the noise-gap scheduler
+   stops sampling the low-noise band where the gap opened);
+4. early stopping **stops** the run when a probe generation comes out as a copy of its training image
+   (``mem/nn_ratio/train`` below ``copy_ratio``), and the export rolls back to the best checkpoint;
+5. prints the story and where to look: TensorBoard (``mem/...`` scalars, alarms, probe panels) and
+   ``report/report.md``.
+
+Thresholds were read off the benchmark runs (``BENCHMARKS.md``); they suit this testbed, not every data set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import RecipeConfig, load_config
+
+__all__ = ["DEMO_TESTBED", "DemoSettings", "demo_recipe", "run_demo"]
+
+DEMO_TESTBED: dict[str, Any] = {
+    "seed": 0,
+    "source": {"exclude_base": True},  # images the shipped base never saw, as a user's are
+    "plain": {"num_images": 160},
+    "duplicated": {"num_images": 2, "copies": 120, "classes": [0, 1]},  # drawn ~10 times per step
+    "template": {"enabled": False},
+    "held_out": {"num_images": 8, "avoid_planted_classes": True},
+    "unseen": {"num_global_style": 8, "num_template_style": 0, "avoid_planted_classes": True},
+}
+
+
+@dataclasses.dataclass
+class DemoSettings:
+    """The story's knobs (``--set demo.<key>=...`` is not offered; edit and call :func:`run_demo`)."""
+
+    max_train_steps: int = 500
+    monitor_every: int = 25  # optimizer steps between monitor checks
+    alarm_threshold: float = 0.02  # probe-loss contrast (unseen - planted, low band) that raises the alarm
+    alarm_patience: int = 2  # consecutive checks beyond the threshold
+    copy_ratio: float = 1 / 3  # early stop when a probe generation's d1/d2 falls below this (Gu et al.)
+    base: str | None = "builtin:digits16"  # None: train from random initialisation
+
+
+def demo_recipe(gt: Any, out: Path, settings: DemoSettings) -> RecipeConfig:
+    """The demo recipe on testbed ``gt``: the package defaults + the testbed + the guard's story settings."""
+    s = settings
+    cfg = load_config(None, [
+        *gt.recipe_overrides(),
+        f"training.output_dir={out}",
+        f"training.max_train_steps={s.max_train_steps}",
+        "training.learning_rate=1e-3",
+        f"training.checkpointing_steps={4 * s.monitor_every}",
+        "training.checkpoints_total_limit=null",
+        "training.export=best",
+        "validation.every_n_steps=0",
+        *([f"model.tiny.base={s.base}"] if s.base else []),
+        "guard.enabled=true",
+        f"guard.monitor.every_n_steps={s.monitor_every}",
+        "guard.monitor.num_duplicate_probes=2",
+        "guard.monitor.num_random_probes=2",
+        "guard.monitor.num_heldout_probes=4",
+        "guard.monitor.curvature_every_k_checks=4",
+        "guard.monitor.generation_guidance_scale=1.0",
+        "guard.noise_gap.enabled=true",
+        "guard.early_stopping.enabled=true",
+        "guard.early_stopping.monitor=mem/nn_ratio/train",
+        "guard.early_stopping.mode=max",
+        f"guard.early_stopping.divergence_threshold={s.copy_ratio}",
+        "guard.early_stopping.patience=1000",
+    ])
+    planted = gt.captions("global")
+    cfg.guard.monitor.heldout_captions = gt.captions("unseen", "global")
+    cfg.validation.prompts = planted[:2] + gt.captions("unseen", "global")[:1]
+    from .callbacks.guard import RuleSettings
+
+    cfg.guard.policy = [RuleSettings(
+        signal="mem/probe_loss/band=low/contrast", action="noise_gap", threshold=s.alarm_threshold,
+        patience=s.alarm_patience, band=(0, 333),
+    )]
+    return cfg
+
+
+def run_demo(out_dir: str | os.PathLike = "outputs/demo", settings: DemoSettings | None = None,
+             overrides: list[str] | None = None) -> dict[str, Any]:
+    """Build the testbed, train with the guard, print the story; returns a summary dict."""
+    from .testbed import build_testbed
+    from .trainer import Trainer
+    from .trainer.base_model import BUILTIN_BASES
+
+    s = settings or DemoSettings()
+    out = Path(out_dir)
+    if s.base in BUILTIN_BASES and not (BUILTIN_BASES[s.base] / "config.json").is_file():
+        print(f"note: {s.base} is not installed (scripts/train_base.py makes it); training from random weights")
+        s = dataclasses.replace(s, base=None)
+    gt = build_testbed(DEMO_TESTBED, out / "testbed", overwrite=True)
+    cfg = demo_recipe(gt, out / "train", s)
+    if overrides:
+        cfg = load_config(cfg, overrides)
+    trainer = Trainer(cfg)
+    start = time.perf_counter()
+    state = trainer.train()
+    seconds = time.perf_counter() - start
+    story = _story(trainer, state, gt)
+    story["seconds"] = seconds
+    if trainer.accelerator.is_main_process:
+        _print_story(story, cfg, out)
+    return story
+
+
+def _story(trainer: Any, state: Any, gt: Any) -> dict[str, Any]:
+    """What happened, from the state and the guard's callbacks."""
+    from .callbacks.policy import MitigationPolicy
+
+    policy = next((c for c in trainer.callbacks.callbacks if isinstance(c, MitigationPolicy)), None)
+    ratios = [(h["step"], h["mem/nn_ratio/train"]) for h in state.log_history if "mem/nn_ratio/train" in h]
+    contrast = [(h["step"], h["mem/probe_loss/band=low/contrast"]) for h in state.log_history
+                if "mem/probe_loss/band=low/contrast" in h]
+    return {
+        "steps": state.global_step,
+        "stop_reason": state.stop_reason,
+        "best_step": state.best_step,
+        "best_checkpoint": state.best_checkpoint,
+        "alarms": [dict(a) for a in policy.alarms] if policy else [],
+        "nn_ratio": ratios,
+        "contrast": contrast,
+        "planted_captions": gt.captions("global"),
+        "final_dir": str(trainer.final_dir),
+    }
+
+
+def _print_story(story: dict[str, Any], cfg: RecipeConfig, out: Path) -> None:
+    print(f"\nmnemoguard demo: {story['steps']} steps in {story['seconds']:.0f} s on the planted testbed "
+          f"({len(story['planted_captions'])} digits duplicated 120x with their own captions).")
+    if story["contrast"]:
+        first, last = story["contrast"][0], story["contrast"][-1]
+        print(f"  memorization signal  mem/probe_loss/band=low/contrast: {first[1]:+.3f} at step {first[0]} -> "
+              f"{last[1]:+.3f} at step {last[0]}")
+    for a in story["alarms"]:
+        print(f"  alarm at step {a.get('step')}: {a.get('message') or a}")
+    if not story["alarms"]:
+        print("  no alarm was raised")
+    if story["nn_ratio"]:
+        print("  probe generations, d1/d2 to the nearest training image (< 1/3 = a copy): "
+              + ", ".join(f"{r:.2f}@{s}" for s, r in story["nn_ratio"]))
+    print(f"  stop: {story['stop_reason'] or 'ran to the last step'}")
+    print(f"  exported ({cfg.training.export}): {story['final_dir']}"
+          + (f" (best step {story['best_step']})" if story["best_step"] is not None else ""))
+    logs = out / "train" / cfg.logging.logging_dir
+    print(f"  report:      {out / 'train' / 'report' / 'report.md'}")
+    print(f"  TensorBoard: tensorboard --logdir {logs} --host 127.0.0.1   (mem/ scalars, alarms, probe panels)")
