@@ -52,6 +52,7 @@ from .callbacks import Callback, CallbackList, TrainerControl, TrainerState, Uni
 from .callbacks.guard import GuardConfig, build_guard_callbacks
 from .callbacks.monitor import MemorizationMonitor
 from .ema import EMAModel
+from .trainer.models import SDComponents
 
 __all__ = ["Guard", "load_guard_config"]
 
@@ -105,59 +106,23 @@ def load_guard_config(source: Any = None) -> tuple[GuardConfig, dict[str, Any] |
 
 
 @dataclass
-class _Components:
-    """The model parts the callbacks read as ``components`` (the reference trainer's SDComponents, duck-typed)."""
+class _Components(SDComponents):
+    """The model parts the callbacks read as ``components``: the reference trainer's SDComponents, plus the loop's own
+    ``encode_prompt`` callable when it has one instead of a text encoder + tokenizer."""
 
-    unet: nn.Module
-    noise_scheduler: Any
-    text_encoder: nn.Module | None = None
-    tokenizer: Any = None
-    vae: nn.Module | None = None
-    text_max_length: int | None = None
     prompt_encoder: Callable[[list[str]], Tensor] | None = None
-
-    @property
-    def latent(self) -> bool:
-        return self.vae is not None
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-
-    @property
-    def image_size(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
-
-    @property
-    def image_channels(self) -> int:
-        return int(self.vae.config.in_channels) if self.vae is not None else int(self.unet.config.in_channels)
 
     @torch.no_grad()
     def encode_prompt(self, captions: list[str], device: torch.device | str | None = None) -> Tensor:
         """Per-token text embeddings ``[B, L, D]``: the loop's ``encode_prompt`` or its text encoder + tokenizer."""
-        if self.prompt_encoder is not None:
-            emb = self.prompt_encoder(list(captions))
-            if not isinstance(emb, Tensor) or emb.ndim != 3 or emb.shape[0] != len(captions):
-                found = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
-                raise ValueError(f"encode_prompt({len(captions)} captions) must return a [{len(captions)}, L, D] "
-                                 f"tensor (the UNet's encoder_hidden_states); found {found}")
-            return emb if device is None else emb.to(device)
-        from .trainer.models import SDComponents
-
-        return SDComponents.encode_prompt(self, captions, device=device)  # type: ignore[arg-type]
-
-    @torch.no_grad()
-    def encode_images(self, pixel_values: Tensor) -> Tensor:
-        if self.vae is None:
-            return pixel_values
-        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
-        return latents * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode(self, model_output: Tensor) -> Tensor:
-        if self.vae is None:
-            return model_output
-        return self.vae.decode(model_output.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        if self.prompt_encoder is None:
+            return super().encode_prompt(captions, device=device)
+        emb = self.prompt_encoder(list(captions))
+        if not isinstance(emb, Tensor) or emb.ndim != 3 or emb.shape[0] != len(captions):
+            found = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
+            raise ValueError(f"encode_prompt({len(captions)} captions) must return a [{len(captions)}, L, D] "
+                             f"tensor (the UNet's encoder_hidden_states); found {found}")
+        return emb if device is None else emb.to(device)
 
 
 class _LoopView:
