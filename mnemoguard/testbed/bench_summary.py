@@ -7,7 +7,8 @@ The guard monitor's curves (``bench.json["monitor"]``, when the runs had ``train
 the ground truth: the *onset* is the first checkpoint where the planted captions' memorized fraction at w = 1 reaches
 ``onset_fraction`` (5 %), and each monitor signal's *alarm* is the first check where its contrast (training probes −
 unseen probes, oriented so that positive = more memorized) exceeds ``rise_factor`` times its first absolute value
-(the rule shape of :class:`~mnemoguard.callbacks.policy.Rule`); the lead is onset − alarm, in optimizer steps.
+for ``patience`` consecutive checks (the rule shape of :class:`~mnemoguard.callbacks.policy.Rule`); the lead is
+onset − alarm, in optimizer steps.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _contrast_keys(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def summary_markdown(runs: list[dict[str, Any]], figure: str | None = None, onset_fraction: float = 0.05,
-                     rise_factor: float = 2.0) -> str:
+                     rise_factor: float = 2.0, patience: int = 3) -> str:
     """The multi-seed section for ``BENCHMARKS.md``."""
     seeds = [r["seed"] for r in runs]
     lines = [f"### {len(runs)} seeds ({', '.join(map(str, seeds))}): mean (per seed)", "",
@@ -99,6 +100,16 @@ def summary_markdown(runs: list[dict[str, Any]], figure: str | None = None, onse
         best = [max((c["detection"][name].get("auc") or 0.0) for c in r["checkpoints"]) for r in runs]
         lines.append(f"| {name} | {_cell([d.get('auc') for d in last])} | {_cell([d.get('tpr@1%fpr') for d in last])}"
                      f" | {_cell([d.get('auc_copied_vs_negatives') for d in last])} | {_cell(best)} |")
+    # Training-loss gap per band (the bench's own held-out vs planted pairs, each with its own caption).
+    if all("gap" in c["loss_by_band"] for r in runs for c in r["checkpoints"]):
+        bands = runs[0]["checkpoints"][0]["loss_by_band"]["bands"]
+        lines += ["", "Training-loss gap per noise band, held-out − planted (image, own caption) pairs, ε-MSE "
+                  "(positive = the planted pairs are fitted better):", "",
+                  "| step | " + " | ".join(f"t∈[{b[0]},{b[1]})" for b in bands) + " |", "|---|" + "---|" * len(bands)]
+        for i, step in enumerate(steps):
+            cells = [_cell([r["checkpoints"][i]["loss_by_band"]["gap"][j] for r in runs if i < len(r["checkpoints"])],
+                           digits=3) for j in range(len(bands))]
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
     # Localisation.
     if all(r.get("localization") for r in runs):
         maps = list(runs[0]["localization"]["metrics"])
@@ -128,12 +139,12 @@ def summary_markdown(runs: list[dict[str, Any]], figure: str | None = None, onse
         onsets = [onset_step(r, onset_fraction) for r in runs]
         lines += ["", f"Guard monitor vs ground truth: onset = first checkpoint with ≥ {100 * onset_fraction:g} % "
                   f"planted generations memorized at w = 1 (per seed: {onsets}); alarm = first check where the "
-                  f"contrast (training − unseen probes) exceeds {rise_factor:g} × its first |value|; lead = onset − "
-                  "alarm (positive = the alarm came first).", "",
+                  f"contrast (training − unseen probes) exceeds {rise_factor:g} × its first |value| for {patience} "
+                  "consecutive checks; lead = onset − alarm (positive = the alarm came first).", "",
                   "| monitor signal | alarm step (per seed) | lead in steps (per seed) | contrast at the last check |",
                   "|---|---|---|---|"]
         for key in keys:
-            alarms = [alarm_step(r.get("monitor", []), key, rise_factor) for r in runs]
+            alarms = [alarm_step(r.get("monitor", []), key, rise_factor, patience) for r in runs]
             leads = [None if a is None or o is None else o - a for a, o in zip(alarms, onsets)]
             last = [next((h[key] for h in reversed(r.get("monitor", [])) if key in h), None) for r in runs]
             lines.append(f"| `{key}` | {alarms} | {leads} | {_cell(last, digits=3)} |")
