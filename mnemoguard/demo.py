@@ -3,17 +3,17 @@
 1. builds a testbed (:mod:`mnemoguard.testbed`): plain digits with class captions plus two digits duplicated many
    times, each with its own caption — the duplication + specific-caption recipe for memorization;
 2. fine-tunes the shipped tiny base UNet (``builtin:digits16``) on it with the reference trainer and the guard on:
-   the memorization monitor (planted captions vs unseen captions of the same style, per noise band, every
+   the memorization monitor (planted pairs vs held-out pairs never trained on, per noise band, every
    ``monitor_every`` steps; a probe generation with its nearest training image every 4th check);
-3. the policy raises an **alarm** when the planted captions' low-noise probe loss falls clearly below the unseen
-   captions' (``mem/probe_loss/band=low/contrast``) and switches on a **mitigation** (the noise-gap scheduler
-   stops sampling the low-noise band where the gap opened);
+3. the policy raises an **alarm** when the planted pairs' low-noise probe loss falls clearly below the held-out
+   pairs' (``mem/probe_loss/band=low/contrast``, the generalization gap that led the ground truth on the benchmark)
+   and switches on a **mitigation** (the noise-gap scheduler stops sampling the low-noise band where the gap opened);
 4. early stopping **stops** the run when a probe generation comes out as a copy of its training image
    (``mem/nn_ratio/train`` below ``copy_ratio``), and the export rolls back to the best checkpoint;
 5. prints the story and where to look: TensorBoard (``mem/...`` scalars, alarms, probe panels) and
    ``report/report.md``.
 
-Thresholds were read off the benchmark runs (``BENCHMARKS.md``); they suit this testbed, not every data set.
+Thresholds were read off trial runs of this demo (``BENCHMARKS.md``); they suit this testbed, not every data set.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ DEMO_TESTBED: dict[str, Any] = {
 class DemoSettings:
     """The story's knobs (``--set demo.<key>=...`` is not offered; edit and call :func:`run_demo`)."""
 
-    max_train_steps: int = 500
+    max_train_steps: int = 600
     monitor_every: int = 25  # optimizer steps between monitor checks
-    alarm_threshold: float = 0.02  # probe-loss contrast (unseen - planted, low band) that raises the alarm
+    alarm_threshold: float = 0.1  # probe-loss contrast (held-out - planted, low band) that raises the alarm; on
+    # the benchmark the same gap read 0.07 at step 250, 0.17 at 500, copies from 750 (BENCHMARKS.md)
     alarm_patience: int = 2  # consecutive checks beyond the threshold
     copy_ratio: float = 1 / 3  # early stop when a probe generation's d1/d2 falls below this (Gu et al.)
     base: str | None = "builtin:digits16"  # None: train from random initialisation
@@ -79,7 +80,7 @@ def demo_recipe(gt: Any, out: Path, settings: DemoSettings) -> RecipeConfig:
         "guard.early_stopping.patience=1000",
     ])
     planted = gt.captions("global")
-    cfg.guard.monitor.heldout_captions = gt.captions("unseen", "global")
+    cfg.guard.monitor.heldout_data = str(gt.held_out_dir)  # held-out images + captions: a generalization gap
     cfg.validation.prompts = planted[:2] + gt.captions("unseen", "global")[:1]
     from .callbacks.guard import RuleSettings
 

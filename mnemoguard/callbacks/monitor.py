@@ -7,9 +7,11 @@
   most repeated captions first;
 - *random* probes: further training rows drawn uniformly;
 - *held-out* probes: ``heldout_captions`` from the config (unseen captions in the training style), else rows of the
-  ``heldout`` samples passed to the constructor (image + caption), else none. Unseen captions have no image: probe
-  ``h`` is evaluated at exactly the noisy inputs (image, noise, timestep) of training probe ``h mod P``, so the
-  train / held-out contrast differs only in the caption.
+  held-out samples (image + caption, never trained: ``heldout_data`` in the config, or ``heldout=`` passed to the
+  constructor), else none. Unseen captions have no image: probe ``h`` is evaluated at exactly the noisy inputs
+  (image, noise, timestep) of training probe ``h mod P``, so the train / held-out contrast differs only in the
+  caption — which confounds it when the unseen captions name other content than the probe images (measured on the
+  testbed, BENCHMARKS.md). Held-out samples make the contrast a generalization gap on images never trained on.
 
 Each probe gets, per timestep band (default: the low / mid / high thirds of the schedule, overridable as
 ``[t_lo, t_hi)`` ranges), ``draws_per_band`` fixed timesteps and fixed Gaussian noise. Images are taken in their
@@ -97,6 +99,8 @@ class MonitorConfig:
     num_random_probes: int = 4  # further training rows drawn uniformly
     num_heldout_probes: int = 4  # from heldout_captions, else from the held-out samples given to the monitor
     heldout_captions: list[str] = field(default_factory=list)  # unseen captions in the training style
+    heldout_data: str | None = None  # held-out samples (image + caption, never trained): an imagefolder with
+    # metadata.jsonl or a save_to_disk dir; the train/held-out contrast is then a generalization gap on other images
     bands: list[tuple[int, int]] | None = None  # [t_lo, t_hi) timestep bands; None: thirds of the schedule
     band_names: list[str] | None = None  # one per band; None: low/mid/high for three bands, else "t<lo>-<hi>"
     draws_per_band: int = 1  # fixed (timestep, noise) draws per probe and band
@@ -210,6 +214,13 @@ class MemorizationMonitor(Callback):
     def __init__(self, config: MonitorConfig | None = None, heldout: Any = None, **overrides: Any) -> None:
         self.config = dataclasses.replace(config or MonitorConfig(), **overrides)
         self._validate_config()
+        if self.config.heldout_data and (heldout is not None or self.config.heldout_captions):
+            raise ValueError("MemorizationMonitor: give one source of held-out probes — heldout_captions, "
+                             f"heldout_data or heldout= — found heldout_data={self.config.heldout_data!r} and another")
+        if self.config.heldout_data:
+            from ..trainer.data import load_dataset_source
+
+            heldout = load_dataset_source(self.config.heldout_data)
         self.heldout = heldout
         self.spec: dict[str, Any] | None = None
         self.num_checks = 0

@@ -288,7 +288,9 @@ def _recipe(cfg: BenchConfig, gt: GroundTruth, out: Path):
         *(["model.lora.enabled=true"] if t.lora else []),
         *t.recipe_overrides,
     ])
-    if t.monitor_every:  # the unseen captions are the monitor's held-out probes (not expressible as a --set)
+    if t.monitor_every and t.monitor_heldout == "images":  # the contrast is a generalization gap (guard.md)
+        recipe.guard.monitor.heldout_data = str(gt.held_out_dir)
+    elif t.monitor_every:  # not expressible as a --set
         recipe.guard.monitor.heldout_captions = gt.captions("unseen", "global")[: t.monitor_probes]
     return recipe
 

@@ -153,3 +153,13 @@ def test_two_ranks_hold_the_same_monitor_values(tmp_path):
     per = last["per_probe"]["live_vs_ema"]["high"]
     assert len(per["train"]) == 5 and len(per["heldout"]) == 2 and all(np.isfinite(per["train"] + per["heldout"]))
     assert sum(ranks[0]["agc_count"]) > 32  # both ranks' samples (4 steps x 8 per rank, minus dropped captions)
+
+
+def test_heldout_samples_load_from_a_folder_and_exclude_other_sources(tmp_path):
+    from mnemoguard.trainer.data import digits_dataset
+
+    digits_dataset().select(range(3)).save_to_disk(str(tmp_path / "held"))
+    mon = MemorizationMonitor(heldout_data=str(tmp_path / "held"))
+    assert len(mon.heldout) == 3 and mon.has_heldout and mon.heldout[0]["text"].startswith("a handwritten digit")
+    with pytest.raises(ValueError, match="give one source of held-out probes"):
+        MemorizationMonitor(heldout_data=str(tmp_path / "held"), heldout_captions=["a handwritten digit one"])
