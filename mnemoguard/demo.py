@@ -103,6 +103,11 @@ def run_demo(out_dir: str | os.PathLike = "outputs/demo", settings: DemoSettings
     if s.base in BUILTIN_BASES and not (BUILTIN_BASES[s.base] / "config.json").is_file():
         print(f"note: {s.base} is not installed (scripts/train_base.py makes it); training from random weights")
         s = dataclasses.replace(s, base=None)
+    if (out / "train").exists():  # the demo's own folder: a rerun replaces the previous story
+        import shutil
+
+        print(f"note: replacing the previous demo run in {out / 'train'}")
+        shutil.rmtree(out / "train")
     gt = build_testbed(DEMO_TESTBED, out / "testbed", overwrite=True)
     cfg = demo_recipe(gt, out / "train", s)
     if overrides:

@@ -53,7 +53,8 @@ def main() -> None:
         for guard in (False, True):
             seconds, checks = run(guard, args.steps, args.overrides)
             times[guard].append(seconds)
-            print(f"guard {'on ' if guard else 'off'}: {seconds:7.1f} s ({checks} monitor checks logged)", flush=True)
+            print(f"guard {'on ' if guard else 'off'}: {seconds:7.1f} s ({checks} log rows with mem/ metrics)",
+                  flush=True)
     off, on = statistics.median(times[False]), statistics.median(times[True])
     print(f"median off {off:.1f} s, on {on:.1f} s: overhead {100 * (on / off - 1):+.2f} % (ratio {on / off:.4f})")
 
