@@ -5,9 +5,10 @@
 2. fine-tunes the shipped tiny base UNet (``builtin:digits16``) on it with the reference trainer and the guard on:
    the memorization monitor (planted pairs vs held-out pairs never trained on, per noise band, every
    ``monitor_every`` steps; a probe generation with its nearest training image every 4th check);
-3. the policy raises an **alarm** when the planted pairs' low-noise probe loss falls clearly below the held-out
-   pairs' (``mem/probe_loss/band=low/contrast``, the generalization gap that led the ground truth on the benchmark)
-   and switches on a **mitigation** (the noise-gap scheduler stops sampling the low-noise band where the gap opened);
+3. the policy raises an **alarm** when the gap between the held-out pairs' and the planted pairs' low-noise probe
+   loss (``mem/probe_loss/band=low/contrast``, the generalization gap that led the ground truth on the benchmark)
+   exceeds ``alarm_threshold`` for 2 checks, and switches on a **mitigation** (the noise-gap scheduler stops
+   sampling the low-noise band where the gap opened);
 4. early stopping **stops** the run when a probe generation comes out as a copy of its training image
    (``mem/nn_ratio/train`` below ``copy_ratio``), and the export rolls back to the best checkpoint;
 5. prints the story and where to look: TensorBoard (``mem/...`` scalars, alarms, probe panels) and
@@ -45,9 +46,10 @@ class DemoSettings:
 
     max_train_steps: int = 600
     monitor_every: int = 25  # optimizer steps between monitor checks
-    alarm_threshold: float = 0.1  # probe-loss contrast (held-out - planted, low band) that raises the alarm; on
-    # the benchmark the same gap read 0.07 at step 250, 0.17 at 500, copies from 750 (BENCHMARKS.md)
-    alarm_patience: int = 2  # consecutive checks beyond the threshold
+    alarm_threshold: float | None = 0.1  # alarm when the probe-loss contrast (held-out - planted pairs, low band)
+    # exceeds this: on the benchmark the same gap read 0.07 at step 250 and 0.17 at 500, before copies (BENCHMARKS.md)
+    alarm_rise: float | None = None  # or (and: the larger level wins) when it exceeds this factor x its first reading
+    alarm_patience: int = 2  # consecutive checks beyond the level
     copy_ratio: float = 1 / 3  # early stop when a probe generation's d1/d2 falls below this (Gu et al.)
     base: str | None = "builtin:digits16"  # None: train from random initialisation
 
@@ -85,8 +87,8 @@ def demo_recipe(gt: Any, out: Path, settings: DemoSettings) -> RecipeConfig:
     from .callbacks.guard import RuleSettings
 
     cfg.guard.policy = [RuleSettings(
-        signal="mem/probe_loss/band=low/contrast", action="noise_gap", threshold=s.alarm_threshold,
-        patience=s.alarm_patience, band=(0, 333),
+        signal="mem/probe_loss/band=low/contrast", action="noise_gap", rise_factor=s.alarm_rise,
+        threshold=s.alarm_threshold, patience=s.alarm_patience, band=(0, 333),
     )]
     return cfg
 
@@ -158,9 +160,16 @@ def _print_story(story: dict[str, Any], cfg: RecipeConfig, out: Path) -> None:
     if story["nn_ratio"]:
         print("  probe generations, d1/d2 to the nearest training image (< 1/3 = a copy): "
               + ", ".join(f"{r:.2f}@{s}" for s, r in story["nn_ratio"]))
-    print(f"  stop: {story['stop_reason'] or 'ran to the last step'}")
+    if story["stop_reason"]:
+        print(f"  stop: {story['stop_reason']}")
+    else:
+        closest = min((r for _, r in story["nn_ratio"]), default=float("nan"))
+        print(f"  stop: none — no probe generation became a copy (closest d1/d2 {closest:.2f} > "
+              f"{cfg.guard.early_stopping.divergence_threshold:.2f}); ran to the last step")
+    best = story["best_step"]
     print(f"  exported ({cfg.training.export}): {story['final_dir']}"
-          + (f" (best step {story['best_step']})" if story["best_step"] is not None else ""))
+          + (f" (step {best}: the checkpoint whose probe generations were farthest from any training image)"
+             if best is not None else ""))
     logs = out / "train" / cfg.logging.logging_dir
     print(f"  report:      {out / 'train' / 'report' / 'report.md'}")
     print(f"  TensorBoard: tensorboard --logdir {logs} --host 127.0.0.1   (mem/ scalars, alarms, probe panels)")

@@ -4,9 +4,10 @@ from mnemoguard.demo import DemoSettings, run_demo
 
 
 def test_demo_story_alarms_mitigates_and_stops(tmp_path, capsys):
-    # Thresholds forced so that every event happens within a few steps: the contrast is always "beyond" -10, and
-    # any generation's d1/d2 is below 10.
-    settings = DemoSettings(max_train_steps=12, monitor_every=2, alarm_threshold=-10.0, alarm_patience=2,
+    # Thresholds forced so that every event happens within a few steps: the contrast is always above -10, and any
+    # generation's d1/d2 is below 10.
+    settings = DemoSettings(max_train_steps=12, monitor_every=2, alarm_rise=None, alarm_threshold=-10.0,
+                            alarm_patience=2,
                             copy_ratio=10.0, base=None)
     story = run_demo(tmp_path / "demo", settings, overrides=["model.tiny.text_encoder=clip",
                                                               "training.train_batch_size=8"])
