@@ -91,6 +91,24 @@ class GuardConfig:
     report: ReportSettings = field(default_factory=ReportSettings)
 
 
+@dataclass
+class DefaultPolicy:
+    """The guard's default mitigation: rules, plus the settings of the actions they switch on (off until then)."""
+
+    rules: list[RuleSettings]
+    regularizers: dict[str, dict[str, Any]]  # name -> settings, with enabled: false (the rules turn them on)
+    needs_noise_gap: bool  # a rule drives the noise-gap scheduler
+
+
+def default_policy() -> DefaultPolicy:
+    """The default rule, chosen on the testbed (docs/guard.md, "Defaults and the evidence behind them"): when the
+    held-out − training probe-loss gap at low noise (``mem/probe_loss/band=low/contrast``, needs held-out image
+    probes) stays at or above 0.1 for 2 checks, stop training the mid-noise band t in [333, 666)."""
+    rule = RuleSettings(signal="mem/probe_loss/band=low/contrast", action="noise_gap", threshold=0.1, patience=2,
+                        band=(333, 666))
+    return DefaultPolicy(rules=[rule], regularizers={}, needs_noise_gap=True)
+
+
 def build_guard_callbacks(cfg: GuardConfig) -> list[Callback]:
     """The callbacks the ``guard:`` section asks for, in the order they must run."""
     if not cfg.enabled:

@@ -28,8 +28,15 @@ import torch
 
 from ..callbacks import Callback, TrainerControl, TrainerState
 from ..config import load_config
-from ..evaluation import KIM_LEE_TV_THRESHOLD, detection_summary, roc_auc, template_verbatim
+from ..evaluation import (
+    KIM_LEE_TV_THRESHOLD,
+    PromptFidelityClassifier,
+    detection_summary,
+    roc_auc,
+    template_verbatim,
+)
 from .bench_config import BenchConfig, load_bench_config
+from .bench_mitigation import apply_mitigation
 from .bench_probes import (
     ProbeModel,
     Trajectory,
@@ -106,6 +113,7 @@ class BenchCallback(Callback):
         self.log_path = log_path
         self.train = gt.unique_training_images(value_range=(0.0, 1.0))
         self.probes = ProbeSet.build(gt, cfg, self.train.captions)
+        self.classifier = PromptFidelityClassifier().fit(self.train.images.flatten(1), self.train.labels)
         self.checkpoints: list[dict[str, Any]] = []
         self.final: dict[str, Any] = {}
         self.eval_seconds = 0.0
@@ -155,9 +163,7 @@ class BenchCallback(Callback):
 
     # ------------------------------------------------------------------------------------------------ one checkpoint
     def evaluate(self, model: ProbeModel, step: int) -> dict[str, Any]:
-        """Ground truth, detection signals and per-band losses of the live model at one checkpoint."""
-        from .bench_signals import detection_signals
-
+        """Ground truth, prompt fidelity, detection signals and per-band losses of the live model at one checkpoint."""
         cfg, pr = self.cfg, self.probes
         start = time.perf_counter()
         cond_caps = model.encode(pr.captions)
@@ -173,18 +179,39 @@ class BenchCallback(Callback):
             gt_out[f"w={w:g}"] = self._ground_truth(traj.images)
             bar.update(1)
         first = pr.first_rows()
-        share = len(first) / len(pr.rows)
-        plain = _select(trajectories[1.0], first)
-        guided = _select(trajectories[guidance[-1]], first)
+        detection, scores = {}, {}
+        if cfg.signals.enabled:
+            detection, scores = self._detection(model, cond_caps, latents[first], _select(trajectories[1.0], first),
+                                                _select(trajectories[guidance[-1]], first), len(first) / len(pr.rows),
+                                                trajectories[1.0].images)
+        bar.update(1)
+        losses = self._band_losses(model)
+        bar.update(1)
+        bar.close()
+        return {
+            "step": step,
+            "seconds": time.perf_counter() - start,
+            "ground_truth": gt_out,
+            "fidelity": {f"w={w:g}": self._fidelity(trajectories[w].images) for w in guidance},
+            "detection": detection,
+            "scores": scores,
+            "loss_by_band": losses,
+        }
+
+    def _detection(self, model: ProbeModel, cond_caps: torch.Tensor, latents: torch.Tensor, plain: Trajectory,
+                   guided: Trajectory, share: float, images_w1: torch.Tensor) -> tuple[dict, dict]:
+        """Every prompt-level signal on the first generation of each caption, with AUC etc. planted vs negatives."""
+        from .bench_signals import detection_signals
+
+        cfg, pr = self.cfg, self.probes
         sig = detection_signals(
-            model, cond_caps, latents[first], plain, guided, bands=cfg.signals.bands,
+            model, cond_caps, latents, plain, guided, bands=cfg.signals.bands,
             asthana_gamma=cfg.signals.asthana_gamma, asthana_lo_index=cfg.signals.asthana_lo_index,
             curvature_step=cfg.signals.curvature_step, curvature_probes=cfg.signals.curvature_probes,
             curvature_method=cfg.signals.curvature_method, seed=cfg.seed, trajectory_share=share,
         )
-        bar.update(1)
         labels = torch.tensor([g == "planted" for g in pr.groups])
-        copied = self._copied_captions(trajectories[1.0].images)
+        copied = self._copied_captions(images_w1)
         keep = ~labels | copied  # planted captions copied at w = 1 (any seed) vs all negatives
         detection = {}
         for name, scores in sig.scores.items():
@@ -195,17 +222,22 @@ class BenchCallback(Callback):
                 row["auc_copied_vs_negatives"] = roc_auc(scores[keep].double(), labels[keep])
                 row["num_copied"] = int((labels & copied).sum())
             detection[name] = row
-        losses = self._band_losses(model)
-        bar.update(1)
-        bar.close()
-        return {
-            "step": step,
-            "seconds": time.perf_counter() - start,
-            "ground_truth": gt_out,
-            "detection": detection,
-            "scores": {k: v.tolist() for k, v in sig.scores.items()},
-            "loss_by_band": losses,
-        }
+        return detection, {k: v.tolist() for k, v in sig.scores.items()}
+
+    def _fidelity(self, images: torch.Tensor) -> dict[str, float]:
+        """Prompt fidelity per caption group: the share of generations a pixel classifier fitted on the testbed's
+        training images assigns to the class their caption names (:class:`~mnemoguard.evaluation.
+        PromptFidelityClassifier`); ``negatives`` pools the unseen and held-out captions (never-trained prompts)."""
+        pr = self.probes
+        labels = [self.gt.record(pr.captions[i]).label for i in pr.rows]
+        hits = self.classifier.predict(images.flatten(1).clamp(0, 1)) == labels
+        out = {}
+        for group in [*dict.fromkeys(pr.groups), "negatives"]:
+            idx = [k for k, i in enumerate(pr.rows) if pr.groups[i] == group or (group == "negatives" and
+                                                                                 pr.groups[i] != "planted")]
+            if idx:
+                out[group] = float(hits[idx].mean())
+        return out
 
     def _copied_captions(self, images: torch.Tensor) -> torch.Tensor:
         """``[P]`` bool: the caption's own training image came out in at least one of its generations."""
@@ -288,6 +320,7 @@ def _recipe(cfg: BenchConfig, gt: GroundTruth, out: Path):
         *(["model.lora.enabled=true"] if t.lora else []),
         *t.recipe_overrides,
     ])
+    apply_mitigation(recipe.guard, t.mitigation, monitor_on=bool(t.monitor_every))
     if t.monitor_every and t.monitor_heldout == "images":  # the contrast is a generalization gap (guard.md)
         recipe.guard.monitor.heldout_data = str(gt.held_out_dir)
     elif t.monitor_every:  # not expressible as a --set

@@ -87,9 +87,17 @@ class BenchTrainConfig:
     monitor_probes: int = 8  # planted (duplicated) pairs and held-out probes the monitor takes, each
     monitor_heldout: str = "images"  # images: held-out image + caption pairs (a generalization gap); captions:
     # unseen captions on the planted images' inputs (confounded by class here: BENCHMARKS.md, 3-seed run)
+    mitigation: str = "none"  # an arm of testbed/bench_mitigation.py: none | noise_gap_low | noise_gap_mid |
+    # wen_filter | iet_agc | caption_replacement | embedding_noise | caption_dropout | preservation | policy
     recipe_overrides: list[str] = field(default_factory=list)  # e.g. ["ema.lag=500"], applied last
 
     def __post_init__(self) -> None:
+        from .bench_mitigation import MITIGATIONS
+
+        _check(self.mitigation in MITIGATIONS,
+               f"train.mitigation: expected one of {sorted(MITIGATIONS)}, found {self.mitigation!r}")
+        _check(self.mitigation != "policy" or self.monitor_every > 0,
+               "train.mitigation=policy: the policy reads the monitor's signals; set train.monitor_every > 0, found 0")
         _check(self.max_train_steps >= 1, f"train.max_train_steps: expected >= 1, found {self.max_train_steps}")
         _check(self.eval_every >= 1, f"train.eval_every: expected >= 1, found {self.eval_every}")
         _check(self.monitor_every >= 0, f"train.monitor_every: expected >= 0, found {self.monitor_every}")
@@ -127,6 +135,7 @@ class BenchProbeConfig:
 class BenchSignalConfig:
     """Settings of the prompt-level signals (read on the first generation of every probed caption)."""
 
+    enabled: bool = True  # False: ground truth, fidelity and losses only (cheaper checkpoints, e.g. mitigation arms)
     bands: list[list[int]] = field(default_factory=lambda: [[0, 333], [333, 666], [666, 1000]])  # [t_lo, t_hi)
     asthana_gamma: list[float] = field(default_factory=lambda: [1.0, 2.0])  # their SD 1.4 preset
     asthana_lo_index: int = -3  # DDIM timesteps[-3] (their choice)

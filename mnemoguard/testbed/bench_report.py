@@ -78,11 +78,18 @@ def plot_onset(results: dict[str, Any], path: Path) -> Path:
     a.set(title="ground truth: memorized fraction (d1/d2 < 1/3)", xlabel="step", ylabel="fraction", ylim=(-0.02, 1))
     a.legend(fontsize=7)
     b = ax[0][1]
-    for k, name in enumerate(cps[0]["detection"]):
-        aucs = [c["detection"][name].get("auc", math.nan) for c in cps]
-        b.plot(steps, aucs, marker="o", color=f"C{k % 10}", linestyle="-" if k < 10 else "--", label=name)
-    b.axhline(0.5, color="grey", lw=0.8)
-    b.set(title="signals: AUC planted vs unseen/held-out", xlabel="step", ylabel="AUC", ylim=(0, 1.02))
+    if cps[0]["detection"]:
+        for k, name in enumerate(cps[0]["detection"]):
+            aucs = [c["detection"][name].get("auc", math.nan) for c in cps]
+            b.plot(steps, aucs, marker="o", color=f"C{k % 10}", linestyle="-" if k < 10 else "--", label=name)
+        b.axhline(0.5, color="grey", lw=0.8)
+        b.set(title="signals: AUC planted vs unseen/held-out", xlabel="step", ylabel="AUC", ylim=(0, 1.02))
+    else:  # signals.enabled=false: prompt fidelity of the never-trained captions instead
+        for k, w in enumerate(cps[0].get("fidelity", {})):
+            b.plot(steps, [c["fidelity"][w].get("negatives", math.nan) for c in cps], marker="o", color=f"C{k}",
+                   label=f"unseen + held-out, {w}")
+        b.set(title="prompt fidelity (classifier agrees with the caption)", xlabel="step", ylabel="fraction",
+              ylim=(0, 1.02))
     b.legend(fontsize=7)
     c = ax[0][2]
     bands = cps[0]["loss_by_band"].get("bands", [])
@@ -176,14 +183,19 @@ def markdown(results: dict[str, Any], files: dict[str, str]) -> str:
                   "Memorized fraction: d1/d2 < 1/3 (Gu et al.) and, for planted captions, the nearest training "
                   "image is the caption's own; 95 % percentile-bootstrap interval. Negatives count any copy.",
                   "",
-                  "| step | w | planted | unseen | held-out | median d1/d2 planted / unseen |",
-                  "|---|---|---|---|---|---|"]
+                  "Fidelity: share of the unseen and held-out captions' generations that a pixel classifier "
+                  "fitted on the training images assigns to the class the caption names.",
+                  "",
+                  "| step | w | planted | unseen | held-out | median d1/d2 planted / unseen | fidelity |",
+                  "|---|---|---|---|---|---|---|"]
         for c in cps:
             for w, g in c["ground_truth"].items():
                 cells = [_frac(g[k]["memorized_fraction"]) if k in g else "n/a"
                          for k in ("planted", "unseen", "held_out")]
                 med = " / ".join(_f(g[k]["median_ratio"], 2) for k in ("planted", "unseen") if k in g)
-                lines.append(f"| {c['step']} | {w.removeprefix('w=')} | {' | '.join(cells)} | {med} |")
+                fid = c.get("fidelity", {}).get(w, {}).get("negatives")
+                fid_cell = "n/a" if fid is None else f"{100 * fid:.1f} %"
+                lines.append(f"| {c['step']} | {w.removeprefix('w=')} | {' | '.join(cells)} | {med} | {fid_cell} |")
         last = cps[-1]
         groups = results["probes"]["groups"]
         n_pos, n_neg = groups.count("planted"), len(groups) - groups.count("planted")

@@ -1,0 +1,80 @@
+"""The bench's mitigation arms: each action of the guard alone, always on, or a policy that switches actions on.
+
+``mnemoguard bench --set train.mitigation=NAME`` trains the testbed with one arm; the same seed with ``none`` is the
+unmitigated reference (``python -m mnemoguard.testbed.bench_mitigation_summary`` puts the arms side by side). Each
+arm's settings are the action's published default where one exists, scaled to the testbed where it does not:
+
+* ``noise_gap_low`` / ``noise_gap_mid``: the noise-gap scheduler with ``timestep_bias_strategy: gap`` and
+  multiplier 0 over t in [0, 333) / [333, 666) — that band is never trained (Dodson et al.'s "under-train the
+  danger zone"; the testbed's loss gap sits in the low band, its danger zone at mid to high noise).
+* ``wen_filter``: Wen et al.'s training-time filter, samples with ||eps_c - eps_0||_2 >= tau dropped, tau =
+  :data:`WEN_TAU_TESTBED`, calibrated on the fine-tuning variant (BENCHMARKS.md): it drops 5 % of plain samples at
+  the base model and, at step 500 of the unmitigated run, 58 % of the planted ones (and 22 % of the plain ones).
+  That it equals their SD 1.4 value (2, for 16,384 values per sample; here 256) is a coincidence.
+* ``iet_agc``: IET-AGC's low-loss gating with the authors' SD setting (mem_ratio 1.25).
+* ``caption_replacement`` / ``embedding_noise``: Somepalli et al.'s random caption replacement (p = 0.1, 4 random
+  tokens) / Gaussian noise on the text embeddings (lambda = 0.1).
+* ``caption_dropout``: 0.1 more caption dropout on top of the recipe's.
+* ``preservation``: MSE to the EMA's prediction on every training sample (weight 1, ai-toolkit's default).
+* ``policy``: the guard's default policy (:func:`mnemoguard.callbacks.guard.default_policy`) driven by the monitor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import ConfigError
+
+__all__ = ["MITIGATIONS", "WEN_TAU_TESTBED", "apply_mitigation"]
+
+WEN_TAU_TESTBED = 2.0  # ||eps_c - eps_0||_2 over 256 values (1 x 16 x 16); see the module docstring
+
+
+def _noise_gap(begin: int, end: int) -> dict[str, Any]:
+    return {"noise_gap": {"enabled": True, "timestep_bias_strategy": "gap", "timestep_bias_begin": begin,
+                          "timestep_bias_end": end, "timestep_bias_multiplier": 0.0}}
+
+
+MITIGATIONS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "noise_gap_low": _noise_gap(0, 333),
+    "noise_gap_mid": _noise_gap(333, 666),
+    "wen_filter": {"regularizers": {"wen_filter": {"threshold": WEN_TAU_TESTBED}}},
+    "iet_agc": {"regularizers": {"iet_agc": {}}},
+    "caption_replacement": {"regularizers": {"random_caption_replacement": {"prob": 0.1}}},
+    "embedding_noise": {"regularizers": {"gaussian_embedding_noise": {"lam": 0.1}}},
+    "caption_dropout": {"regularizers": {"caption_dropout": {"prob": 0.1}}},
+    "preservation": {"regularizers": {"baseline_preservation": {"weight": 1.0}}},
+    "policy": {"policy": "default"},
+}
+
+
+def apply_mitigation(guard: Any, name: str, monitor_on: bool) -> None:
+    """Turn on arm ``name`` in a recipe's ``guard`` section (a :class:`~mnemoguard.callbacks.guard.GuardConfig`).
+
+    Raises:
+        ConfigError: an unknown arm, or the policy arm without the monitor that feeds it.
+    """
+    if name not in MITIGATIONS:
+        raise ConfigError(f"train.mitigation: expected one of {sorted(MITIGATIONS)}, found {name!r}")
+    arm = MITIGATIONS[name]
+    if not arm:
+        return
+    guard.enabled = True
+    guard.monitor.enabled = monitor_on
+    if "noise_gap" in arm:
+        for key, value in arm["noise_gap"].items():
+            setattr(guard.noise_gap, key, value)
+    for reg, settings in arm.get("regularizers", {}).items():
+        guard.regularizers[reg] = {**guard.regularizers.get(reg, {}), **settings}
+    if arm.get("policy") == "default":
+        if not monitor_on:
+            raise ConfigError("train.mitigation=policy: the policy reads the monitor's signals; set "
+                              "train.monitor_every > 0, found 0")
+        from ..callbacks.guard import default_policy
+
+        policy = default_policy()
+        guard.policy = policy.rules
+        guard.noise_gap.enabled = guard.noise_gap.enabled or policy.needs_noise_gap
+        for reg, settings in policy.regularizers.items():
+            guard.regularizers[reg] = {**guard.regularizers.get(reg, {}), **settings}

@@ -1,0 +1,169 @@
+"""The mitigation table and early stopping vs the oracle, from ``mnemoguard bench`` runs of several arms and seeds.
+
+    python -m mnemoguard.testbed.bench_mitigation_summary outputs/mitigation/*_s? --out docs/bench
+
+Each run's arm is its ``train.mitigation``; ``none`` of the same seed is its reference. At the last checkpoint:
+
+* **memorized**: planted captions' generations that reproduce their training image (d1/d2 < 1/3), at w = 1 and at
+  the users' guidance; ratio to the unmitigated run (target <= 1/10);
+* **held-out loss**: the denoising loss of held-out image + caption pairs, mean over the noise bands (each band's
+  loss at fixed noise draws); change relative to the unmitigated run (target <= +5 %);
+* **fidelity**: the share of never-trained captions' generations a pixel classifier assigns to the class they name;
+  difference to the unmitigated run in points (target within 2).
+
+Early stopping is replayed on the unmitigated runs' monitor curves with the real
+:class:`~mnemoguard.callbacks.early_stopping.EarlyStopping` (one rule, several thresholds): its stop step beside the
+oracle step, the first checkpoint where the ground truth reaches 5 % memorized (and where it reaches 10 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .bench_summary import _cell, load_runs, onset_step
+
+__all__ = ["arm_metrics", "early_stop_step", "mitigation_markdown", "stopping_markdown", "main"]
+
+TARGETS = {"ratio": 0.1, "heldout_change": 0.05, "fidelity_points": 2.0}
+
+
+def arm_metrics(run: dict[str, Any]) -> dict[str, float]:
+    """Memorized fractions, held-out loss and fidelity of a run's last checkpoint."""
+    cp = run["checkpoints"][-1]
+    ws = sorted(cp["ground_truth"], key=lambda w: float(w.split("=")[1]))
+    guided = ws[-1]
+    fid = cp.get("fidelity", {})
+    held = cp["loss_by_band"].get("held_out")
+    return {
+        "step": cp["step"],
+        "mem_w1": cp["ground_truth"]["w=1"]["planted"]["memorized_fraction"]["fraction"],
+        "mem_guided": cp["ground_truth"][guided]["planted"]["memorized_fraction"]["fraction"],
+        "guided": float(guided.split("=")[1]),
+        "heldout_loss": statistics.fmean(held) if held else float("nan"),
+        "fidelity_w1": fid.get("w=1", {}).get("negatives", float("nan")),
+        "fidelity_guided": fid.get(guided, {}).get("negatives", float("nan")),
+    }
+
+
+def _arms(runs: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for run in runs:
+        arm = run["config"]["train"].get("mitigation", "none")
+        out.setdefault(arm, {})[run["seed"]] = arm_metrics(run)
+    return out
+
+
+def _vs(pairs: list[tuple[dict[str, float], dict[str, float] | None]], key: str, mode: str) -> list[float | None]:
+    """Each seed's ``key`` against the unmitigated run of the same seed: ratio, relative change, or points."""
+    out: list[float | None] = []
+    for arm, ref in pairs:
+        if ref is None or (mode == "ratio" and ref[key] <= 0):
+            out.append(None)
+        elif mode == "ratio":
+            out.append(arm[key] / ref[key])
+        elif mode == "change":
+            out.append(arm[key] / ref[key] - 1)
+        else:
+            out.append(100 * (arm[key] - ref[key]))
+    return out
+
+
+def mitigation_markdown(runs: list[dict[str, Any]]) -> str:
+    """The table: each arm's metrics (mean over seeds, then each seed) and its change vs ``none`` of the same seed."""
+    arms = _arms(runs)
+    if "none" not in arms:
+        raise ValueError(f"expected unmitigated runs (train.mitigation=none) among the arms, found {sorted(arms)}")
+    ref = arms["none"]
+    rest = sorted(a for a in arms if a not in ("none", "policy"))
+    order = ["none", *rest, *(["policy"] if "policy" in arms else [])]
+    g = next(iter(ref.values()))["guided"]
+    lines = [
+        f"| arm | seeds | memorized w=1 | memorized w={g:g} | ratio to none (w=1, w={g:g}) | held-out loss | "
+        f"vs none | fidelity w=1 | fidelity w={g:g} | vs none (points, w={g:g}) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in order:
+        seeds = sorted(arms[arm])
+        m = [arms[arm][s] for s in seeds]
+        pairs = [(arms[arm][s], ref.get(s)) for s in seeds]
+        dash = arm == "none"
+        ratio = f"{_cell(_vs(pairs, 'mem_w1', 'ratio'))}; {_cell(_vs(pairs, 'mem_guided', 'ratio'))}"
+        lines.append(
+            f"| {arm} | {','.join(map(str, seeds))} | {_cell([x['mem_w1'] for x in m], 100, 1)} % | "
+            f"{_cell([x['mem_guided'] for x in m], 100, 1)} % | {'1' if dash else ratio} | "
+            f"{_cell([x['heldout_loss'] for x in m], 1, 4)} | "
+            f"{'-' if dash else _cell(_vs(pairs, 'heldout_loss', 'change'), 100, 1) + ' %'} | "
+            f"{_cell([x['fidelity_w1'] for x in m], 100, 1)} % | "
+            f"{_cell([x['fidelity_guided'] for x in m], 100, 1)} % | "
+            f"{'-' if dash else _cell(_vs(pairs, 'fidelity_guided', 'points'), 1, 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def early_stop_step(history: list[dict[str, Any]], monitor: str, threshold: float, mode: str = "min",
+                    patience: int = 1000, start_from_step: int = 0) -> int | None:
+    """The step at which :class:`EarlyStopping` with ``divergence_threshold=threshold`` stops on a logged curve."""
+    from ..callbacks import TrainerControl, TrainerState
+    from ..callbacks.early_stopping import EarlyStopping
+
+    es = EarlyStopping(monitor=monitor, mode=mode, patience=patience, divergence_threshold=threshold,
+                       start_from_step=start_from_step)
+    state, control = TrainerState(), TrainerControl()
+    for row in history:
+        if monitor not in row or row[monitor] is None or row["step"] < start_from_step:
+            continue
+        state.global_step = row["step"]
+        es.check(float(row[monitor]), state, control)
+        if control.should_training_stop:
+            return row["step"]
+    return None
+
+
+def stopping_markdown(runs: list[dict[str, Any]], monitor: str, thresholds: list[float]) -> str:
+    """Oracle steps (5 % and 10 % memorized at w = 1) and the replayed stop step per threshold, per seed."""
+    ref = sorted((r for r in runs if r["config"]["train"].get("mitigation", "none") == "none"),
+                 key=lambda r: r["seed"])
+    head = "| seed | checkpoints every | oracle (5 %) | passes 10 % | " + " | ".join(
+        f"stop at {monitor.removeprefix('mem/')} >= {t:g}" for t in thresholds) + " |"
+    lines = [head, "|" + "---|" * (4 + len(thresholds))]
+    for run in ref:
+        oracle, ten = onset_step(run, 0.05), onset_step(run, 0.10)
+        every = run["config"]["train"]["eval_every"]
+        cells = []
+        for t in thresholds:
+            stop = early_stop_step(run["monitor"], monitor, t)
+            if stop is None:
+                cells.append("no stop")
+                continue
+            verdict = ""
+            if oracle is not None:
+                ok = abs(stop - oracle) <= 0.1 * oracle and (ten is None or stop < ten)
+                verdict = f" ({stop / oracle - 1:+.0%}{', ok' if ok else ''})"
+            cells.append(f"{stop}{verdict}")
+        lines.append(f"| {run['seed']} | {every} | {oracle} | {ten} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mnemoguard.testbed.bench_mitigation_summary", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dirs", nargs="+", help="bench run directories (each with bench.json)")
+    p.add_argument("--out", help="write mitigation.md here (default: print only)")
+    p.add_argument("--monitor", default="mem/probe_loss/band=low/contrast", help="early-stopping metric")
+    p.add_argument("--thresholds", default="0.06,0.08,0.1,0.12", help="divergence thresholds to replay")
+    a = p.parse_args(argv)
+    runs = load_runs(a.dirs)
+    text = (f"{mitigation_markdown(runs)}\n\n"
+            f"{stopping_markdown(runs, a.monitor, [float(t) for t in a.thresholds.split(',')])}\n")
+    print(text)
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "mitigation.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

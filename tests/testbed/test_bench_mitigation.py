@@ -1,0 +1,123 @@
+"""The bench's mitigation arms (recipe settings they turn on) and the mitigation / early-stopping summary."""
+
+import pytest
+
+from mnemoguard.callbacks.guard import GuardConfig, default_policy
+from mnemoguard.config import ConfigError, load_config
+from mnemoguard.testbed.bench_config import load_bench_config
+from mnemoguard.testbed.bench_mitigation import MITIGATIONS, WEN_TAU_TESTBED, apply_mitigation
+from mnemoguard.testbed.bench_mitigation_summary import early_stop_step, mitigation_markdown, stopping_markdown
+
+
+def _guard(arm: str, monitor_on: bool = True) -> GuardConfig:
+    guard = GuardConfig()
+    apply_mitigation(guard, arm, monitor_on)
+    return guard
+
+
+def test_none_leaves_the_guard_off():
+    assert _guard("none") == GuardConfig()
+
+
+@pytest.mark.parametrize("arm", sorted(set(MITIGATIONS) - {"none"}))
+def test_every_arm_turns_the_guard_on_and_builds(arm):
+    from mnemoguard.callbacks.guard import build_guard_callbacks
+
+    guard = _guard(arm, monitor_on=False) if arm != "policy" else _guard(arm)
+    assert guard.enabled
+    names = {type(c).__name__ for c in build_guard_callbacks(guard)}
+    assert names  # the arm's action (and for the policy, the policy) is among the callbacks
+
+
+def test_arms_set_the_documented_actions():
+    gap = _guard("noise_gap_mid").noise_gap
+    assert gap.enabled and gap.timestep_bias_strategy == "gap" and gap.timestep_bias_multiplier == 0.0
+    assert (gap.timestep_bias_begin, gap.timestep_bias_end) == (333, 666)
+    assert _guard("noise_gap_low").noise_gap.timestep_bias_end == 333
+    assert _guard("wen_filter").regularizers == {"wen_filter": {"threshold": WEN_TAU_TESTBED}}
+    assert _guard("caption_replacement").regularizers["random_caption_replacement"]["prob"] == 0.1
+    assert _guard("embedding_noise").regularizers["gaussian_embedding_noise"]["lam"] == 0.1
+    assert _guard("iet_agc").monitor.enabled and not _guard("iet_agc", monitor_on=False).monitor.enabled
+
+
+def test_policy_arm_installs_the_default_policy():
+    guard, policy = _guard("policy"), default_policy()
+    assert guard.policy == policy.rules and guard.policy
+    assert guard.noise_gap.enabled == policy.needs_noise_gap or guard.noise_gap.enabled
+    for name, settings in policy.regularizers.items():
+        assert guard.regularizers[name] == settings
+
+
+def test_unknown_arm_and_policy_without_monitor_are_config_errors():
+    with pytest.raises(ConfigError, match="expected one of .*found 'dedupe'"):
+        load_bench_config(None, ["train.mitigation=dedupe"])
+    with pytest.raises(ConfigError, match="monitor_every > 0, found 0"):
+        load_bench_config(None, ["train.mitigation=policy", "train.monitor_every=0"])
+    with pytest.raises(ConfigError, match="found 'dedupe'"):
+        apply_mitigation(load_config().guard, "dedupe", True)
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def _run(arm, seed, mem, held, fid, monitor=(), checkpoints=None):
+    """A bench.json with one last checkpoint (or ``checkpoints``: [(step, memorized at w=1)])."""
+    cps = [(1000, mem)] if checkpoints is None else checkpoints
+    return {
+        "seed": seed,
+        "config": {"train": {"mitigation": arm, "eval_every": 100}},
+        "monitor": [{"step": s, "mem/x": v} for s, v in monitor],
+        "checkpoints": [{
+            "step": step,
+            "ground_truth": {w: {"planted": {"memorized_fraction": {"fraction": m}}} for w in ("w=1", "w=3")},
+            "loss_by_band": {"held_out": [held, held]},
+            "fidelity": {"w=1": {"negatives": fid}, "w=3": {"negatives": fid}},
+        } for step, m in cps],
+    }
+
+
+def test_mitigation_table_compares_each_arm_with_none_of_the_same_seed():
+    runs = [_run("none", 0, 0.5, 0.10, 0.9), _run("none", 1, 0.4, 0.20, 0.8),
+            _run("wen_filter", 0, 0.05, 0.104, 0.89), _run("wen_filter", 1, 0.0, 0.21, 0.8)]
+    table = mitigation_markdown(runs)
+    row = next(line for line in table.splitlines() if line.startswith("| wen_filter"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1] == "0,1"
+    assert cells[2] == "2.5 (5.0, 0.0) %"  # memorized at w=1, mean then each seed
+    assert cells[4].startswith("0.05 (0.10, 0.00)")  # ratios to none: 0.05/0.5, 0/0.4
+    assert cells[6] == "4.5 (4.0, 5.0) %"  # held-out loss change
+    assert cells[9] == "-0.5 (-1.0, 0.0)"  # fidelity points
+    with pytest.raises(ValueError, match="unmitigated runs"):
+        mitigation_markdown(runs[2:])
+
+
+def test_early_stop_replay_uses_lightning_divergence_semantics():
+    history = [{"step": 50, "mem/x": 0.02}, {"step": 100, "mem/x": 0.09}, {"step": 150, "mem/x": 0.11},
+               {"step": 200}, {"step": 250, "mem/x": 0.2}]
+    assert early_stop_step(history, "mem/x", 0.1) == 150  # first value worse than the threshold (mode min)
+    assert early_stop_step(history, "mem/x", 0.15) == 250
+    assert early_stop_step(history, "mem/x", 0.5) is None
+    assert early_stop_step(history, "mem/x", 0.1, start_from_step=200) == 250
+
+
+def test_stopping_table_marks_stops_within_ten_percent_of_the_oracle():
+    run = _run("none", 0, 0, 0.1, 0.9, monitor=[(300, 0.05), (400, 0.09), (500, 0.12)],
+               checkpoints=[(300, 0.0), (400, 0.02), (500, 0.06), (600, 0.2)])
+    table = stopping_markdown([run], "mem/x", [0.1, 0.08])
+    row = table.splitlines()[-1]
+    assert "| 0 | 100 | 500 | 600 | 500 (+0%, ok) | 400 (-20%) |" == row
+
+
+def test_a_mitigation_arm_runs_end_to_end_with_fidelity_and_no_signals(tmp_path):
+    from mnemoguard.testbed.bench import run_bench
+
+    from .test_bench import TINY
+
+    res = run_bench(None, tmp_path / "run", overrides=[
+        *TINY, "train.mitigation=noise_gap_mid", "signals.enabled=false", "localization.enabled=false",
+        "danger_zone.enabled=false"])
+    assert res["config"]["train"]["mitigation"] == "noise_gap_mid"
+    cp = res["checkpoints"][-1]
+    assert cp["detection"] == {} and cp["scores"] == {}
+    assert set(cp["fidelity"]) == {"w=1", "w=3"}
+    assert set(cp["fidelity"]["w=1"]) == {"planted", "unseen", "held_out", "negatives"}
+    assert all(0 <= v <= 1 for f in cp["fidelity"].values() for v in f.values())
+    assert any(k.startswith("mem/noise_gap/") for h in res["monitor"] for k in h)  # the gap was installed
