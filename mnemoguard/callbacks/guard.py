@@ -83,6 +83,7 @@ class GuardConfig:
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     noise_gap: NoiseGapSettings = field(default_factory=NoiseGapSettings)
     policy: list[RuleSettings] = field(default_factory=list)
+    default_policy: bool = False  # add default_policy()'s rule (needs the monitor with monitor.heldout_data)
     # name -> settings, e.g. {wen_filter: {threshold: 4.0}, iet_agc: {enabled: false}}; names are those of
     # mnemoguard.callbacks.REGULARIZERS, settings the fields of each one's config class.
     regularizers: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -117,12 +118,22 @@ def build_guard_callbacks(cfg: GuardConfig) -> list[Callback]:
     monitor = MemorizationMonitor(_settings(cfg.monitor, MonitorConfig)) if cfg.monitor.enabled else None
     if monitor is not None:
         callbacks.append(monitor)
-    if cfg.policy:
-        rules = [Rule(**{k: v for k, v in vars(r).items()}) for r in cfg.policy]
-        callbacks.append(MitigationPolicy(rules))
-    if cfg.noise_gap.enabled:
+    settings, regularizers, noise_gap = list(cfg.policy), dict(cfg.regularizers), cfg.noise_gap.enabled
+    if cfg.default_policy:
+        if monitor is None or not cfg.monitor.heldout_data:
+            raise ValueError("guard.default_policy reads mem/probe_loss/band=low/contrast, the loss gap between "
+                             "held-out (image, caption) pairs and training pairs: it needs guard.monitor.enabled and "
+                             f"guard.monitor.heldout_data, found enabled={cfg.monitor.enabled} and heldout_data="
+                             f"{cfg.monitor.heldout_data!r}")
+        default = default_policy()
+        settings = [*default.rules, *settings]
+        regularizers = {**default.regularizers, **regularizers}
+        noise_gap = noise_gap or default.needs_noise_gap
+    if settings:
+        callbacks.append(MitigationPolicy([Rule(**vars(r)) for r in settings]))
+    if noise_gap:
         callbacks.append(NoiseGapScheduler(_settings(cfg.noise_gap, NoiseGapConfig)))
-    callbacks += build_regularizers(cfg.regularizers)
+    callbacks += build_regularizers(regularizers)
     es = cfg.early_stopping
     if es.enabled:
         if not es.monitor:

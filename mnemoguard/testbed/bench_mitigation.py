@@ -16,7 +16,8 @@ arm's settings are the action's published default where one exists, scaled to th
   tokens) / Gaussian noise on the text embeddings (lambda = 0.1).
 * ``caption_dropout``: 0.1 more caption dropout on top of the recipe's.
 * ``preservation``: MSE to the EMA's prediction on every training sample (weight 1, ai-toolkit's default).
-* ``policy``: the guard's default policy (:func:`mnemoguard.callbacks.guard.default_policy`) driven by the monitor.
+* ``policy``: ``guard.default_policy: true``, the rule of :func:`mnemoguard.callbacks.guard.default_policy` on the
+  monitor's held-out image probes.
 """
 
 from __future__ import annotations
@@ -71,10 +72,4 @@ def apply_mitigation(guard: Any, name: str, monitor_on: bool) -> None:
         if not monitor_on:
             raise ConfigError("train.mitigation=policy: the policy reads the monitor's signals; set "
                               "train.monitor_every > 0, found 0")
-        from ..callbacks.guard import default_policy
-
-        policy = default_policy()
-        guard.policy = policy.rules
-        guard.noise_gap.enabled = guard.noise_gap.enabled or policy.needs_noise_gap
-        for reg, settings in policy.regularizers.items():
-            guard.regularizers[reg] = {**guard.regularizers.get(reg, {}), **settings}
+        guard.default_policy = True

@@ -20,10 +20,10 @@ def test_none_leaves_the_guard_off():
 
 
 @pytest.mark.parametrize("arm", sorted(set(MITIGATIONS) - {"none"}))
-def test_every_arm_turns_the_guard_on_and_builds(arm):
+def test_every_arm_turns_the_guard_on_and_builds(arm, tmp_path):
     from mnemoguard.callbacks.guard import build_guard_callbacks
 
-    guard = _guard(arm, monitor_on=False) if arm != "policy" else _guard(arm)
+    guard = _guard(arm, monitor_on=False) if arm != "policy" else _with_heldout(_guard(arm), tmp_path)
     assert guard.enabled
     names = {type(c).__name__ for c in build_guard_callbacks(guard)}
     assert names  # the arm's action (and for the policy, the policy) is among the callbacks
@@ -40,12 +40,36 @@ def test_arms_set_the_documented_actions():
     assert _guard("iet_agc").monitor.enabled and not _guard("iet_agc", monitor_on=False).monitor.enabled
 
 
-def test_policy_arm_installs_the_default_policy():
-    guard, policy = _guard("policy"), default_policy()
-    assert guard.policy == policy.rules and guard.policy
-    assert guard.noise_gap.enabled == policy.needs_noise_gap or guard.noise_gap.enabled
-    for name, settings in policy.regularizers.items():
-        assert guard.regularizers[name] == settings
+def test_policy_arm_installs_the_default_policy(tmp_path):
+    from mnemoguard.callbacks import MitigationPolicy, NoiseGapScheduler
+    from mnemoguard.callbacks.guard import build_guard_callbacks
+
+    guard = _guard("policy")
+    assert guard.default_policy and guard.policy == []
+    with pytest.raises(ValueError, match="needs guard.monitor.enabled and guard.monitor.heldout_data"):
+        build_guard_callbacks(guard)
+    callbacks = build_guard_callbacks(_with_heldout(guard, tmp_path))
+    policy = next(c for c in callbacks if isinstance(c, MitigationPolicy))
+    assert [r.signal for r in policy.rules] == [r.signal for r in default_policy().rules]
+    assert any(isinstance(c, NoiseGapScheduler) for c in callbacks) == default_policy().needs_noise_gap
+
+
+def _with_heldout(guard: GuardConfig, tmp_path) -> GuardConfig:
+    """The guard with a tiny held-out image folder (two 16-px images with captions)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "heldout"
+    folder.mkdir()
+    rows = []
+    for i in range(2):
+        Image.fromarray(np.full((16, 16), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a digit {i}"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    guard.monitor.heldout_data = str(folder)
+    return guard
 
 
 def test_unknown_arm_and_policy_without_monitor_are_config_errors():
