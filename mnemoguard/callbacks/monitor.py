@@ -70,6 +70,7 @@ import dataclasses
 import logging
 import math
 import random
+import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -209,6 +210,8 @@ class MemorizationMonitor(Callback):
             ``nearest_is_own``, ``curvature``).
         latest_visuals: the last generations / nearest images / curvature maps (CPU tensors) or None.
         flag_counts: dataset index -> number of times the per-step loss flagged that sample.
+        seconds: wall time spent in this callback's hooks, ``{"setup", "per_step", "checks"}`` (kept in the state:
+            a resumed run keeps counting), for the monitoring overhead.
     """
 
     def __init__(self, config: MonitorConfig | None = None, heldout: Any = None, **overrides: Any) -> None:
@@ -235,6 +238,7 @@ class MemorizationMonitor(Callback):
         self._baseline: Any = None
         self._denoiser: Any = None
         self._warned: set[str] = set()
+        self.seconds = {"setup": 0.0, "per_step": 0.0, "checks": 0.0}  # wall time in this callback's hooks
 
     # ------------------------------------------------------------------------------------------------ config
     def _validate_config(self) -> None:
@@ -560,6 +564,7 @@ class MemorizationMonitor(Callback):
         if trainer is None:
             raise ValueError("MemorizationMonitor.on_train_begin needs the trainer (the reference Trainer passes it)")
         self._trainer = trainer
+        start = time.perf_counter()
         T = int(trainer.components.noise_scheduler.config.num_train_timesteps)
         with preserved_rng_state():
             if self.spec is None:
@@ -575,11 +580,13 @@ class MemorizationMonitor(Callback):
             self.agc_count = [0] * self.config.loss_buckets
         if self._window is None or len(self._window) != nb:
             self._window = [[0, 0] for _ in range(nb)]
+        self.seconds["setup"] += time.perf_counter() - start
 
     def on_loss(self, state: TrainerState, control: TrainerControl, inputs: dict, accelerator: Any = None,
                 **kwargs: Any) -> None:
         if self.agc_mean is None or self.spec is None:
             return
+        start = time.perf_counter()
         loss = inputs["loss_per_sample"].detach().float().reshape(-1)
         t = inputs["timesteps"].detach().reshape(-1).to(loss.device, torch.float32)
         idx = torch.as_tensor(inputs["indices"]).reshape(-1).to(loss.device, torch.float32)
@@ -594,6 +601,7 @@ class MemorizationMonitor(Callback):
             rows = rows[rows[:, 4] > 0]
         self.observe_losses(rows[:, 0].cpu(), rows[:, 1].cpu().long(), rows[:, 2].cpu().long(),
                             rows[:, 3].cpu() > 0)
+        self.seconds["per_step"] += time.perf_counter() - start
 
     def observe_losses(self, loss: torch.Tensor, timesteps: torch.Tensor, indices: torch.Tensor,
                        keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -644,7 +652,9 @@ class MemorizationMonitor(Callback):
             return
         values: dict[str, float] = {}
         if state.global_step % self.config.every_n_steps == 0:
+            start = time.perf_counter()
             values.update(self._check(state))
+            self.seconds["checks"] += time.perf_counter() - start
             control.should_log = True
         if control.should_log:
             values.update(self._agc_metrics())
@@ -856,6 +866,7 @@ class MemorizationMonitor(Callback):
             "agc_mean": None if self.agc_mean is None else [float(v) for v in self.agc_mean],
             "agc_count": None if self.agc_count is None else [int(v) for v in self.agc_count],
             "window": None if self._window is None else [list(w) for w in self._window],
+            "seconds": dict(self.seconds),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -872,6 +883,7 @@ class MemorizationMonitor(Callback):
             raise ValueError(f"MemorizationMonitor: the checkpoint has {len(self.agc_mean)} loss buckets, the config "
                              f"{self.config.loss_buckets}")
         self._window = None if state.get("window") is None else [list(w) for w in state["window"]]
+        self.seconds = {**self.seconds, **{k: float(v) for k, v in state.get("seconds", {}).items()}}
         self.latest_visuals = None
         if self._trainer is not None and self.spec is not None:  # resumed after on_train_begin: rebuild the probes
             with preserved_rng_state():

@@ -386,6 +386,11 @@ def run_bench(
     timing["train_and_eval"] = time.perf_counter() - t1
     timing["evaluation"] = callback.eval_seconds
     timing["training"] = timing["train_and_eval"] - callback.eval_seconds
+    from ..callbacks import MemorizationMonitor
+
+    monitor = next((c for c in trainer.callbacks.callbacks if isinstance(c, MemorizationMonitor)), None)
+    if monitor is not None:  # inside training: its share of the training time is the monitoring overhead
+        timing.update({f"monitor_{k}": v for k, v in monitor.seconds.items()})
     results = {
         "format": "mnemoguard-bench",
         "version": 1,

@@ -76,6 +76,9 @@ def test_monitor_state_round_trip_and_resume(tmp_path):
     fresh.load_state_dict(torch.load(buf, weights_only=False))
     assert fresh.state_dict() == saved
     assert fresh.spec["train_rows"] == run.monitor.spec["train_rows"] and fresh.num_checks == 2
+    # The hooks' wall time (the monitoring overhead) is counted and kept across a resume.
+    assert saved["seconds"]["checks"] > 0 and saved["seconds"]["per_step"] > 0 and saved["seconds"]["setup"] > 0
+    assert fresh.seconds == saved["seconds"]
 
     # Resume from checkpoint-2 with a fresh monitor: same probe set, and step 4 replays the uninterrupted values.
     shutil.copytree(run.out / "checkpoint-2", tmp_path / "checkpoint-2")
