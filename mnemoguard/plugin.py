@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from .callbacks import Callback, CallbackList, TrainerControl, TrainerState, UniformTimestepSampler
 from .callbacks.guard import GuardConfig, build_guard_callbacks
 from .callbacks.monitor import MemorizationMonitor
+from .callbacks.stepping import step_end_and_log, sync_stop
 from .ema import EMAModel
 from .trainer.models import SDComponents
 
@@ -581,17 +582,8 @@ class Guard:
                                 f"{type(value).__name__}") from None
         if (self.log_every and step % self.log_every == 0) or step == state.max_steps:
             self.control.should_log = True
-        state.update_metrics(values)
-        self.callbacks.call("on_step_end", state, self.control, logs=values, **self._kw())
-        if self.control.should_log and values:
-            state.log(values)
-            acc.log(dict(values), step=step)
-        # A stop asked for on any rank stops every rank (every rank must call step() at every optimizer step).
-        if self.control.should_training_stop:
-            acc.set_trigger()
-        if acc.check_trigger():
-            state.stop_reason = state.stop_reason or "a callback asked to stop"
-            self.control.should_training_stop = True
+        step_end_and_log(self.callbacks, state, self.control, values, **self._kw())
+        sync_stop(state, self.control, acc)  # every rank must call step() at every optimizer step
         self._step_open = False
         return values
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..callbacks import Callback, CallbackList, TrainerControl, TrainerState, UniformTimestepSampler
 from ..callbacks.guard import build_guard_callbacks
+from ..callbacks.stepping import step_end_and_log, sync_stop
 from ..config import RecipeConfig
 from ..ema import EMAModel
 from ..sampling import generate
@@ -471,20 +472,11 @@ class Trainer:
             self.control.should_evaluate = True
         if t.checkpointing_steps and step % t.checkpointing_steps == 0:
             self.control.should_save = True
-        state.update_metrics(logs)
-        self.callbacks.call("on_step_end", state, self.control, logs=logs, **kw)
-        if self.control.should_log:
-            state.log(logs)
-            acc.log({k: float(v) for k, v in logs.items()}, step=step)
+        step_end_and_log(self.callbacks, state, self.control, logs, **kw)
         if self.control.should_evaluate:
             self.log_validation()
             self.callbacks.call("on_evaluate", state, self.control, **kw)
-        # A stop asked for on any rank stops every rank.
-        if self.control.should_training_stop:
-            acc.set_trigger()
-        if acc.check_trigger():
-            state.stop_reason = state.stop_reason or "a callback asked to stop"
-            self.control.should_training_stop = True
+        sync_stop(state, self.control, acc)
         if self.control.should_save or self.control.should_training_stop:
             self.save_checkpoint()
 
