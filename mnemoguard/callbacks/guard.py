@@ -103,11 +103,14 @@ class DefaultPolicy:
 
 def default_policy() -> DefaultPolicy:
     """The default rule, chosen on the testbed (docs/guard.md, "Defaults and the evidence behind them"): when the
-    held-out − training probe-loss gap at low noise (``mem/probe_loss/band=low/contrast``, needs held-out image
-    probes) stays at or above 0.1 for 2 checks, stop training the mid-noise band t in [333, 666)."""
-    rule = RuleSettings(signal="mem/probe_loss/band=low/contrast", action="noise_gap", threshold=0.1, patience=2,
-                        band=(333, 666))
-    return DefaultPolicy(rules=[rule], regularizers={}, needs_noise_gap=True)
+    held-out − training probe-loss gap at low noise (``mem/probe_loss/band=low/contrast``, held-out image probes)
+    stays at or above 0.1 for 2 checks, turn on Wen et al.'s training-time filter (drop the samples whose
+    ||eps_c − eps_0||_2 exceeds τ = 2, their SD 1.4 value, which the testbed's calibration also gave); below 0.08
+    for 2 checks, turn it off. The filter costs one unconditional forward per step while it is on."""
+    rule = RuleSettings(signal="mem/probe_loss/band=low/contrast", action="wen_filter", threshold=0.1, patience=2,
+                        release_patience=2)
+    return DefaultPolicy(rules=[rule], regularizers={"wen_filter": {"enabled": False, "threshold": 2.0}},
+                         needs_noise_gap=False)
 
 
 def build_guard_callbacks(cfg: GuardConfig) -> list[Callback]:
