@@ -104,13 +104,12 @@ class DefaultPolicy:
 def default_policy() -> DefaultPolicy:
     """The default rule, chosen on the testbed (docs/guard.md, "Defaults and the evidence behind them"): when the
     held-out − training probe-loss gap at low noise (``mem/probe_loss/band=low/contrast``, held-out image probes)
-    stays at or above 0.1 for 2 checks, turn on Wen et al.'s training-time filter (drop the samples whose
-    ||eps_c − eps_0||_2 exceeds τ = 2, their SD 1.4 value, which the testbed's calibration also gave); below 0.08
-    for 2 checks, turn it off. The filter costs one unconditional forward per step while it is on."""
-    rule = RuleSettings(signal="mem/probe_loss/band=low/contrast", action="wen_filter", threshold=0.1, patience=2,
+    stays at or above 0.1 for 2 checks, turn on IET-AGC's low-loss gating (drop the samples whose loss falls below
+    the running mean of their timestep / 1.25, the authors' SD setting); below 0.08 for 2 checks, turn it off. The
+    gating reads the training loss only: no extra forward pass, and its table is kept warm while it is off."""
+    rule = RuleSettings(signal="mem/probe_loss/band=low/contrast", action="iet_agc", threshold=0.1, patience=2,
                         release_patience=2)
-    return DefaultPolicy(rules=[rule], regularizers={"wen_filter": {"enabled": False, "threshold": 2.0}},
-                         needs_noise_gap=False)
+    return DefaultPolicy(rules=[rule], regularizers={"iet_agc": {"enabled": False}}, needs_noise_gap=False)
 
 
 def build_guard_callbacks(cfg: GuardConfig) -> list[Callback]:
