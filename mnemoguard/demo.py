@@ -7,8 +7,8 @@
    ``monitor_every`` steps; a probe generation with its nearest training image every 4th check);
 3. the policy raises an **alarm** when the gap between the held-out pairs' and the planted pairs' low-noise probe
    loss (``mem/probe_loss/band=low/contrast``, the generalization gap that led the ground truth on the benchmark)
-   exceeds ``alarm_threshold`` for 2 checks, and switches on a **mitigation** (the noise-gap scheduler stops
-   sampling the low-noise band where the gap opened);
+   exceeds ``alarm_threshold`` for 2 checks, and switches on a **mitigation**, the default policy's: IET-AGC's
+   low-loss gating (samples whose loss falls well below their timestep's running mean are left out of the loss);
 4. early stopping **stops** the run when the probe generations keep moving towards their training images
    (``mem/nn_ratio/train``, the nearest-neighbour ratio d1/d2, has not improved on its best for ``stop_patience``
    generation checks: Lightning's patience), or at once when one comes out as a copy (below ``copy_ratio``); the
@@ -54,7 +54,7 @@ class DemoSettings:
     alarm_patience: int = 2  # consecutive checks beyond the level
     copy_ratio: float = 1 / 3  # early stop when a probe generation's d1/d2 falls below this (Gu et al.)
     stop_patience: int = 2  # or when d1/d2 has not improved on its best for this many generation checks (every
-    # 4th monitor check); trial runs: 0.83, 0.88, 0.65, 0.38 at steps 100-400 (BENCHMARKS.md)
+    # 4th monitor check); see the recorded runs in BENCHMARKS.md
     base: str | None = "builtin:digits16"  # None: train from random initialisation
 
 
@@ -78,7 +78,6 @@ def demo_recipe(gt: Any, out: Path, settings: DemoSettings) -> RecipeConfig:
         "guard.monitor.num_heldout_probes=4",
         "guard.monitor.curvature_every_k_checks=4",
         "guard.monitor.generation_guidance_scale=1.0",
-        "guard.noise_gap.enabled=true",
         "guard.early_stopping.enabled=true",
         "guard.early_stopping.monitor=mem/nn_ratio/train",
         "guard.early_stopping.mode=max",
@@ -91,9 +90,10 @@ def demo_recipe(gt: Any, out: Path, settings: DemoSettings) -> RecipeConfig:
     from .callbacks.guard import RuleSettings
 
     cfg.guard.policy = [RuleSettings(
-        signal="mem/probe_loss/band=low/contrast", action="noise_gap", rise_factor=s.alarm_rise,
-        threshold=s.alarm_threshold, patience=s.alarm_patience, band=(0, 333),
-    )]
+        signal="mem/probe_loss/band=low/contrast", action="iet_agc", rise_factor=s.alarm_rise,
+        threshold=s.alarm_threshold, patience=s.alarm_patience, release_patience=2,
+    )]  # default_policy()'s rule, with the demo's knobs
+    cfg.guard.regularizers = {"iet_agc": {"enabled": False}}  # off until the alarm
     return cfg
 
 

@@ -1,4 +1,4 @@
-"""``mnemoguard demo``: the story runs end to end — monitor checks, an alarm that turns the noise gap on, a stop."""
+"""``mnemoguard demo``: the story runs end to end — monitor checks, an alarm that turns the mitigation on, a stop."""
 
 from mnemoguard.demo import DemoSettings, run_demo
 
@@ -11,7 +11,7 @@ def test_demo_story_alarms_mitigates_and_stops(tmp_path, capsys):
                             copy_ratio=10.0, base=None)
     story = run_demo(tmp_path / "demo", settings, overrides=["model.tiny.text_encoder=clip",
                                                               "training.train_batch_size=8"])
-    assert [a["step"] for a in story["alarms"]] == [4] and story["alarms"][0]["action"] == "noise_gap"
+    assert [a["step"] for a in story["alarms"]] == [4] and story["alarms"][0]["action"] == "iet_agc"
     assert story["steps"] == 8 and "mem/nn_ratio/train" in story["stop_reason"]  # first generation check: step 8
     assert [s for s, _ in story["contrast"]] == [2, 4, 6, 8]
     assert (tmp_path / "demo" / "train" / "report" / "report.md").is_file()
