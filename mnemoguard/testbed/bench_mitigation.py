@@ -8,8 +8,9 @@ arm's settings are the action's published default where one exists, scaled to th
   multiplier 0 over t in [0, 333) / [333, 666) — that band is never trained (Dodson et al.'s "under-train the
   danger zone"; the testbed's loss gap sits in the low band, its danger zone at mid to high noise).
 * ``wen_filter``: Wen et al.'s training-time filter, samples with ||eps_c - eps_0||_2 >= tau dropped, tau =
-  :data:`WEN_TAU_TESTBED`, calibrated on the fine-tuning variant (BENCHMARKS.md): it drops 5 % of plain samples at
-  the base model and, at step 500 of the unmitigated run, 58 % of the planted ones (and 22 % of the plain ones).
+  :data:`WEN_TAU_TESTBED`, calibrated on the fine-tuning variant (``scripts/calibrate_wen_threshold.py``): it drops
+  5 % of plain samples at the base model and, at step 500 of the unmitigated run, 55 % of the planted ones (and 21 %
+  of the plain ones).
   That it equals their SD 1.4 value (2, for 16,384 values per sample; here 256) is a coincidence.
 * ``iet_agc``: IET-AGC's low-loss gating with the authors' SD setting (mem_ratio 1.25).
 * ``caption_replacement`` / ``embedding_noise``: Somepalli et al.'s random caption replacement (p = 0.1, 4 random
