@@ -87,13 +87,13 @@ def demo_recipe(gt: Any, out: Path, settings: DemoSettings) -> RecipeConfig:
     planted = gt.captions("global")
     cfg.guard.monitor.heldout_data = str(gt.held_out_dir)  # held-out images + captions: a generalization gap
     cfg.validation.prompts = planted[:2] + gt.captions("unseen", "global")[:1]
-    from .callbacks.guard import RuleSettings
+    from .callbacks.guard import default_policy
 
-    cfg.guard.policy = [RuleSettings(
-        signal="mem/probe_loss/band=low/contrast", action="iet_agc", rise_factor=s.alarm_rise,
-        threshold=s.alarm_threshold, patience=s.alarm_patience, release_patience=2,
-    )]  # default_policy()'s rule, with the demo's knobs
-    cfg.guard.regularizers = {"iet_agc": {"enabled": False}}  # off until the alarm
+    default = default_policy()  # the default rule and action, with the demo's alarm knobs
+    cfg.guard.policy = [dataclasses.replace(rule, threshold=s.alarm_threshold, rise_factor=s.alarm_rise,
+                                            patience=s.alarm_patience) for rule in default.rules]
+    cfg.guard.regularizers = dict(default.regularizers)  # off until the alarm
+    cfg.guard.noise_gap.enabled = default.needs_noise_gap
     return cfg
 
 
