@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..callbacks import Callback, TrainerControl, TrainerState
+from ..callbacks import Callback, MemorizationMonitor, TrainerControl, TrainerState
 from ..config import load_config
 from ..evaluation import (
     KIM_LEE_TV_THRESHOLD,
@@ -386,8 +386,6 @@ def run_bench(
     timing["train_and_eval"] = time.perf_counter() - t1
     timing["evaluation"] = callback.eval_seconds
     timing["training"] = timing["train_and_eval"] - callback.eval_seconds
-    from ..callbacks import MemorizationMonitor
-
     monitor = next((c for c in trainer.callbacks.callbacks if isinstance(c, MemorizationMonitor)), None)
     if monitor is not None:  # inside training: its share of the training time is the monitoring overhead
         timing.update({f"monitor_{k}": v for k, v in monitor.seconds.items()})

@@ -25,8 +25,13 @@ def test_every_arm_turns_the_guard_on_and_builds(arm, tmp_path):
 
     guard = _guard(arm, monitor_on=False) if arm != "policy" else _with_heldout(_guard(arm), tmp_path)
     assert guard.enabled
-    names = {type(c).__name__ for c in build_guard_callbacks(guard)}
-    assert names  # the arm's action (and for the policy, the policy) is among the callbacks
+    callbacks = build_guard_callbacks(guard)
+    names = {type(c).__name__ for c in callbacks} | {getattr(c, "name", "") for c in callbacks}
+    expected = {"noise_gap_low": "NoiseGapScheduler", "noise_gap_mid": "NoiseGapScheduler",
+                "policy": "MitigationPolicy", "caption_replacement": "random_caption_replacement",
+                "embedding_noise": "gaussian_embedding_noise", "preservation": "baseline_preservation"}.get(arm, arm)
+    assert expected in names  # the arm's action (for the policy: the policy) is among the callbacks
+    assert ("MemorizationMonitor" in names) == (arm == "policy")
 
 
 def test_arms_set_the_documented_actions():
@@ -52,6 +57,9 @@ def test_policy_arm_installs_the_default_policy(tmp_path):
     policy = next(c for c in callbacks if isinstance(c, MitigationPolicy))
     assert [r.signal for r in policy.rules] == [r.signal for r in default_policy().rules]
     assert any(isinstance(c, NoiseGapScheduler) for c in callbacks) == default_policy().needs_noise_gap
+    actions = {c.name: c for c in callbacks if getattr(c, "name", "") in default_policy().regularizers}
+    assert set(actions) == set(default_policy().regularizers)  # installed, and off until the rule turns them on
+    assert not any(c.active for c in actions.values())
 
 
 def _with_heldout(guard: GuardConfig, tmp_path) -> GuardConfig:
