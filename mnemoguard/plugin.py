@@ -53,6 +53,7 @@ from .callbacks.guard import GuardConfig, build_guard_callbacks
 from .callbacks.monitor import MemorizationMonitor
 from .callbacks.stepping import step_end_and_log, sync_stop
 from .ema import EMAModel
+from .prompts import PromptEncoder
 from .trainer.models import SDComponents
 
 __all__ = ["Guard", "load_guard_config"]
@@ -68,7 +69,7 @@ _CAPTION_REGULARIZERS = ("random_caption_replacement", "random_token_addition", 
 _TOKEN_REGULARIZERS = ("random_caption_replacement", "random_token_addition")
 #: regularizers that need the UNet's prediction in ``on_loss``
 _PREDICTION_REGULARIZERS = ("wen_filter", "baseline_preservation")
-_TEXT_CACHE_SIZE = 512  # captions whose embeddings are kept (the monitor's probes and "" are re-used every check)
+_TEXT_CACHE_BYTES = 64 * 2**20  # embeddings kept for the regularizers (the empty caption, changed captions)
 
 
 def _who(names: Sequence[str], singular: str, plural: str) -> str:
@@ -318,7 +319,8 @@ class Guard:
         else:
             self._ema_wanted = bool(recipe_on) and self._needs_ema()
         self._ema_kwargs = {**settings, **dict(ema_kwargs or {})}
-        self._text_cache: dict[str, Tensor] = {}
+        self._prompts = PromptEncoder(lambda caps: self.components.encode_prompt(caps, device=accelerator.device),
+                                      device=accelerator.device, max_bytes=_TEXT_CACHE_BYTES)
         self._begun = False
         self._ended = False
         self._step_open = False
@@ -406,18 +408,12 @@ class Guard:
             self.callbacks.call("on_step_begin", self.state, self.control, **self._kw())
 
     def encode_captions(self, captions: Sequence[str]) -> Tensor:
-        """Text embeddings ``[B, L, D]`` on the accelerator's device, cached per caption (the encoder is frozen)."""
+        """Text embeddings ``[B, L, D]`` on the accelerator's device, each caption encoded alone and cached
+        (:class:`~mnemoguard.prompts.PromptEncoder`: an embedding never depends on the batch it came in)."""
         if self.components.prompt_encoder is None and self.components.text_encoder is None:
             raise ValueError("encoding captions needs encode_prompt= or text_encoder= and tokenizer= (given to "
                              "Guard); found neither")
-        captions = list(captions)
-        todo = list(dict.fromkeys(c for c in captions if c not in self._text_cache))
-        if todo:
-            if len(self._text_cache) + len(todo) > _TEXT_CACHE_SIZE:
-                self._text_cache.clear()
-            emb = self.components.encode_prompt(todo, device=self.accelerator.device)
-            self._text_cache.update(zip(todo, emb))
-        return torch.stack([self._text_cache[c] for c in captions])
+        return self._prompts(list(captions))
 
     # ------------------------------------------------------------------------------------------------ per micro-batch
     def sample_timesteps(self, batch_size: int, device: torch.device | str | None = None,

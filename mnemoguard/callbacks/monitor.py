@@ -520,7 +520,16 @@ class MemorizationMonitor(Callback):
         gg = torch.Generator().manual_seed(s["seed"] + 2)
         gen_latents = torch.randn((G, cfg_unet.in_channels, cfg_unet.sample_size, cfg_unet.sample_size), generator=gg)
         curv_noise = torch.randn(gen_latents.shape, generator=gg)
+        # The monitor's own caption embeddings, each caption encoded alone (never through the training loop's cache):
+        # the same bits whoever trains, whatever the batch, on every rank.
+        from ..prompts import PromptEncoder
+
+        prompts = PromptEncoder(lambda caps: parts.encode_prompt(caps, device=device), device=device, max_bytes=0)
+        unique = list(dict.fromkeys([*captions, *s["train_captions"][:G], ""]))
+        table = dict(zip(unique, prompts(unique)))
         self._tensors = {
+            "cond": torch.stack([table[cap] for cap in captions]), "uncond": table[""][None],
+            "gen_cond": torch.stack([table[cap] for cap in s["train_captions"][:G]]) if G else None,
             "x0": x0_rows.to(device), "noise": noise_own.to(device), "t": t_own.to(device),
             "band": band_of, "probe": probe_of, "split": split_of, "captions": captions,
             "pool": torch.stack(pool_px) if pool_px else None, "pool_rows": pool_rows,
@@ -547,7 +556,7 @@ class MemorizationMonitor(Callback):
         elif c.baseline == "lora_off":
             self._baseline = AdapterDisabledBaseline(den)
         elif c.baseline == "uncond":
-            self._baseline = UnconditionalBaseline(den, trainer.encode_captions([""]))
+            self._baseline = UnconditionalBaseline(den, self._tensors["uncond"])
         else:
             from ..baselines import load_lora_baseline, load_unet_baseline
 
@@ -723,8 +732,7 @@ class MemorizationMonitor(Callback):
         sel = torch.tensor(rows, dtype=torch.long, device=tz["t"].device)
         x0, eps, t = tz["x0"][sel], tz["noise"][sel], tz["t"][sel]
         x_t = sched.add_noise(x0, eps, t)
-        cond = trainer.encode_captions([tz["captions"][i] for i in rows])
-        uncond = trainer.encode_captions([""])
+        cond, uncond = tz["cond"][sel], tz["uncond"]
         raw_c, raw_u = den.raw_cond_uncond(x_t, t, cond, uncond)
         alpha = den.alpha(t, dtype=x_t.dtype, device=x_t.device)
         sigma = den.sigma(t, dtype=x_t.dtype, device=x_t.device)
@@ -813,8 +821,7 @@ class MemorizationMonitor(Callback):
         unet = trainer.accelerator.unwrap_model(trainer.unet)
         G = tz["gen_latents"].shape[0]
         captions = self.spec["train_captions"][:G]
-        cond = trainer.encode_captions(captions)
-        uncond = trainer.encode_captions([""])
+        cond, uncond = tz["gen_cond"], tz["uncond"]
         guidance = c.generation_guidance_scale
         if guidance is None:
             guidance = float(getattr(getattr(trainer.config, "validation", None), "guidance_scale", 1.0))
@@ -854,6 +861,17 @@ class MemorizationMonitor(Callback):
             out["nearest"] = pool[idx]
             out["nearest_rows"] = [tz["pool_rows"][i] for i in idx]
             out["nearest_is_own"] = [bool(torch.equal(pool[i], tz["train_px"][g])) for g, i in enumerate(idx)]
+        acc = trainer.accelerator
+        if acc.num_processes > 1:  # every rank computed the same set (ZeRO-3 needs equal calls); rank 0 decides
+            from accelerate.utils import broadcast
+
+            n = len(out["nn_ratio"])
+            packed = torch.tensor([*out["curvature"], *out["nn_ratio"], *map(float, out["nearest_is_own"])],
+                                  dtype=torch.float64, device=acc.device)
+            packed = broadcast(packed, from_process=0).cpu().tolist()
+            out["curvature"] = packed[:G]
+            out["nn_ratio"] = packed[G:G + n]
+            out["nearest_is_own"] = [bool(v) for v in packed[G + n:]]
         return out
 
     # ------------------------------------------------------------------------------------------------ state

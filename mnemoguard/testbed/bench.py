@@ -117,6 +117,7 @@ class BenchCallback(Callback):
         self.checkpoints: list[dict[str, Any]] = []
         self.final: dict[str, Any] = {}
         self.eval_seconds = 0.0
+        self._prompts: Any = None
 
     # ------------------------------------------------------------------------------------------------ hooks
     def on_save(self, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -131,7 +132,6 @@ class BenchCallback(Callback):
         from ..baselines import ema_baseline
         from ..denoiser import Denoiser
 
-        trainer = kw["trainer"]
         unet = kw["accelerator"].unwrap_model(kw["unet"])
         if kw["components"].latent:
             raise NotImplementedError("mnemoguard bench probes pixel-space models only")
@@ -142,7 +142,12 @@ class BenchCallback(Callback):
             sched = kw["components"].noise_scheduler
             den = Denoiser(unet, sched)
             ema = ema_baseline(den, kw["ema"]) if kw.get("ema") is not None else None
-            model = ProbeModel(unet, sched, den, ema, trainer.encode_captions, trainer.encode_captions([""]))
+            if self._prompts is None:  # the bench's own encoder: the training loop's cache is never touched
+                from ..prompts import PromptEncoder
+
+                parts, device = kw["components"], kw["accelerator"].device
+                self._prompts = PromptEncoder(lambda caps: parts.encode_prompt(caps, device=device), device=device)
+            model = ProbeModel(unet, sched, den, ema, self._prompts, self._prompts([""]))
             if final:
                 from .bench_final import final_analyses
 

@@ -42,7 +42,7 @@ class ProbeModel:
         scheduler: the training noise scheduler (DDPM config; the samplers derive DDIM from it).
         denoiser: ``Denoiser(unet, scheduler)``.
         ema: the EMA weights as a baseline (:func:`mnemoguard.baselines.ema_baseline`), or ``None``.
-        encode: captions -> ``[B, L, D]`` text embeddings (cached by the trainer).
+        encode: captions -> ``[B, L, D]`` text embeddings (a :class:`~mnemoguard.prompts.PromptEncoder`).
         uncond: the empty-caption embedding ``[1, L, D]``.
     """
 

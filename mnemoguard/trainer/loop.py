@@ -23,6 +23,7 @@ from ..callbacks.guard import build_guard_callbacks
 from ..callbacks.stepping import step_end_and_log, sync_stop
 from ..config import RecipeConfig
 from ..ema import EMAModel
+from ..prompts import PromptEncoder
 from ..sampling import generate
 from . import checkpoints
 from .data import ImageCaptionDataset, load_dataset_source, make_dataloader
@@ -72,7 +73,6 @@ class Trainer:
         self.output_dir = Path(config.training.output_dir)
         self.timestep_sampler = None
         self.ema: EMAModel | None = None
-        self._text_cache: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _make_accelerator(self):
@@ -149,14 +149,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ helpers
     def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        """Text embeddings, cached per caption (the text encoder is frozen)."""
-        todo = list(dict.fromkeys(c for c in captions if c not in self._text_cache))
-        if todo:
-            if len(self._text_cache) + len(todo) > 50_000:
-                self._text_cache.clear()
-            emb = self.components.encode_prompt(todo, device=self.accelerator.device)
-            self._text_cache.update({c: e for c, e in zip(todo, emb.to(self.weight_dtype))})
-        return torch.stack([self._text_cache[c] for c in captions])
+        """Text embeddings of the training captions: each caption encoded alone and cached (the encoder is frozen),
+        so an embedding never depends on the batch it first came in (:mod:`mnemoguard.prompts`)."""
+        return self.prompts(captions)
 
     def _training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, bool]:
         """One micro-batch: noise, timesteps, conditioning, UNet forward, per-sample loss -> (loss, whether a
@@ -330,6 +325,8 @@ class Trainer:
             add_lora(parts.unet, cfg.model.lora)
         self.components = parts
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+        self.prompts = PromptEncoder(lambda captions: parts.encode_prompt(captions, device=acc.device),
+                                     device=acc.device, dtype=self.weight_dtype)
         parts.text_encoder.to(acc.device, dtype=self.weight_dtype)
         if parts.vae is not None:
             parts.vae.to(acc.device, dtype=self.weight_dtype)

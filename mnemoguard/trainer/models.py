@@ -49,18 +49,12 @@ class SDComponents:
     def image_channels(self) -> int:
         return int(self.vae.config.in_channels) if self.vae is not None else int(self.unet.config.in_channels)
 
-    @torch.no_grad()
     def encode_prompt(self, captions: list[str], device: torch.device | None = None) -> torch.Tensor:
-        """Per-token text embeddings ``(B, L, D)`` (the UNet's ``encoder_hidden_states``)."""
-        device = device or next(self.text_encoder.parameters()).device
-        max_length = self.text_max_length or self.tokenizer.model_max_length
-        tok = self.tokenizer(
-            list(captions), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-        )
-        kwargs = {}
-        if getattr(self.text_encoder.config, "model_type", "") != "clip_text_model" and "attention_mask" in tok:
-            kwargs["attention_mask"] = tok["attention_mask"].to(device)  # BERT-style encoders expect the mask
-        return self.text_encoder(tok["input_ids"].to(device), **kwargs)[0]
+        """Per-token text embeddings ``(B, L, D)`` (the UNet's ``encoder_hidden_states``), batched as given; training
+        and monitoring go through a :class:`~mnemoguard.prompts.PromptEncoder` (one caption at a time)."""
+        from ..prompts import tokenize_and_encode
+
+        return tokenize_and_encode(self.text_encoder, self.tokenizer, captions, self.text_max_length, device)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
