@@ -87,7 +87,7 @@ def demo_recipe(gt: Any, out: Path, settings: DemoSettings) -> RecipeConfig:
     planted = gt.captions("global")
     cfg.guard.monitor.heldout_data = str(gt.held_out_dir)  # held-out images + captions: a generalization gap
     cfg.validation.prompts = planted[:2] + gt.captions("unseen", "global")[:1]
-    from .callbacks.guard import default_policy
+    from .config import default_policy
 
     default = default_policy()  # the default rule and action, with the demo's alarm knobs
     cfg.guard.policy = [dataclasses.replace(rule, threshold=s.alarm_threshold, rise_factor=s.alarm_rise,
@@ -131,9 +131,7 @@ def run_demo(out_dir: str | os.PathLike = "outputs/demo", settings: DemoSettings
 
 def _story(trainer: Any, state: Any, gt: Any) -> dict[str, Any]:
     """What happened, from the state and the guard's callbacks."""
-    from .callbacks.policy import MitigationPolicy
-
-    policy = next((c for c in trainer.callbacks.callbacks if isinstance(c, MitigationPolicy)), None)
+    policy = trainer.guard.policy
     ratios = [(h["step"], h["mem/nn_ratio/train"]) for h in state.log_history if "mem/nn_ratio/train" in h]
     contrast = [(h["step"], h["mem/probe_loss/band=low/contrast"]) for h in state.log_history
                 if "mem/probe_loss/band=low/contrast" in h]

@@ -34,8 +34,10 @@ __all__ = [
     "PREDICTION_TYPES",
     "Denoiser",
     "ad_safe",
+    "denoising_loss",
     "eps_from_prediction",
     "tile_batch",
+    "training_target",
     "x0_from_prediction",
 ]
 
@@ -97,6 +99,33 @@ def x0_from_prediction(
     if prediction_type == "v_prediction":
         return a * x_t - s * pred
     return (x_t - s * pred) / a
+
+
+def training_target(x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor,
+                    prediction_type: str = "epsilon") -> Tensor:
+    """What the network is trained to output at ``x_t = α_t x_0 + σ_t ε``.
+
+    .. math::
+
+        \\text{target} = \\begin{cases} \\varepsilon & \\text{epsilon} \\\\
+        \\alpha_t\\, \\varepsilon - \\sigma_t x_0 & \\text{v\\_prediction (Salimans \\& Ho 2022)} \\\\
+        x_0 & \\text{sample} \\end{cases}
+    """
+    _check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return x0
+    return _expand_like(alpha, x0) * noise - _expand_like(sigma, x0) * x0
+
+
+def denoising_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """The per-sample denoising loss ``mean_{CHW} (prediction − target)²`` in float32, ``[B]`` (the training loss of
+    diffusers' scripts before its batch mean, and the monitor's probe loss)."""
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction and target must have one shape, found {tuple(prediction.shape)} and "
+                         f"{tuple(target.shape)}")
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
 def tile_batch(obj: Any, batch_size: int, *, name: str = "argument") -> Any:
@@ -298,6 +327,12 @@ class Denoiser:
         t_in = self._timesteps(t, x_t)
         ab = self.alpha_bar(t_in, dtype=x_t.dtype, device=x_t.device)
         return ab.sqrt(), (1 - ab).sqrt()
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
+        """The training target at ``x_t = α_t x_0 + σ_t ε`` in this network's parameterisation
+        (:func:`training_target`)."""
+        alpha, sigma = self._coefs(t, x0)
+        return training_target(x0, noise, alpha, sigma, self.prediction_type)
 
     def eps(self, x_t: Tensor, t: Tensor | float, cond: Tensor | None = None, **unet_kwargs: Any) -> Tensor:
         """Noise prediction :math:`\\hat\\varepsilon(x_t, t, c)`, whatever the network's parameterisation."""

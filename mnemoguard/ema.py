@@ -288,3 +288,46 @@ class EMAModel:
     @staticmethod
     def _place(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return t.to(device=like.device, dtype=like.dtype)
+
+
+class DiffusersEMAView:
+    """A diffusers ``EMAModel`` (what ``train_text_to_image.py --use_ema`` keeps) seen as named EMA weights of the
+    UNet, so the guard uses it as its baseline without a second copy. Its ``shadow_params`` follow the order of the
+    parameters it was built from (``unet.parameters()``, or the trainable ones); they are read at every call, so the
+    view follows the loop's ``ema_unet.step(...)`` and ``load_state_dict``. The loop keeps stepping and saving it."""
+
+    snapshots: list = []
+    num_snapshots = 0
+
+    def __init__(self, ema: Any, unet: nn.Module) -> None:
+        named = list(unet.named_parameters())
+        shadow = list(ema.shadow_params)
+        for candidates in (named, [(n, p) for n, p in named if p.requires_grad]):
+            if len(candidates) == len(shadow) and all(p.shape == s.shape for (_, p), s in zip(candidates, shadow)):
+                self.names = [n for n, _ in candidates]
+                break
+        else:
+            raise ValueError(f"ema: the diffusers EMAModel holds {len(shadow)} shadow parameters that match neither "
+                             f"the UNet's {len(named)} parameters nor its trainable ones in order and shape; build it "
+                             "from the same UNet's parameters()")
+        self.ema = ema
+
+    @property
+    def optimization_step(self) -> int:
+        return int(self.ema.optimization_step)
+
+    def weights(self, source: str | int = "ema") -> dict[str, torch.Tensor]:
+        if source != "ema":
+            raise IndexError(f"a diffusers EMAModel keeps no snapshots; found source={source!r}")
+        return dict(zip(self.names, self.ema.shadow_params))
+
+
+def as_ema_weights(ema: Any, unet: nn.Module) -> EMAModel | DiffusersEMAView:
+    """The EMA as the guard's baselines read it: our :class:`EMAModel` as it is, a diffusers
+    ``diffusers.training_utils.EMAModel`` through :class:`DiffusersEMAView`; a ``TypeError`` naming both otherwise."""
+    if isinstance(ema, EMAModel):
+        return ema
+    if type(ema).__name__ == "EMAModel" and hasattr(ema, "shadow_params"):
+        return DiffusersEMAView(ema, unet)
+    raise TypeError("ema: expected a mnemoguard.ema.EMAModel or a diffusers.training_utils.EMAModel, found "
+                    f"{type(ema).__module__}.{type(ema).__name__}")

@@ -81,8 +81,9 @@ class PromptEncoder:
         return emb[0].detach()
 
     @torch.no_grad()
-    def __call__(self, captions: Sequence[str]) -> Tensor:
-        """``[len(captions), L, D]`` on :attr:`device` in :attr:`dtype`."""
+    def __call__(self, captions: Sequence[str], cache: bool = True) -> Tensor:
+        """``[len(captions), L, D]`` on :attr:`device` in :attr:`dtype`; ``cache=False`` for one-off captions (random
+        caption edits): encoded alone all the same, but not kept."""
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise TypeError(f"PromptEncoder: expected a list of strings, found {captions!r}")
         if not captions:
@@ -93,7 +94,8 @@ class PromptEncoder:
             if emb is None:
                 emb = self._one(caption)
                 device = device or emb.device
-                self._store(caption, emb)
+                if cache:
+                    self._store(caption, emb)
             else:
                 self._cache.move_to_end(caption)
             rows.append(emb)

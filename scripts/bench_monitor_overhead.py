@@ -7,8 +7,8 @@ Runs the demo recipe (tiny pixel UNet, MiniLM captions, batch 32, EMA on) for th
 at the end; no policy, no early stop), alternating the two ``--repeats`` times, and prints the medians of the
 ``train()`` wall time and their ratio. The target (issue 6) is <= 2 % overhead. Time it alone: two torch jobs on
 2 cores stall each other. The ratio of two runs is at the mercy of run-to-run noise (+-4 % on this machine), so each
-guard-on run also prints the monitor's own time (its hooks, timed inside: ``MemorizationMonitor.seconds``) as a share
-of the rest of that run; ``--guard-only`` skips the runs without it.
+guard-on run also prints the guard components' own time (their hooks, timed inside: ``guard.callbacks.seconds``) as
+a share of the rest of that run; ``--guard-only`` skips the runs without it.
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ from mnemoguard.trainer import Trainer  # noqa: E402
 
 def run(guard: bool, steps: int, extra: list[str]) -> tuple[float, int, dict[str, float]]:
     """Wall seconds of ``Trainer.train()`` (set-up, loop, export, end-of-run report), the monitor's checks and the
-    seconds spent inside its hooks."""
-    from mnemoguard.callbacks import MemorizationMonitor
-
+    seconds spent inside each guard component's hooks."""
     with tempfile.TemporaryDirectory() as out:
         overrides = [f"training.output_dir={out}", f"training.max_train_steps={steps}",
                      "training.checkpointing_steps=0", "validation.prompts=[]", "logging.report_to=none",
@@ -42,8 +40,7 @@ def run(guard: bool, steps: int, extra: list[str]) -> tuple[float, int, dict[str
         state = trainer.train()
         seconds = time.perf_counter() - start
     checks = len([h for h in state.log_history if any(k.startswith("mem/") for k in h)])
-    monitor = next((c for c in trainer.callbacks.callbacks if isinstance(c, MemorizationMonitor)), None)
-    return seconds, checks, dict(monitor.seconds) if monitor else {}
+    return seconds, checks, {k: v for k, v in trainer.guard.callbacks.seconds.items() if v > 0}
 
 
 def main() -> None:
@@ -63,7 +60,7 @@ def main() -> None:
             share = ""
             if inside:
                 total = sum(inside.values())
-                share = (f"; monitor hooks {total:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in inside.items())
+                share = (f"; guard hooks {total:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in inside.items())
                          + f") = {100 * total / (seconds - total):.2f} % of the rest of the run")
             print(f"guard {'on ' if guard else 'off'}: {seconds:7.1f} s ({checks} log rows with mem/ metrics){share}",
                   flush=True)

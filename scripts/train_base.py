@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from mnemoguard.config import load_config
+from mnemoguard.data import digits_dataset
 from mnemoguard.trainer import Trainer
 from mnemoguard.trainer.base_model import BUILTIN_BASES, base_training_indices
-from mnemoguard.trainer.data import digits_dataset
 
 
 def main() -> None:

@@ -41,9 +41,10 @@ def test_callback_state_round_trips_by_key():
     events = []
     cbs = CallbackList([Recorder("a", events)])
     cbs.call("on_step_end", TrainerState(), TrainerControl())
+    saved = {key: cb.state_dict() for key, cb in cbs.stateful().items()}
     fresh = CallbackList([Recorder("a", [])])
-    fresh.load_state_dict(cbs.state_dict())
-    assert fresh.callbacks[0].count == 1
+    fresh.stateful()["a"].load_state_dict(saved["a"])
+    assert fresh.callbacks[0].count == 1 and set(cbs.seconds) == {"a"}
 
 
 def test_duplicate_state_keys_and_unknown_events_are_errors():

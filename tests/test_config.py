@@ -64,7 +64,7 @@ def test_literal_and_tuple_fields_are_checked():
         band: tuple[int, int] | None = None
 
     assert load_dataclass(Section, {"mode": "max", "band": [300, 700]}) == Section("max", (300, 700))
-    with pytest.raises(ConfigError, match=r"mode: expected one of \('min', 'max'\), found 'up'"):
+    with pytest.raises(ConfigError, match=r"mode: expected one of \['min', 'max'\], found 'up'"):
         load_dataclass(Section, {"mode": "up"})
     with pytest.raises(ConfigError, match="band: expected 2 values, found 3"):
         load_dataclass(Section, {"band": [1, 2, 3]})

@@ -7,14 +7,8 @@ import torch
 from PIL import Image
 
 from mnemoguard.config import DataConfig
-from mnemoguard.trainer.data import (
-    DataError,
-    EpochShuffleSampler,
-    ImageCaptionDataset,
-    collate,
-    load_dataset_source,
-    preprocess_image,
-)
+from mnemoguard.data import DataError, ImageCaptionDataset, load_dataset_source, preprocess_image
+from mnemoguard.trainer.loader import EpochShuffleSampler, collate
 
 
 def _image_folder(root, n=4, size=20, bad_index=None, missing_caption=None):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mnemoguard import Guard
 from mnemoguard.config import TinyModelConfig
-from mnemoguard.trainer.data import preprocess_image
+from mnemoguard.data import preprocess_image
 from mnemoguard.trainer.models import build_tiny_components
 
 SIGNAL = "mem/live_vs_ema/band=mid/train"
@@ -31,7 +31,7 @@ def guard_section(**sections) -> dict:
 @functools.cache
 def digits(n: int = 32):
     """The first ``n`` builtin real digits (16x16 grayscale, captioned by class: captions repeat)."""
-    from mnemoguard.trainer.data import digits_dataset
+    from mnemoguard.data import digits_dataset
 
     return digits_dataset().select(range(n))
 

@@ -89,6 +89,8 @@ def test_a_callback_can_stop_training_and_a_checkpoint_is_written(tmp_path):
 
 
 class DropEverything(Callback):
+    drops_samples = True  # the Guard then checks whether anything was kept, and skips the optimizer step if not
+
     def on_loss(self, state, control, inputs, **kwargs):
         assert inputs["loss_per_sample"].shape == (8,)
         inputs["weights"] = torch.zeros_like(inputs["weights"])
@@ -98,9 +100,9 @@ class FixedTimesteps(Callback):
     def __init__(self):
         self.seen = []
 
-    def on_train_begin(self, state, control, trainer, **kwargs):
-        trainer.timestep_sampler = lambda n, device, generator=None: (
-            torch.full((n,), 7, device=device), torch.ones(n, device=device))
+    def on_train_begin(self, state, control, context, **kwargs):
+        context.timesteps.install(lambda n, device, generator=None: (
+            torch.full((n,), 7, device=device), torch.ones(n, device=device)), "FixedTimesteps")
 
     def on_before_forward(self, state, control, inputs, **kwargs):
         self.seen.append(inputs["timesteps"].unique().tolist())

@@ -1,11 +1,13 @@
-"""Training-time callbacks: the API, the timestep-sampler extension point, and (later) the memorization guard."""
+"""The guard's components: the callback API, the timestep-sampler extension point, and the memorization guard's
+monitor, low-loss flags, policy, noise gap, regularizers, early stopping, dashboard and report."""
 
-from .base import Callback, CallbackList, TrainerControl, TrainerState
-from .dashboard import DashboardConfig, TensorBoardDashboard
+from .base import NEEDS, Callback, CallbackList, TrainerControl, TrainerState
+from .dashboard import TensorBoardDashboard
 from .early_stopping import EarlyStopping
-from .monitor import MemorizationMonitor, MonitorConfig
-from .noise_gap import NoiseGapConfig, NoiseGapScheduler
-from .policy import MitigationPolicy, Rule
+from .loss_flags import LowLossFlags
+from .monitor import MemorizationMonitor
+from .noise_gap import NoiseGapScheduler
+from .policy import MitigationPolicy
 from .regularizers import (
     REGULARIZERS,
     AntiGradientControl,
@@ -22,14 +24,13 @@ from .regularizers import (
     build_regularizers,
     register_regularizer,
 )
-from .report import MemorizationReport, ReportConfig, memorization_metadata
-from .timesteps import TimestepSampler, UniformTimestepSampler
+from .report import MemorizationReport, memorization_metadata
+from .timesteps import TimestepSampler, TimestepSlot, UniformTimestepSampler
 
-__all__ = ["Callback", "CallbackList", "TimestepSampler", "TrainerControl", "TrainerState", "UniformTimestepSampler"]
-__all__ += ["EarlyStopping", "MitigationPolicy", "NoiseGapConfig", "NoiseGapScheduler", "Rule"]
-
+__all__ = ["NEEDS", "Callback", "CallbackList", "TimestepSampler", "TimestepSlot", "TrainerControl", "TrainerState",
+           "UniformTimestepSampler"]
+__all__ += ["EarlyStopping", "LowLossFlags", "MitigationPolicy", "NoiseGapScheduler"]
 __all__ += ["REGULARIZERS", "AntiGradientControl", "BaselinePreservation", "CaptionDropout", "CaptionWordRepetition",
             "GaussianEmbeddingNoise", "MultipleCaptions", "RandomCaptionReplacement", "RandomTokenAddition",
             "Regularizer", "WenFilter", "build_regularizer", "build_regularizers", "register_regularizer"]
-__all__ += ["DashboardConfig", "MemorizationMonitor", "MemorizationReport", "MonitorConfig", "ReportConfig",
-            "TensorBoardDashboard", "memorization_metadata"]
+__all__ += ["MemorizationMonitor", "MemorizationReport", "TensorBoardDashboard", "memorization_metadata"]

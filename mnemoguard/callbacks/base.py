@@ -1,31 +1,50 @@
-"""The training-time callback API (transformers' ``TrainerCallback`` shape; a step is an optimizer step).
+"""The callback API of the guard's components (transformers' ``TrainerCallback`` shape; a step is an optimizer step).
 
-Event order in one run::
+Event order in one run, as :class:`mnemoguard.Guard` calls them (the reference trainer drives the same Guard)::
 
     on_train_begin
       [on_step_begin -> (per micro-batch: on_before_forward -> forward -> on_loss -> backward)
-       -> optimizer step, EMA update -> on_step_end -> (on_evaluate) -> (on_save)] ...
+       -> optimizer step -> on_step_end -> (on_save)] ...
     on_train_end
 
-Every hook receives the :class:`TrainerState`, the :class:`TrainerControl` and keyword arguments (the models, the
-accelerator, the batch ...): take the ones you need, ignore the rest. Two hooks are extension points for
-regularizers: ``on_before_forward`` may replace entries of the ``inputs`` dict (e.g. the text embeddings) and
+Every hook receives the :class:`TrainerState`, the :class:`TrainerControl` and ``context``, the
+:class:`~mnemoguard.guard.context.GuardContext` (accelerator, UNet, denoiser, prompt encoder, probe data, EMA, output
+directory, timestep-sampler slot), plus the event's own keyword arguments: ``inputs`` (``on_before_forward``,
+``on_loss``), ``logs`` (``on_step_end``), ``checkpoint`` (``on_save``). Two hooks are extension points for
+regularizers: ``on_before_forward`` may replace entries of the ``inputs`` dict (the text embeddings, the captions) and
 ``on_loss`` may change ``inputs["weights"]`` (per-sample loss weights; 0 drops a sample) or add to
-``inputs["extra_loss"]``. Callbacks with state implement ``state_dict`` / ``load_state_dict``; the
-:class:`CallbackList` saves them with every checkpoint.
+``inputs["extra_loss"]``.
 
-Metrics contract: a callback that computes metrics in ``on_step_end`` calls ``state.update_metrics(values)`` (so
-later callbacks see them as fresh: ``state.is_fresh(key)``), adds them to the ``logs`` dict it receives (flat tags
-such as ``mem/score_gap/t=500``, Python floats) and sets ``control.should_log = True``; the trainer then writes
+A component declares what it needs from the run in ``needs`` (see :data:`NEEDS`); the Guard checks them for every
+registered component when it is built, so a missing text encoder or dataset is an error before step 1.
+
+Metrics contract: a callback that computes metrics in ``on_step_end`` calls ``state.update_metrics(values)`` (later
+callbacks see them as fresh: ``state.is_fresh(key)``), adds them to the ``logs`` dict it receives (flat tags such as
+``mem/probe_loss/band=low/contrast``, Python floats) and sets ``control.should_log = True``; the Guard then writes
 ``logs`` to the trackers and to ``state.log_history``. Callbacks run in registration order, so a consumer (early
-stopping, a policy) goes after the producer (a monitor).
+stopping, a policy) goes after the producer (the monitor). Stateful callbacks implement ``state_dict`` /
+``load_state_dict`` (plain types and tensors only); the Guard saves them with every checkpoint under ``state_key``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+__all__ = ["NEEDS", "Callback", "CallbackList", "TrainerControl", "TrainerState"]
+
+#: what a component can need from the run, and where it comes from
+NEEDS = {
+    "prompts": "a text encoder: Guard(text_encoder=, tokenizer=) or Guard(encode_prompt=)",
+    "tokenizer": "the tokenizer (random tokens are drawn from its vocabulary): Guard(tokenizer=)",
+    "dataset": "the training data (image and caption columns): Guard(train_dataset=)",
+    "ema": "an EMA of the trained weights: Guard(ema=...) or one the guard builds",
+    "captions": "the micro-batch's captions: guard.before_forward(captions=)",
+    "indices": "the micro-batch's dataset rows: guard.before_forward(indices=)",
+    "prediction": "the UNet's prediction: guard.loss(..., model_pred=)",
+}
 
 
 @dataclass
@@ -61,12 +80,19 @@ class TrainerState:
         self.log_history.append({"step": self.global_step, **{k: float(v) for k, v in values.items()}})
 
     def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "is_world_process_zero"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; every key must be a field of the right kind (a ``ValueError`` names it)."""
+        from ..serialization import check_keys
+
+        kinds = {"global_step": int, "epoch": int, "max_steps": int, "micro_step": int, "metrics": dict,
+                 "metric_steps": dict, "log_history": list, "best_metric": (int, float, type(None)),
+                 "best_step": (int, type(None)), "best_checkpoint": (str, type(None)),
+                 "stop_reason": (str, type(None))}
+        check_keys(state, kinds, "trainer_state", required=("global_step", "micro_step", "log_history"))
         for key, value in state.items():
-            if key != "is_world_process_zero":
-                setattr(self, key, value)
+            setattr(self, key, value)
 
 
 @dataclass
@@ -75,38 +101,40 @@ class TrainerControl:
 
     should_training_stop: bool = False
     should_save: bool = False
-    should_evaluate: bool = False
     should_log: bool = False
 
     def reset_step_flags(self) -> None:
-        self.should_save = self.should_evaluate = self.should_log = False
+        self.should_save = self.should_log = False
 
 
 class Callback:
-    """Base class with no-op hooks; override the ones you need."""
+    """Base class with no-op hooks; override the ones you need (module docstring)."""
 
-    def on_train_begin(self, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    #: keys of :data:`NEEDS` this component requires from the run (checked when the Guard is built)
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def on_train_begin(self, state: TrainerState, control: TrainerControl, context: Any = None, **kwargs: Any) -> None:
         pass
 
-    def on_step_begin(self, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_begin(self, state: TrainerState, control: TrainerControl, context: Any = None, **kwargs: Any) -> None:
         pass
 
-    def on_before_forward(self, state: TrainerState, control: TrainerControl, inputs: dict, **kwargs: Any) -> None:
+    def on_before_forward(self, state: TrainerState, control: TrainerControl, context: Any = None,
+                          inputs: dict | None = None, **kwargs: Any) -> None:
         """Regularizer hook: may replace ``inputs`` entries (``encoder_hidden_states``, ``captions`` ...)."""
 
-    def on_loss(self, state: TrainerState, control: TrainerControl, inputs: dict, **kwargs: Any) -> None:
+    def on_loss(self, state: TrainerState, control: TrainerControl, context: Any = None, inputs: dict | None = None,
+                **kwargs: Any) -> None:
         """Per-sample hook: ``inputs["loss_per_sample"]`` is there; may change ``weights`` / ``extra_loss``."""
 
-    def on_step_end(self, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
+                    logs: dict | None = None, **kwargs: Any) -> None:
         pass
 
-    def on_evaluate(self, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_save(self, state: TrainerState, control: TrainerControl, context: Any = None, **kwargs: Any) -> None:
         pass
 
-    def on_save(self, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        pass
-
-    def on_train_end(self, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(self, state: TrainerState, control: TrainerControl, context: Any = None, **kwargs: Any) -> None:
         pass
 
     @property
@@ -115,15 +143,17 @@ class Callback:
         return type(self).__name__
 
 
-_EVENTS = ("on_train_begin", "on_step_begin", "on_before_forward", "on_loss", "on_step_end", "on_evaluate",
-           "on_save", "on_train_end")
+_EVENTS = ("on_train_begin", "on_step_begin", "on_before_forward", "on_loss", "on_step_end", "on_save",
+           "on_train_end")
 
 
 class CallbackList:
-    """Calls the callbacks in order; their states are saved and restored together (``register_for_checkpointing``)."""
+    """Calls the callbacks in order, timing each (``seconds[state_key]``: wall time spent in its hooks, the guard's
+    overhead per component); keyed by ``state_key`` (unique) for the run state."""
 
     def __init__(self, callbacks: list[Callback] | None = None) -> None:
         self.callbacks: list[Callback] = []
+        self.seconds: dict[str, float] = {}
         for cb in callbacks or []:
             self.add(cb)
 
@@ -146,13 +176,12 @@ class CallbackList:
         if event not in _EVENTS:
             raise ValueError(f"unknown callback event {event!r}; events are {_EVENTS}")
         for cb in self.callbacks:
+            start = time.perf_counter()
             getattr(cb, event)(state, control, **kwargs)
+            key = cb.state_key
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
         return control
 
-    def state_dict(self) -> dict[str, Any]:
-        return {cb.state_key: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for cb in self.callbacks:
-            if hasattr(cb, "load_state_dict") and cb.state_key in state:
-                cb.load_state_dict(state[cb.state_key])
+    def stateful(self) -> dict[str, Callback]:
+        """``state_key -> callback`` for the callbacks that have a state."""
+        return {cb.state_key: cb for cb in self.callbacks if callable(getattr(cb, "state_dict", None))}

@@ -30,30 +30,17 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config.guard import DashboardConfig
 from .base import Callback, TrainerControl, TrainerState
 
 logger = logging.getLogger("mnemoguard")
-
-
-@dataclass
-class DashboardConfig:
-    """Settings of :class:`TensorBoardDashboard` (the ``guard.dashboard`` section of a recipe)."""
-
-    layout: bool = True  # write the custom-scalars layout
-    margin_charts: bool = True  # mean ± std margin charts (and their _lo/_hi tags)
-    histograms: bool = True  # per-probe histograms at every check
-    images: bool = True  # generation | nearest | curvature map panels at curvature checks
-    alarms: bool = True  # alarm text from a policy callback
-    hparams: bool = True  # hparams summary at the end of training
-    image_size: int = 96  # minimum displayed tile size in pixels (small images are enlarged, nearest neighbour)
-    colormap: str = "inferno"  # matplotlib colormap of the curvature maps
 
 
 def _exact(tag: str) -> str:
@@ -66,25 +53,27 @@ class TensorBoardDashboard(Callback):
 
     Args:
         config: the settings; keyword arguments override its fields.
-        monitor: the :class:`~mnemoguard.callbacks.monitor.MemorizationMonitor` to show; default: the first one
-            among the trainer's callbacks.
+        monitor: the :class:`~mnemoguard.callbacks.monitor.MemorizationMonitor` to show, or None.
+        policy: the :class:`~mnemoguard.callbacks.policy.MitigationPolicy` whose alarms to show, or None.
+        loss_flags: the :class:`~mnemoguard.callbacks.loss_flags.LowLossFlags` (per-step flag counts), or None.
     """
 
-    def __init__(self, config: DashboardConfig | None = None, monitor: Any = None, **overrides: Any) -> None:
+    def __init__(self, config: DashboardConfig | None = None, monitor: Any = None, policy: Any = None,
+                 loss_flags: Any = None, **overrides: Any) -> None:
         self.config = replace(config or DashboardConfig(), **overrides)
-        if self.config.image_size < 1:
-            raise ValueError(f"DashboardConfig.image_size must be >= 1, found {self.config.image_size}")
         self.monitor = monitor
-        self.policies: list[Any] = []
+        self.policy = policy
+        self.loss_flags = loss_flags
         self.alarms_written = 0
-        self._trainer: Any = None
+        self._context: Any = None
         self._layout_written = False
         self._visual_step: int | None = None
         self._check_step: int | None = None  # last check written
 
     # ------------------------------------------------------------------------------------------------ plumbing
-    def _writer(self, accelerator: Any) -> Any:
+    def _writer(self, context: Any) -> Any:
         """The raw SummaryWriter on the main process, or None (TensorBoard off, other rank, trackers not started)."""
+        accelerator = getattr(context, "accelerator", None)
         if accelerator is None or not accelerator.is_main_process:
             return None
         if not any(getattr(t, "name", None) == "tensorboard" for t in getattr(accelerator, "trackers", [])):
@@ -92,21 +81,15 @@ class TensorBoardDashboard(Callback):
         writer = accelerator.get_tracker("tensorboard", unwrap=True)
         return writer if hasattr(writer, "add_scalar") else None
 
-    def on_train_begin(self, state: TrainerState, control: TrainerControl, trainer: Any = None,
+    def on_train_begin(self, state: TrainerState, control: TrainerControl, context: Any = None,
                        **kwargs: Any) -> None:
-        from .monitor import MemorizationMonitor
+        self._context = context
 
-        self._trainer = trainer
-        callbacks = list(getattr(trainer, "callbacks", []) or [])
-        if self.monitor is None:
-            self.monitor = next((cb for cb in callbacks if isinstance(cb, MemorizationMonitor)), None)
-        self.policies = [cb for cb in callbacks if cb is not self and isinstance(getattr(cb, "alarms", None), list)]
-
-    def on_step_begin(self, state: TrainerState, control: TrainerControl, accelerator: Any = None,
+    def on_step_begin(self, state: TrainerState, control: TrainerControl, context: Any = None,
                       **kwargs: Any) -> None:
-        # Trackers start after on_train_begin: the layout goes out with the first step.
+        # Trackers start after the guard is built: the layout goes out with the first step.
         if not self._layout_written:
-            writer = self._writer(accelerator)
+            writer = self._writer(context)
             if writer is not None and self.config.layout:
                 writer.add_custom_scalars(self.layout())
                 self._layout_written = True
@@ -135,7 +118,7 @@ class TensorBoardDashboard(Callback):
                 "nearest-neighbour ratio d1/d2": ["Multiline", [_exact("mem/nn_ratio/train")]],
                 "curvature difference": ["Multiline", [_exact(f"mem/curvature_diff/t={t}/train")]],
             }
-        if self.policies:
+        if self.policy is not None:
             layout["mem: policy"] = {
                 "alarms": ["Multiline", [_exact("mem/alarm")]],
                 "action strengths": ["Multiline", [r"^mem/policy/.*$"]],
@@ -148,9 +131,9 @@ class TensorBoardDashboard(Callback):
         return layout
 
     # ------------------------------------------------------------------------------------------------ per step
-    def on_step_end(self, state: TrainerState, control: TrainerControl, accelerator: Any = None,
+    def on_step_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
                     **kwargs: Any) -> None:
-        writer = self._writer(accelerator)
+        writer = self._writer(context)
         if writer is None:
             return
         mon = self.monitor
@@ -186,9 +169,10 @@ class TensorBoardDashboard(Callback):
                     arr = np.asarray([v for v in values if np.isfinite(v)], dtype=np.float64)
                     if arr.size:
                         writer.add_histogram(f"mem/{sig}/band={band}/{split}/per_probe", arr, step)
-        counts = np.asarray(list(self.monitor.flag_counts.values()), dtype=np.float64)
-        if counts.size:
-            writer.add_histogram("mem/agc/flag_counts", counts, step)
+        if self.loss_flags is not None:
+            counts = np.asarray([r["flagged"] for r in self.loss_flags.flagged_rows()], dtype=np.float64)
+            if counts.size:
+                writer.add_histogram("mem/agc/flag_counts", counts, step)
 
     def _write_images(self, writer: Any, vis: dict[str, Any], step: int) -> None:
         panels = probe_panels(vis, min_size=self.config.image_size, colormap=self.config.colormap)
@@ -204,15 +188,15 @@ class TensorBoardDashboard(Callback):
         writer.add_text("mem/probes/captions", table + "\n".join(lines), step)
 
     def _write_alarms(self, writer: Any) -> None:
-        alarms = [a for p in self.policies for a in p.alarms]
+        alarms = self.policy.alarms if self.policy is not None else []
         for alarm in alarms[self.alarms_written:]:
             writer.add_text("mem/alarms", str(alarm.get("message", alarm)), int(alarm.get("step", 0)))
         self.alarms_written = max(self.alarms_written, len(alarms))
 
     # ------------------------------------------------------------------------------------------------ end
-    def on_train_end(self, state: TrainerState, control: TrainerControl, accelerator: Any = None,
+    def on_train_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
                      **kwargs: Any) -> None:
-        writer = self._writer(accelerator)
+        writer = self._writer(context)
         if writer is None or not self.config.hparams:
             return
         hparams, metrics = self.hparams_summary(state)
@@ -221,15 +205,8 @@ class TensorBoardDashboard(Callback):
 
     def hparams_summary(self, state: TrainerState) -> tuple[dict[str, Any], dict[str, float]]:
         """``(hparam_dict, metric_dict)`` for ``add_hparams``: scalars only, metrics cast with ``float()``."""
-        hp: dict[str, Any] = {}
-        cfg = getattr(self._trainer, "config", None)
-        if cfg is not None:
-            t = cfg.training
-            hp.update({
-                "training/learning_rate": float(t.learning_rate), "training/max_train_steps": int(t.max_train_steps),
-                "training/train_batch_size": int(t.train_batch_size), "training/seed": int(t.seed),
-                "model/lora": bool(cfg.model.lora.enabled), "model/lora_rank": int(cfg.model.lora.rank),
-            })
+        hp: dict[str, Any] = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                              for k, v in (getattr(self._context, "hparams", None) or {}).items()}
         mon = self.monitor
         if mon is not None:
             c = mon.config
@@ -243,8 +220,8 @@ class TensorBoardDashboard(Callback):
                                      "hparam/stopped": float(bool(state.stop_reason))}
         if state.best_step is not None:
             metrics["hparam/best_step"] = float(state.best_step)
-        if self.policies:
-            metrics["hparam/alarms"] = float(sum(len(p.alarms) for p in self.policies))
+        if self.policy is not None:
+            metrics["hparam/alarms"] = float(len(self.policy.alarms))
         if mon is not None and mon.history:
             for tag, value in mon.history[-1]["metrics"].items():
                 if not tag.endswith("_std") and np.isfinite(value):

@@ -131,9 +131,6 @@ class EarlyStopping(Callback):
     def on_step_end(self, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._maybe_check(state, control)
 
-    def on_evaluate(self, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self._maybe_check(state, control)  # for metrics produced by on_evaluate (after on_step_end)
-
     def _maybe_check(self, state: TrainerState, control: TrainerControl) -> None:
         if self.disabled or self._last_checked_step == state.global_step:
             return

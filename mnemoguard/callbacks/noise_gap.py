@@ -3,8 +3,8 @@
 Dodson et al. (2026, "Two Calm Ends and the Wild Middle") find a *danger zone* at medium noise where memorization
 is induced and propose under-training it ("gap training"); Vu et al. (2026) show that moving the timestep
 distribution away from uniform changes how much a model memorizes. :class:`NoiseGapScheduler` is the timestep
-sampler that does this in the reference trainer (``trainer.timestep_sampler``), with diffusers' SDXL vocabulary
-``timestep_bias_{strategy,begin,end,multiplier,portion}`` plus a ``gap`` strategy:
+sampler that does this (installed in the run's timestep slot, which ``Guard.sample_timesteps`` draws from), with
+diffusers' SDXL vocabulary ``timestep_bias_{strategy,begin,end,multiplier,portion}`` plus a ``gap`` strategy:
 
 =========  ==========================================================================================================
 strategy   per-timestep weight ``m(t)`` before normalisation (``T = num_train_timesteps``; all bands are ``[a, b)``)
@@ -29,7 +29,7 @@ nothing, so we sample. The per-sample loss weights returned with the timesteps a
     ``w(t) = (u(t) / q(t))^importance / Z``,  ``Z = E_q[(u/q)^importance]`` (so that ``E_q[w] = 1``),
 
 with ``u`` the uniform distribution. The normalisation keeps the average per-sample weight of a batch at 1, as with
-the uniform sampler, so the trainer's batch mean — hence the effective learning rate and the gradient-clipping scale
+the uniform sampler, so the loop's batch mean — hence the effective learning rate and the gradient-clipping scale
 — stays comparable whatever the band and strength. With ``importance = 0`` (the default) every weight is 1 and the
 gradient is that of the biased objective ``E_q[ℓ]``: the band *is* under-trained, which is the point. With
 ``importance = 1`` the weights are the full importance ratios ``u/q`` and ``E_q[(u/q)·ℓ] = E_u[ℓ]``: the estimator
@@ -39,8 +39,8 @@ without changing the objective, not how to mitigate memorization; values in betw
 excluded band (``q = 0``) nothing is drawn, so no weight can restore it. Note that ``train/loss`` shifts when a band
 is gapped: it is a mean over a different mix of timesteps, whose losses differ in scale.
 
-The scheduler is also a :class:`Callback`: ``on_train_begin`` installs it as ``trainer.timestep_sampler`` (taking
-``num_train_timesteps`` from the sampler it replaces) and ``on_step_end`` logs the active distribution as floats:
+The scheduler is also a :class:`Callback`: ``on_train_begin`` installs it in ``context.timesteps`` (taking
+``num_train_timesteps`` from the run's noise scheduler) and ``on_step_end`` logs the active distribution as floats:
 ``mem/noise_gap/strength``, ``mem/noise_gap/band_begin``, ``mem/noise_gap/band_end`` (the adaptive band; the
 static band when none is active) and ``mem/noise_gap/band_mass`` (the probability of drawing a timestep inside it).
 :meth:`~NoiseGapScheduler.distribution` gives the per-timestep probabilities for a histogram.
@@ -50,47 +50,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from ..config.guard import STRATEGIES, NoiseGapConfig
+from .bands import as_band
 from .base import Callback, TrainerControl, TrainerState
 
 logger = logging.getLogger("mnemoguard")
-
-Strategy = Literal["none", "earlier", "later", "range", "gap"]
-STRATEGIES = ("none", "earlier", "later", "range", "gap")
-
-
-@dataclass
-class NoiseGapConfig:
-    """Static distribution (diffusers' ``timestep_bias_*`` names) and the adaptive defaults."""
-
-    timestep_bias_strategy: Strategy = "none"
-    timestep_bias_begin: int = 0  # band start (inclusive) for "range" and "gap"
-    timestep_bias_end: int = 1000  # band end (exclusive) for "range" and "gap"; clipped to num_train_timesteps
-    timestep_bias_multiplier: float = 1.0  # weight factor on the band; > 0 for earlier/later/range, [0, 1) for gap
-    timestep_bias_portion: float = 0.25  # fraction of timesteps biased by "earlier" / "later"
-    importance: float = 0.0  # exponent of the importance correction (u/q)^importance; 0 keeps the under-training
-    adaptive_band: tuple[int, int] | None = None  # band activate() gaps when given none; None: [begin, end)
-    num_train_timesteps: int | None = None  # None: taken from the sampler it replaces in on_train_begin
-
-
-def _as_band(band: Any) -> tuple[int, int]:
-    """``(begin, end)`` half-open from a pair or from an object with inclusive ``t_lo`` / ``t_hi`` (DangerZone)."""
-    if hasattr(band, "t_lo") and hasattr(band, "t_hi"):
-        if band.t_lo is None or band.t_hi is None:
-            raise ValueError(f"the band {band!r} has no timesteps (t_lo/t_hi are None): nothing to gap")
-        return int(band.t_lo), int(band.t_hi) + 1
-    try:
-        begin, end = band
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"a band is (begin, end) timesteps or an object with t_lo/t_hi (a DangerZone); found {band!r}"
-        ) from None
-    return int(begin), int(end)
-
 
 class NoiseGapScheduler(Callback):
     """A timestep sampler with a static bias and an adaptive gap, installed by ``on_train_begin``.
@@ -100,15 +68,12 @@ class NoiseGapScheduler(Callback):
     See the module docstring for the strategies and the loss-weight rule.
     """
 
-    action_name = "noise_gap"  # the name a MitigationPolicy registers it under when it finds it among the callbacks
-
-    def __init__(self, config: NoiseGapConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, config: NoiseGapConfig | None = None, num_train_timesteps: int | None = None,
+                 **overrides: Any) -> None:
         self.config = dataclasses.replace(config or NoiseGapConfig(), **overrides)
         c = self.config
         if c.timestep_bias_strategy not in STRATEGIES:
             raise ValueError(f"timestep_bias_strategy must be one of {STRATEGIES}, found {c.timestep_bias_strategy!r}")
-        if not 0.0 <= c.importance <= 1.0:
-            raise ValueError(f"importance must be in [0, 1] (0: no correction, 1: full), found {c.importance}")
         self.active = False
         self.band: tuple[int, int] | None = None
         self.strength = 0.0
@@ -117,8 +82,8 @@ class NoiseGapScheduler(Callback):
         self._weights: torch.Tensor | None = None
         self._uniform = True
         self._changed = True
-        if c.num_train_timesteps is not None:
-            self._set_num_train_timesteps(c.num_train_timesteps)
+        if num_train_timesteps is not None:
+            self._set_num_train_timesteps(num_train_timesteps)
 
     # -------------------------------------------------------------------------------- distribution
     def _set_num_train_timesteps(self, n: int) -> None:
@@ -127,14 +92,14 @@ class NoiseGapScheduler(Callback):
         self.num_train_timesteps = int(n)
         self._static_weights()  # validates the static configuration against T
         if self.config.adaptive_band is not None:
-            self._check_band(_as_band(self.config.adaptive_band))
+            self._check_band(as_band(self.config.adaptive_band))
         self._rebuild()
 
     def _need_t(self) -> int:
         if not self.num_train_timesteps:
             raise RuntimeError(
-                "NoiseGapScheduler does not know num_train_timesteps yet: pass it in the config, or let "
-                "on_train_begin take it from the trainer's sampler"
+                "NoiseGapScheduler does not know num_train_timesteps yet: pass it to the constructor, or let "
+                "on_train_begin take it from the run"
             )
         return self.num_train_timesteps
 
@@ -239,7 +204,7 @@ class NoiseGapScheduler(Callback):
             c = self.config
             band = c.adaptive_band if c.adaptive_band is not None else (c.timestep_bias_begin, c.timestep_bias_end)
             band = (band[0], min(band[1], self._need_t()))
-        new_band = self._check_band(_as_band(band))
+        new_band = self._check_band(as_band(band))
         old = (self.active, self.band, self.strength)
         self.active, self.band, self.strength = True, new_band, float(strength)
         try:
@@ -267,27 +232,15 @@ class NoiseGapScheduler(Callback):
         return float(self._probs[band[0]:band[1]].sum()) if band else 0.0
 
     # -------------------------------------------------------------------------------- callback hooks
-    def on_train_begin(self, state: TrainerState, control: TrainerControl, trainer: Any = None, **kwargs: Any) -> None:
-        if trainer is None:
-            raise RuntimeError("NoiseGapScheduler.on_train_begin needs the trainer (to replace its timestep_sampler)")
-        previous = getattr(trainer, "timestep_sampler", None)
-        n = getattr(previous, "num_train_timesteps", None)
-        if n is None:
-            components = getattr(trainer, "components", None)
-            n = components.noise_scheduler.config.num_train_timesteps if components is not None else None
-        if n is None and not self.num_train_timesteps:
-            raise RuntimeError(
-                "NoiseGapScheduler: cannot find num_train_timesteps on the trainer; set it in the config"
-            )
-        if n is not None:
-            if self.config.num_train_timesteps is not None and int(n) != self.config.num_train_timesteps:
-                raise ValueError(
-                    f"NoiseGapScheduler was configured for num_train_timesteps={self.config.num_train_timesteps} but "
-                    f"the trainer's noise scheduler has {n}"
-                )
-            if int(n) != self.num_train_timesteps:
-                self._set_num_train_timesteps(int(n))
-        trainer.timestep_sampler = self
+    def on_train_begin(self, state: TrainerState, control: TrainerControl, context: Any = None,
+                       **kwargs: Any) -> None:
+        n = context.num_train_timesteps
+        if self.num_train_timesteps and self.num_train_timesteps != n:
+            raise ValueError(f"NoiseGapScheduler was built for num_train_timesteps={self.num_train_timesteps}, the "
+                             f"run's noise scheduler has {n}")
+        if not self.num_train_timesteps:
+            self._set_num_train_timesteps(n)
+        context.timesteps.install(self, "noise_gap")
         self._changed = True
 
     def metrics(self) -> dict[str, float]:
@@ -300,15 +253,15 @@ class NoiseGapScheduler(Callback):
             "mem/noise_gap/band_mass": self.band_mass(),
         }
 
-    def on_step_end(self, state: TrainerState, control: TrainerControl, logs: dict | None = None,
-                    **kwargs: Any) -> None:
+    def on_step_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
+                    logs: dict | None = None, **kwargs: Any) -> None:
         if not self.num_train_timesteps:
             return
         values = self.metrics()
         state.update_metrics(values)
         if logs is not None:
             logs.update(values)
-        if self._changed:  # write the curve's change points even between the trainer's log steps
+        if self._changed:  # write the curve's change points even between the loop's log steps
             control.should_log = True
             self._changed = False
 
@@ -319,7 +272,7 @@ class NoiseGapScheduler(Callback):
             "active": self.active,
             "band": list(self.band) if self.band is not None else None,
             "strength": self.strength,
-            "config": dataclasses.asdict(self.config),
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.config).items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -14,11 +14,12 @@ bands are never mixed) and acts only on *fresh* values (``state.is_fresh(signal)
 * ``direction="below"`` mirrors everything for signals where low means memorized (then ``rise_factor`` < 1 is the
   fraction the value must fall to).
 
-Actions are registered by name: objects with ``activate(strength=...)`` / ``deactivate()`` (a rule with a ``band``
-calls ``activate(band=..., strength=...)``, as :class:`~mnemoguard.callbacks.noise_gap.NoiseGapScheduler` takes),
-or callables ``fn(strength)`` where strength 0.0 turns the action off. Callbacks of the trainer with an
-``action_name`` attribute are registered automatically in ``on_train_begin``. Several rules may drive one action:
-it is on while any of them is on, at the largest strength among them (and that rule's band).
+Actions are registered by name, explicitly (the Guard's builder registers the noise-gap scheduler as ``noise_gap`` and
+every regularizer under its registry name): objects with ``activate(strength=...)`` / ``deactivate()`` (a rule with a
+``band`` calls ``activate(band=..., strength=...)``, as :class:`~mnemoguard.callbacks.noise_gap.NoiseGapScheduler`
+takes), or callables ``fn(strength)`` where strength 0.0 turns the action off. A rule whose action is not registered
+is an error at ``on_train_begin``. Several rules may drive one action: it is on while any of them is on, at the
+largest strength among them (and that rule's band).
 
 Every decision is an *alarm*: a dict ``{step, rule, signal, value, level, action, on, strength, message}`` appended
 to :attr:`MitigationPolicy.alarms` (kept in ``state_dict``, so it survives resume and reaches the report). The
@@ -33,77 +34,13 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from ..config.guard import Rule
+from .bands import as_band
 from .base import Callback, TrainerControl, TrainerState
 
 logger = logging.getLogger("mnemoguard")
-
-
-@dataclass
-class Rule:
-    """One signal → one action. See the module docstring for the semantics."""
-
-    signal: str  # metric key, band tag included (e.g. "mem/score_gap/t=500")
-    action: str  # name of a registered action
-    threshold: float | None = None  # absolute on-level
-    rise_factor: float | None = None  # on-level = rise_factor × first measured value (> 1 above, < 1 below)
-    patience: int = 1  # consecutive fresh checks beyond the on-level before turning on
-    release: float | None = None  # absolute off-level; None: from release_fraction
-    release_fraction: float = 0.8  # default off-level as a fraction of the on-level
-    release_patience: int = 1  # consecutive fresh checks beyond the release level before turning off
-    direction: Literal["above", "below"] = "above"  # which side of the on-level means "memorizing"
-    strength: float = 1.0  # passed to the action
-    band: Any = None  # (begin, end) timesteps, a DangerZone, or a callable returning one; passed as band=
-    name: str | None = None  # key in the state and alarms; default "<action><-<signal>"
-
-    def __post_init__(self) -> None:
-        if self.threshold is None and self.rise_factor is None:
-            raise ValueError(f"rule on {self.signal!r}: give a threshold and/or a rise_factor, found neither")
-        if self.direction not in ("above", "below"):
-            raise ValueError(
-                f"rule on {self.signal!r}: direction must be 'above' or 'below', found {self.direction!r}"
-            )
-        if self.rise_factor is not None:
-            ok = self.rise_factor > 1 if self.direction == "above" else 0 < self.rise_factor < 1
-            if not ok:
-                want = "> 1" if self.direction == "above" else "in (0, 1)"
-                raise ValueError(f"rule on {self.signal!r}: rise_factor must be {want} for direction "
-                                 f"{self.direction!r}, found {self.rise_factor}")
-        if self.patience < 1 or self.release_patience < 1:
-            raise ValueError(f"rule on {self.signal!r}: patience and release_patience count checks and must be >= 1; "
-                             f"found {self.patience}, {self.release_patience}")
-        if not 0 < self.release_fraction <= 1:
-            raise ValueError(f"rule on {self.signal!r}: release_fraction must be in (0, 1], found "
-                             f"{self.release_fraction}")
-        if self.strength < 0:
-            raise ValueError(f"rule on {self.signal!r}: strength must be >= 0, found {self.strength}")
-        if self.name is None:
-            self.name = f"{self.action}<-{self.signal}"
-        if self.threshold is not None and self.rise_factor is None and self.release is not None:
-            self.levels(None)  # validates the explicit release against the threshold now
-
-    def beyond(self, value: float, level: float) -> bool:
-        """Whether ``value`` is on the memorizing side of ``level``."""
-        return value > level if self.direction == "above" else value < level
-
-    def levels(self, first: float | None) -> tuple[float, float]:
-        """``(on_level, release_level)`` given the first measured value (unused without a rise factor)."""
-        candidates = [] if self.threshold is None else [float(self.threshold)]
-        if self.rise_factor is not None:
-            if first is None:
-                raise ValueError(f"rule {self.name!r} needs its first value to compute the rise-factor level")
-            candidates.append(self.rise_factor * first)
-        on = max(candidates) if self.direction == "above" else min(candidates)
-        if self.release is not None:
-            release = float(self.release)
-        else:
-            gap = (1 - self.release_fraction) * abs(on)
-            release = on - gap if self.direction == "above" else on + gap
-        if self.beyond(release, on):
-            side = "above" if self.direction == "above" else "below"
-            raise ValueError(f"rule {self.name!r}: the release level {release} must not be {side} the on-level {on}")
-        return on, release
 
 
 @dataclass
@@ -154,8 +91,7 @@ class MitigationPolicy(Callback):
         missing = sorted({r.action for r in self.rules if r.action not in self.actions})
         if missing:
             raise ValueError(f"MitigationPolicy rules use unregistered actions {missing}; registered: "
-                             f"{sorted(self.actions)} (register_action(name, obj), or add a callback with "
-                             "that action_name)")
+                             f"{sorted(self.actions)} (register_action(name, obj), or configure that action)")
 
     def _apply(self, name: str, strength: float, band: Any) -> None:
         action = self.actions[name]
@@ -170,21 +106,15 @@ class MitigationPolicy(Callback):
             action(strength)
 
     # -------------------------------------------------------------------------------- hooks
-    def on_train_begin(self, state: TrainerState, control: TrainerControl, trainer: Any = None, **kwargs: Any) -> None:
-        for cb in getattr(trainer, "callbacks", []) or []:
-            name = getattr(cb, "action_name", None)
-            if name and name not in self.actions:
-                self.register_action(name, cb)
+    def on_train_begin(self, state: TrainerState, control: TrainerControl, context: Any = None,
+                       **kwargs: Any) -> None:
         self._check_actions()
         if self._reapply:
             self._reapply_actions()
 
-    def on_step_end(self, state: TrainerState, control: TrainerControl, logs: dict | None = None,
-                    **kwargs: Any) -> None:
+    def on_step_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
+                    logs: dict | None = None, **kwargs: Any) -> None:
         self.evaluate(state, control, logs)
-
-    def on_evaluate(self, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self.evaluate(state, control, None)
 
     def evaluate(self, state: TrainerState, control: TrainerControl, logs: dict | None = None) -> list[dict]:
         """Feed every fresh signal to its rules; apply the resulting action changes; return the new alarms."""
@@ -260,8 +190,9 @@ class MitigationPolicy(Callback):
             return None
         rule = best[0]
         band = rule.band() if callable(rule.band) else rule.band
-        if band is not None and hasattr(band, "t_lo"):
-            band = None if band.t_lo is None else (int(band.t_lo), int(band.t_hi) + 1)
+        if band is not None and getattr(band, "t_lo", 0) is None:  # an empty danger zone: the action takes its own
+            band = None
+        band = as_band(band) if band is not None else None
         return {"strength": float(rule.strength), "band": list(band) if band is not None else None,
                 "rule": rule.name}
 

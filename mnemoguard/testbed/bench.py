@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..callbacks import Callback, MemorizationMonitor, TrainerControl, TrainerState
+from ..callbacks import Callback, TrainerControl, TrainerState
 from ..config import load_config
 from ..evaluation import (
     KIM_LEE_TV_THRESHOLD,
@@ -103,8 +103,8 @@ class ProbeSet:
 class BenchCallback(Callback):
     """Evaluates the live model at every checkpoint (``on_save``) and runs the final analyses at ``on_train_end``.
 
-    Evaluation runs with the UNet in eval mode and the global torch RNG forked: training continues exactly as it
-    would without the benchmark.
+    Evaluation runs with the UNet in eval mode and the global RNG state preserved (:mod:`mnemoguard.isolation`):
+    training continues exactly as it would without the benchmark.
     """
 
     def __init__(self, cfg: BenchConfig, gt: GroundTruth, log_path: Path | None = None) -> None:
@@ -120,42 +120,35 @@ class BenchCallback(Callback):
         self._prompts: Any = None
 
     # ------------------------------------------------------------------------------------------------ hooks
-    def on_save(self, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self._run(state.global_step, kwargs, final=False)
+    def on_save(self, state: TrainerState, control: TrainerControl, context: Any = None, **kwargs: Any) -> None:
+        self._run(state.global_step, context, final=False)
 
-    def on_train_end(self, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(self, state: TrainerState, control: TrainerControl, context: Any = None, **kwargs: Any) -> None:
         if not self.checkpoints or self.checkpoints[-1]["step"] != state.global_step:
-            self._run(state.global_step, kwargs, final=False)
-        self._run(state.global_step, kwargs, final=True)
+            self._run(state.global_step, context, final=False)
+        self._run(state.global_step, context, final=True)
 
-    def _run(self, step: int, kw: dict[str, Any], final: bool) -> None:
+    def _run(self, step: int, context: Any, final: bool) -> None:
         from ..baselines import ema_baseline
-        from ..denoiser import Denoiser
+        from ..isolation import eval_mode, preserved_rng_state
+        from ..prompts import PromptEncoder
 
-        unet = kw["accelerator"].unwrap_model(kw["unet"])
-        if kw["components"].latent:
+        if context.latent:
             raise NotImplementedError("mnemoguard bench probes pixel-space models only")
         start = time.perf_counter()
-        was_training = unet.training
-        unet.eval()
-        with torch.random.fork_rng(devices=[]):
-            sched = kw["components"].noise_scheduler
-            den = Denoiser(unet, sched)
-            ema = ema_baseline(den, kw["ema"]) if kw.get("ema") is not None else None
+        unet, den = context.unwrapped_unet, context.denoiser
+        with preserved_rng_state(), eval_mode(unet):
+            ema = ema_baseline(den, context.ema) if context.ema is not None else None
             if self._prompts is None:  # the bench's own encoder: the training loop's cache is never touched
-                from ..prompts import PromptEncoder
-
-                parts, device = kw["components"], kw["accelerator"].device
-                self._prompts = PromptEncoder(lambda caps: parts.encode_prompt(caps, device=device), device=device)
-            model = ProbeModel(unet, sched, den, ema, self._prompts, self._prompts([""]))
+                self._prompts = PromptEncoder(context.prompts.encode, device=context.device)
+            model = ProbeModel(unet, context.noise_scheduler, den, ema, self._prompts, self._prompts([""]))
             if final:
                 from .bench_final import final_analyses
 
-                self.final = final_analyses(self.cfg, self.gt, self.train, model, kw["components"])
+                self.final = final_analyses(self.cfg, self.gt, self.train, model, context.tokenizer)
             else:
                 self.checkpoints.append(self.evaluate(model, step))
                 self._log(self.checkpoints[-1])
-        unet.train(was_training)
         self.eval_seconds += time.perf_counter() - start
 
     def _log(self, result: dict[str, Any]) -> None:
@@ -391,7 +384,7 @@ def run_bench(
     timing["train_and_eval"] = time.perf_counter() - t1
     timing["evaluation"] = callback.eval_seconds
     timing["training"] = timing["train_and_eval"] - callback.eval_seconds
-    monitor = next((c for c in trainer.callbacks.callbacks if isinstance(c, MemorizationMonitor)), None)
+    monitor = trainer.guard.monitor
     if monitor is not None:  # inside training: its share of the training time is the monitoring overhead
         timing.update({f"monitor_{k}": v for k, v in monitor.seconds.items()})
     results = {

@@ -25,21 +25,21 @@ __all__ = [
 
 
 def final_analyses(cfg: BenchConfig, gt: GroundTruth, train: TrainingImages, model: ProbeModel,
-                   components: Any) -> dict[str, Any]:
+                   tokenizer: Any) -> dict[str, Any]:
     """``{"localization": ..., "danger_zone": ...}`` for the model as it is now (the last checkpoint)."""
     out: dict[str, Any] = {}
     if cfg.localization.enabled and gt.template and gt.captions("template"):
-        out["localization"] = localization_analysis(cfg, gt, model, components)
+        out["localization"] = localization_analysis(cfg, gt, model, tokenizer)
     if cfg.danger_zone.enabled:
         out["danger_zone"] = danger_zone_analysis(cfg, gt, train, model)
     return out
 
 
-def phrase_token_mask(components: Any, captions: list[str], phrase: str) -> torch.Tensor | None:
+def phrase_token_mask(tokenizer: Any, captions: list[str], phrase: str) -> torch.Tensor | None:
     """``[B, L]`` bool: the tokens of ``phrase`` inside each caption's token ids (as the text encoder sees them);
     ``None`` when a caption does not contain the phrase's tokens."""
-    tok = components.tokenizer
-    length = components.text_max_length or tok.model_max_length
+    tok = tokenizer
+    length = tok.model_max_length  # the text encoder's caption length (the tiny models set it to text_max_length)
     ids = tok(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")["input_ids"]
     target = tok(phrase, add_special_tokens=False)["input_ids"]
     mask = torch.zeros(ids.shape, dtype=torch.bool)
@@ -51,17 +51,17 @@ def phrase_token_mask(components: Any, captions: list[str], phrase: str) -> torc
     return mask
 
 
-def caption_token_mask(components: Any, captions: list[str]) -> torch.Tensor:
+def caption_token_mask(tokenizer: Any, captions: list[str]) -> torch.Tensor:
     """``[B, L]`` bool: every real token of each caption (the attention mask without special tokens)."""
-    tok = components.tokenizer
-    length = components.text_max_length or tok.model_max_length
+    tok = tokenizer
+    length = tok.model_max_length  # the text encoder's caption length (the tiny models set it to text_max_length)
     enc = tok(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt",
               return_special_tokens_mask=True)
     real = enc["attention_mask"].bool() if "attention_mask" in enc else torch.ones_like(enc["input_ids"], dtype=bool)
     return real & ~enc["special_tokens_mask"].bool()
 
 
-def localization_analysis(cfg: BenchConfig, gt: GroundTruth, model: ProbeModel, components: Any) -> dict[str, Any]:
+def localization_analysis(cfg: BenchConfig, gt: GroundTruth, model: ProbeModel, tokenizer: Any) -> dict[str, Any]:
     """Maps on template captions vs the template square and the constraint border, plus the template-verbatim rate
     of template and unseen template-style captions at every probe guidance."""
     from .bench import template_verbatim_rate
@@ -77,9 +77,9 @@ def localization_analysis(cfg: BenchConfig, gt: GroundTruth, model: ProbeModel, 
     t = traj.timesteps[i]
     tokens, token_choice = None, None
     if lc.cross_attention:
-        tokens, token_choice = phrase_token_mask(components, captions, gt.template["phrase"]), "phrase"
+        tokens, token_choice = phrase_token_mask(tokenizer, captions, gt.template["phrase"]), "phrase"
         if tokens is None:  # the phrase was cut by the token limit, or tokenised differently in context
-            tokens, token_choice = caption_token_mask(components, captions), "all caption tokens"
+            tokens, token_choice = caption_token_mask(tokenizer, captions), "all caption tokens"
     maps, passes, seconds = localization_maps(model, traj.x[i], t, cond, num_probes=lc.num_probes, method=lc.method,
                                               seed=cfg.seed, token_mask=tokens)
     tmask, cmask = gt.template_mask(), gt.constraint_mask() if gt.constraint else None

@@ -17,7 +17,7 @@ arm's settings are the action's published default where one exists, scaled to th
   tokens) / Gaussian noise on the text embeddings (lambda = 0.1).
 * ``caption_dropout``: 0.1 more caption dropout on top of the recipe's.
 * ``preservation``: MSE to the EMA's prediction on every training sample (weight 1, ai-toolkit's default).
-* ``policy``: ``guard.default_policy: true``, the rule of :func:`mnemoguard.callbacks.guard.default_policy` on the
+* ``policy``: ``guard.default_policy: true``, the rule of :func:`mnemoguard.config.default_policy` on the
   monitor's held-out image probes.
 """
 
@@ -52,7 +52,7 @@ MITIGATIONS: dict[str, dict[str, Any]] = {
 
 
 def apply_mitigation(guard: Any, name: str, monitor_on: bool) -> None:
-    """Turn on arm ``name`` in a recipe's ``guard`` section (a :class:`~mnemoguard.callbacks.guard.GuardConfig`).
+    """Turn on arm ``name`` in a recipe's ``guard`` section (a :class:`~mnemoguard.config.GuardConfig`).
 
     Raises:
         ConfigError: an unknown arm, or the policy arm without the monitor that feeds it.

@@ -122,21 +122,23 @@ def test_instances_with_different_monitor_or_mode_coexist_in_a_checkpoint():
     state = TrainerState(global_step=1)
     state.update_metrics({"m": 1.0, "n": 2.0})
     cbs.call("on_step_end", state, TrainerControl())
+    saved = {key: cb.state_dict() for key, cb in cbs.stateful().items()}
+    assert len(saved) == 3
     fresh = CallbackList([EarlyStopping("m"), EarlyStopping("m", mode="max"), EarlyStopping("n")])
-    fresh.load_state_dict(cbs.state_dict())
+    for key, cb in fresh.stateful().items():
+        cb.load_state_dict(saved[key])
     assert [cb.best_score for cb in fresh] == [1.0, 1.0, 2.0]
 
 
-def test_a_value_is_checked_once_per_step_even_from_on_evaluate():
+def test_a_value_is_checked_once_per_step():
     es = EarlyStopping("m", patience=1)
     state = TrainerState(global_step=1)
     state.update_metrics({"m": 1.0})
     es.on_step_end(state, TrainerControl())
-    es.on_evaluate(state, TrainerControl())
-    assert es.num_checks == 1
-    state.global_step = 2  # produced by on_evaluate at step 2 (after on_step_end ran)
     es.on_step_end(state, TrainerControl())
+    assert es.num_checks == 1
+    state.global_step = 2
     state.update_metrics({"m": 2.0})
     control = TrainerControl()
-    es.on_evaluate(state, control)
+    es.on_step_end(state, control)
     assert es.num_checks == 2 and control.should_training_stop

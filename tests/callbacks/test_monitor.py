@@ -159,7 +159,7 @@ def test_two_ranks_hold_the_same_monitor_values(tmp_path):
 
 
 def test_heldout_samples_load_from_a_folder_and_exclude_other_sources(tmp_path):
-    from mnemoguard.trainer.data import digits_dataset
+    from mnemoguard.data import digits_dataset
 
     digits_dataset().select(range(3)).save_to_disk(str(tmp_path / "held"))
     mon = MemorizationMonitor(heldout_data=str(tmp_path / "held"))

@@ -7,6 +7,8 @@ import torch
 from mnemoguard.callbacks import NoiseGapScheduler, TrainerControl, TrainerState, UniformTimestepSampler
 from mnemoguard.signals.danger_zone import DangerZone
 
+from ..contexts import make_context
+
 T = 1000
 
 
@@ -141,10 +143,10 @@ def test_invalid_static_configurations_are_clear_errors():
 def test_installs_itself_logs_and_round_trips_its_state():
     s = NoiseGapScheduler(timestep_bias_strategy="gap", timestep_bias_begin=100, timestep_bias_end=300,
                           timestep_bias_multiplier=0.5)
-    trainer = SimpleNamespace(timestep_sampler=UniformTimestepSampler(T))
+    context = make_context()
     state, control = TrainerState(global_step=1), TrainerControl()
-    s.on_train_begin(state, control, trainer=trainer)
-    assert trainer.timestep_sampler is s and s.num_train_timesteps == T
+    s.on_train_begin(state, control, context=context)
+    assert context.timesteps.sampler is s and context.timesteps.owner == "noise_gap" and s.num_train_timesteps == T
     logs: dict = {}
     s.on_step_end(state, control, logs=logs)
     assert control.should_log and all(isinstance(v, float) for v in logs.values())
@@ -155,5 +157,7 @@ def test_installs_itself_logs_and_round_trips_its_state():
     restored.load_state_dict(s.state_dict())
     assert restored.band == (500, 800) and restored.strength == 0.75
     assert torch.equal(restored.distribution(), s.distribution())
-    with pytest.raises(ValueError, match="configured for num_train_timesteps=1000"):
-        sched().on_train_begin(state, control, trainer=SimpleNamespace(timestep_sampler=UniformTimestepSampler(50)))
+    from diffusers import DDPMScheduler
+
+    with pytest.raises(ValueError, match="built for num_train_timesteps=1000"):
+        sched().on_train_begin(state, control, context=make_context(scheduler=DDPMScheduler(num_train_timesteps=50)))

@@ -9,7 +9,7 @@ import torch
 
 from mnemoguard.config import DataConfig
 from mnemoguard.testbed import TestbedExistsError, build_testbed, load_ground_truth
-from mnemoguard.trainer.data import ImageCaptionDataset, load_dataset_source
+from mnemoguard.data import ImageCaptionDataset, load_dataset_source
 
 from .conftest import SMALL
 

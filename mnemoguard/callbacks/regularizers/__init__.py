@@ -15,8 +15,9 @@ registry name                  operation                                        
 ============================== ======================================================= ============================
 
 Every class has ``enabled`` / ``strength`` / ``band`` switched at run time by ``activate(strength, band)`` /
-``deactivate()`` (a :class:`~mnemoguard.callbacks.policy.MitigationPolicy` finds them by their ``action_name``, the
-registry name), a typed config dataclass, ``state_dict`` / ``load_state_dict``, and ``reg/<name>/...`` metrics.
+``deactivate()`` (the Guard's builder registers each as the policy's action of its registry name), a typed config
+dataclass (:mod:`mnemoguard.config.regularizers`, torch-free), ``needs`` (checked when the Guard is built),
+``state_dict`` / ``load_state_dict``, and ``reg/<name>/...`` metrics.
 Order in the callback list: caption operations, then ``gaussian_embedding_noise``; the loss-side ones in any order
 (dropping filters compose; see :func:`~mnemoguard.callbacks.regularizers.base.drop_samples`).
 """
@@ -25,21 +26,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from .agc import AntiGradientControl, AntiGradientControlConfig, agc_keep, agc_update, timestep_buckets
-from .base import Regularizer, RegularizerConfig, drop_samples, skip_if_nothing_kept, timestep_mask
+from ...config.regularizers import REGULARIZER_CONFIGS, RegularizerConfig, check_regularizer_settings
+from ..loss_flags import agc_keep, agc_update, timestep_buckets
+from .agc import AntiGradientControl
+from .base import Regularizer, drop_samples, timestep_mask
 from .captions import (
     CaptionDropout,
-    CaptionDropoutConfig,
     CaptionWordRepetition,
-    CaptionWordRepetitionConfig,
     GaussianEmbeddingNoise,
-    GaussianEmbeddingNoiseConfig,
     MultipleCaptions,
-    MultipleCaptionsConfig,
     RandomCaptionReplacement,
-    RandomCaptionReplacementConfig,
     RandomTokenAddition,
-    RandomTokenAdditionConfig,
     TokenVocab,
     caption_dropout,
     caption_word_repetition,
@@ -49,19 +46,22 @@ from .captions import (
     random_caption_replacement,
     random_token_addition,
 )
-from .preservation import BaselinePreservation, BaselinePreservationConfig, preservation_loss
-from .wen import WenFilter, WenFilterConfig, wen_filter_weights, wen_threshold
+from .preservation import BaselinePreservation, preservation_loss
+from .wen import WenFilter, wen_filter_weights, wen_threshold
 
 REGULARIZERS: dict[str, type[Regularizer]] = {}
 
 
 def register_regularizer(cls: type[Regularizer]) -> type[Regularizer]:
-    """Add a :class:`Regularizer` subclass to :data:`REGULARIZERS` under its ``name`` (usable as a decorator)."""
+    """Add a :class:`Regularizer` subclass to :data:`REGULARIZERS` (and its config class to
+    :data:`~mnemoguard.config.regularizers.REGULARIZER_CONFIGS`, so recipes can name it) under its ``name``;
+    usable as a decorator."""
     if not (isinstance(cls, type) and issubclass(cls, Regularizer)) or not cls.name:
         raise TypeError(f"expected a Regularizer subclass with a name, found {cls!r}")
     if REGULARIZERS.get(cls.name, cls) is not cls:
         raise ValueError(f"a regularizer named {cls.name!r} is already registered ({REGULARIZERS[cls.name].__name__})")
     REGULARIZERS[cls.name] = cls
+    REGULARIZER_CONFIGS[cls.name] = cls.config_class
     return cls
 
 
@@ -74,18 +74,16 @@ ORDER = ("caption_dropout", "multiple_captions", "random_caption_replacement", "
          "caption_word_repetition", "gaussian_embedding_noise", "wen_filter", "iet_agc", "baseline_preservation")
 
 
-def build_regularizer(name: str, config: dict[str, Any] | None = None, **kwargs: Any) -> Regularizer:
-    """``REGULARIZERS[name](config_class(**config), **kwargs)``; ``kwargs`` are the class's other arguments
-    (``alternatives=`` for ``multiple_captions``, ``baseline=`` / ``flagged=`` for ``baseline_preservation`` ...)."""
+def build_regularizer(name: str, config: dict[str, Any] | RegularizerConfig | None = None,
+                      **kwargs: Any) -> Regularizer:
+    """``REGULARIZERS[name](its config from config, **kwargs)``; ``kwargs`` are the class's other arguments
+    (``alternatives=`` for ``multiple_captions``, ``baseline=`` / ``flagged=`` for ``baseline_preservation`` ...).
+    An unknown name or setting is a :class:`~mnemoguard.config.ConfigError` naming the valid ones."""
+    if not isinstance(config, RegularizerConfig):
+        config = check_regularizer_settings(name, config)
     if name not in REGULARIZERS:
-        raise KeyError(f"unknown regularizer {name!r}; expected one of {sorted(REGULARIZERS)}")
-    cls = REGULARIZERS[name]
-    try:
-        cfg = cls.config_class(**(config or {}))
-    except TypeError as e:
-        fields = sorted(cls.config_class.__dataclass_fields__)
-        raise TypeError(f"{name}: bad config {config!r} ({e}); its fields are {fields}") from None
-    return cls(cfg, **kwargs)
+        raise KeyError(f"regularizer {name!r} has settings but no class; registered: {sorted(REGULARIZERS)}")
+    return REGULARIZERS[name](config, **kwargs)
 
 
 def build_regularizers(configs: dict[str, dict[str, Any] | None],
@@ -96,13 +94,10 @@ def build_regularizers(configs: dict[str, dict[str, Any] | None],
 
 
 __all__ = [
-    "ORDER", "REGULARIZERS", "AntiGradientControl", "AntiGradientControlConfig", "BaselinePreservation",
-    "BaselinePreservationConfig", "CaptionDropout", "CaptionDropoutConfig", "CaptionWordRepetition",
-    "CaptionWordRepetitionConfig", "GaussianEmbeddingNoise", "GaussianEmbeddingNoiseConfig", "MultipleCaptions",
-    "MultipleCaptionsConfig", "RandomCaptionReplacement", "RandomCaptionReplacementConfig", "RandomTokenAddition",
-    "RandomTokenAdditionConfig", "Regularizer", "RegularizerConfig", "TokenVocab", "WenFilter", "WenFilterConfig",
-    "agc_keep", "agc_update", "build_regularizer", "build_regularizers", "caption_dropout", "caption_word_repetition",
-    "drop_samples", "gaussian_embedding_noise", "insert_word", "multiple_captions", "preservation_loss",
-    "random_caption_replacement", "random_token_addition", "register_regularizer", "skip_if_nothing_kept",
-    "timestep_buckets", "timestep_mask", "wen_filter_weights", "wen_threshold",
+    "ORDER", "REGULARIZERS", "AntiGradientControl", "BaselinePreservation", "CaptionDropout", "CaptionWordRepetition",
+    "GaussianEmbeddingNoise", "MultipleCaptions", "RandomCaptionReplacement", "RandomTokenAddition", "Regularizer",
+    "RegularizerConfig", "TokenVocab", "WenFilter", "agc_keep", "agc_update", "build_regularizer",
+    "build_regularizers", "caption_dropout", "caption_word_repetition", "drop_samples", "gaussian_embedding_noise",
+    "insert_word", "multiple_captions", "preservation_loss", "random_caption_replacement", "random_token_addition",
+    "register_regularizer", "timestep_buckets", "timestep_mask", "wen_filter_weights", "wen_threshold",
 ]

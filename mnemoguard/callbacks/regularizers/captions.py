@@ -17,12 +17,12 @@ The operations, exactly as in DCR (``datasets.py::__getitem__``, applied per sam
 "Word" and "word position" are DCR's: ``caption.split(" ")``, insertion at ``randint(0, len(words))`` (both ends
 included), ``" ".join``; CWR draws both words from the *original* caption's words. Token ids are drawn from
 ``[0, vocab_limit)`` (DCR: 49,400 for CLIP's 49,408) or, by default, from the tokenizer's vocabulary minus its special
-tokens. Captions the trainer already dropped (empty) are left alone by the caption operations (they train the
+tokens. Captions the loop already dropped (empty) are left alone by the caption operations (they train the
 unconditional branch); GNI applies to every row, as in DCR. Randomness comes only from the regularizer's generator.
 
 The callbacks run in ``on_before_forward``: they replace ``inputs["captions"]`` and re-encode the changed rows of
-``inputs["encoder_hidden_states"]`` (random captions bypass the trainer's text-embedding cache, which would otherwise
-fill up with one-off captions). Register caption operations *before* ``gaussian_embedding_noise`` (a re-encoded row
+``inputs["encoder_hidden_states"]`` through the guard's prompt encoder (each caption encoded alone; one-off random
+captions are not cached). Register caption operations *before* ``gaussian_embedding_noise`` (a re-encoded row
 would lose noise added earlier). ``strength`` multiplies the probability (capped at 1), or λ for GNI.
 """
 
@@ -35,8 +35,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...config.regularizers import (
+    CaptionDropoutConfig,
+    CaptionOpConfig,
+    CaptionWordRepetitionConfig,
+    GaussianEmbeddingNoiseConfig,
+    MultipleCaptionsConfig,
+    RandomCaptionReplacementConfig,
+    RandomTokenAdditionConfig,
+    RegularizerConfig,
+)
 from ..base import TrainerControl, TrainerState
-from .base import Regularizer, RegularizerConfig
+from .base import Regularizer
 
 __all__ = [
     "CaptionDropout", "CaptionDropoutConfig", "CaptionWordRepetition", "CaptionWordRepetitionConfig",
@@ -166,84 +176,59 @@ def gaussian_embedding_noise(embeddings: Tensor, lam: float, generator: torch.Ge
 
 
 # ---------------------------------------------------------------------------------------------------- callbacks
-@dataclass
-class CaptionOpConfig(RegularizerConfig):
-    prob: float = 0.1  # per-sample probability (DCR trainspecial_prob); strength multiplies it (capped at 1)
-
-
 class _CaptionOp(Regularizer):
     """Shared ``on_before_forward``: transform the non-empty, in-band captions; re-encode the rows that changed."""
 
-    cache_embeddings = False  # through trainer.encode_captions (a finite set of captions) or encoded afresh
+    cache_embeddings = False  # True: a finite set of captions (kept in the prompt encoder's cache); False: one-off
+    needs = frozenset({"prompts", "captions"})
     config: CaptionOpConfig
-
-    def validate_config(self) -> None:
-        p = self.config.prob
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{self.name}: prob must be in [0, 1], found {p}")
 
     @property
     def prob(self) -> float:
         """The probability in effect: ``min(1, strength·prob)`` (0 while off)."""
         return min(1.0, self.strength * self.config.prob) if self.active else 0.0
 
-    def transform(self, captions: list[str], eligible: list[bool], inputs: dict, **kwargs: Any) -> list[str]:
+    def transform(self, captions: list[str], eligible: list[bool], inputs: dict, context: Any) -> list[str]:
         raise NotImplementedError
 
-    def on_before_forward(self, state: TrainerState, control: TrainerControl, inputs: dict, trainer: Any = None,
-                          components: Any = None, **kwargs: Any) -> None:
+    def on_before_forward(self, state: TrainerState, control: TrainerControl, context: Any = None,
+                          inputs: dict | None = None, **kwargs: Any) -> None:
         if not self.active:
             return
-        self._begin_micro_batch()
         captions = list(inputs["captions"])
         band = self.eligible(inputs["timesteps"]).tolist()
         eligible = [bool(b) and bool(c) for b, c in zip(band, captions)]
-        new = self.transform(captions, eligible, inputs, trainer=trainer, components=components)
+        new = self.transform(captions, eligible, inputs, context)
         changed = [i for i, (a, b) in enumerate(zip(captions, new)) if a != b]
         if changed:
             ehs = inputs["encoder_hidden_states"]
-            emb = self._encode([new[i] for i in changed], trainer, components, ehs.device)
+            emb = context.prompts([new[i] for i in changed], cache=self.cache_embeddings)
             ehs = ehs.clone()
             ehs[torch.tensor(changed, device=ehs.device)] = emb.to(device=ehs.device, dtype=ehs.dtype)
             inputs["encoder_hidden_states"] = ehs
             inputs["captions"] = new
         self._count(changed=len(changed), eligible=sum(eligible))
 
-    def _encode(self, captions: list[str], trainer: Any, components: Any, device: Any) -> Tensor:
-        if self.cache_embeddings and trainer is not None:
-            return trainer.encode_captions(captions)
-        components = components if components is not None else getattr(trainer, "components", None)
-        if components is None:
-            raise ValueError(f"{self.name} needs the trainer's `components` (the text encoder) to re-encode captions")
-        return components.encode_prompt(captions, device=device)
-
     def _metric_values(self, sums: dict[str, float]) -> dict[str, float]:
         return {"changed_fraction": sums["changed"] / sums["eligible"] if sums.get("eligible") else 0.0}
 
 
 class _TokenOp(_CaptionOp):
-    """A caption operation drawing random tokens: the vocabulary comes from the trainer's tokenizer."""
+    """A caption operation drawing random tokens: the vocabulary comes from the run's tokenizer."""
+
+    needs = frozenset({"prompts", "captions", "tokenizer"})
 
     def __init__(self, config: RegularizerConfig | None = None, vocab: TokenVocab | None = None,
                  **overrides: Any) -> None:
         super().__init__(config, **overrides)
         self.vocab = vocab
 
-    def _vocab(self, trainer: Any, components: Any) -> TokenVocab:
+    def _vocab(self, context: Any) -> TokenVocab:
         if self.vocab is None:
-            components = components if components is not None else getattr(trainer, "components", None)
-            tokenizer = getattr(components, "tokenizer", None)
-            if tokenizer is None:
-                raise ValueError(f"{self.name} needs a tokenizer: pass vocab=TokenVocab(...) or train with the "
-                                 "reference trainer (its components carry one)")
-            self.vocab = TokenVocab.from_tokenizer(tokenizer, self.config.vocab_limit)
+            if context is None or context.tokenizer is None:
+                raise ValueError(f"{self.name} needs a tokenizer: pass vocab=TokenVocab(...) or Guard(tokenizer=...)")
+            self.vocab = TokenVocab.from_tokenizer(context.tokenizer, self.config.vocab_limit)
         return self.vocab
-
-
-@dataclass
-class RandomCaptionReplacementConfig(CaptionOpConfig):
-    num_tokens: int = 4  # random tokens in the replacement caption (DCR: 4)
-    vocab_limit: int | None = None  # ids from [0, vocab_limit) (DCR: 49400 for CLIP); None: vocabulary minus specials
 
 
 class RandomCaptionReplacement(_TokenOp):
@@ -253,15 +238,9 @@ class RandomCaptionReplacement(_TokenOp):
     config_class = RandomCaptionReplacementConfig
     config: RandomCaptionReplacementConfig
 
-    def transform(self, captions: list[str], eligible: list[bool], inputs: dict, **kw: Any) -> list[str]:
-        vocab = self._vocab(kw.get("trainer"), kw.get("components"))
+    def transform(self, captions: list[str], eligible: list[bool], inputs: dict, context: Any) -> list[str]:
+        vocab = self._vocab(context)
         return random_caption_replacement(captions, self.prob, vocab, self.generator, eligible, self.config.num_tokens)
-
-
-@dataclass
-class RandomTokenAdditionConfig(CaptionOpConfig):
-    num_words: int = 2  # random tokens inserted (DCR train time: 2)
-    vocab_limit: int | None = None  # ids from [0, vocab_limit) (DCR: 49400 for CLIP); None: vocabulary minus specials
 
 
 class RandomTokenAddition(_TokenOp):
@@ -271,14 +250,9 @@ class RandomTokenAddition(_TokenOp):
     config_class = RandomTokenAdditionConfig
     config: RandomTokenAdditionConfig
 
-    def transform(self, captions: list[str], eligible: list[bool], inputs: dict, **kw: Any) -> list[str]:
-        vocab = self._vocab(kw.get("trainer"), kw.get("components"))
+    def transform(self, captions: list[str], eligible: list[bool], inputs: dict, context: Any) -> list[str]:
+        vocab = self._vocab(context)
         return random_token_addition(captions, self.prob, vocab, self.generator, eligible, self.config.num_words)
-
-
-@dataclass
-class CaptionWordRepetitionConfig(CaptionOpConfig):
-    num_words: int = 2  # caption words repeated (DCR: 2)
 
 
 class CaptionWordRepetition(_CaptionOp):
@@ -288,14 +262,8 @@ class CaptionWordRepetition(_CaptionOp):
     config_class = CaptionWordRepetitionConfig
     config: CaptionWordRepetitionConfig
 
-    def transform(self, captions: list[str], eligible: list[bool], inputs: dict, **kw: Any) -> list[str]:
+    def transform(self, captions: list[str], eligible: list[bool], inputs: dict, context: Any) -> list[str]:
         return caption_word_repetition(captions, self.prob, self.generator, eligible, self.config.num_words)
-
-
-@dataclass
-class MultipleCaptionsConfig(CaptionOpConfig):
-    prob: float = 1.0  # DCR's allcaps resamples every time
-    column: str | None = None  # dataset column holding each row's list of captions (read at train begin)
 
 
 class MultipleCaptions(_CaptionOp):
@@ -319,17 +287,17 @@ class MultipleCaptions(_CaptionOp):
             raise ValueError("multiple_captions needs the captions of each image: pass alternatives= (index -> list "
                              "of captions) or set column= (a dataset column of caption lists)")
         self.alternatives = alternatives
+        self.needs = self.needs | {"indices"} | ({"dataset"} if alternatives is None else set())
 
-    def on_train_begin(self, state: TrainerState, control: TrainerControl, trainer: Any = None,
+    def on_train_begin(self, state: TrainerState, control: TrainerControl, context: Any = None,
                        **kwargs: Any) -> None:
-        super().on_train_begin(state, control, **kwargs)
+        super().on_train_begin(state, control, context=context, **kwargs)
         if self.alternatives is None:
-            ds = getattr(getattr(trainer, "dataset", None), "ds", None)
-            if ds is None or self.config.column not in ds.column_names:
-                found = None if ds is None else ds.column_names
-                raise ValueError(f"multiple_captions: column {self.config.column!r} not in the training dataset; "
-                                 f"its columns are {found}")
-            self.alternatives = {i: list(v) if v else [] for i, v in enumerate(ds[self.config.column])}
+            if context is None or context.dataset is None:
+                raise ValueError(f"multiple_captions reads column {self.config.column!r} of the training data: "
+                                 "expected Guard(train_dataset=...), found none")
+            self.alternatives = {i: list(v) if v else [] for i, v in enumerate(context.dataset.column(
+                self.config.column))}
 
     def _pool(self, index: int) -> Sequence[str] | None:
         alt = self.alternatives
@@ -339,14 +307,9 @@ class MultipleCaptions(_CaptionOp):
                              f"{pool!r}")
         return pool
 
-    def transform(self, captions: list[str], eligible: list[bool], inputs: dict, **kw: Any) -> list[str]:
+    def transform(self, captions: list[str], eligible: list[bool], inputs: dict, context: Any) -> list[str]:
         pools = [self._pool(int(i)) for i in inputs["indices"].tolist()]
         return multiple_captions(captions, pools, self.generator, self.prob, eligible)
-
-
-@dataclass
-class CaptionDropoutConfig(CaptionOpConfig):
-    prob: float = 0.1  # extra dropout rate on top of training.caption_dropout; strength multiplies it (capped at 1)
 
 
 class CaptionDropout(_CaptionOp):
@@ -357,13 +320,8 @@ class CaptionDropout(_CaptionOp):
     config: CaptionDropoutConfig
     cache_embeddings = True
 
-    def transform(self, captions: list[str], eligible: list[bool], inputs: dict, **kw: Any) -> list[str]:
+    def transform(self, captions: list[str], eligible: list[bool], inputs: dict, context: Any) -> list[str]:
         return caption_dropout(captions, self.prob, self.generator, eligible)
-
-
-@dataclass
-class GaussianEmbeddingNoiseConfig(RegularizerConfig):
-    lam: float = 0.1  # λ, std of the noise added to the text embeddings (DCR --rand_noise_lam 0.1); strength scales it
 
 
 class GaussianEmbeddingNoise(Regularizer):
@@ -373,14 +331,10 @@ class GaussianEmbeddingNoise(Regularizer):
     config_class = GaussianEmbeddingNoiseConfig
     config: GaussianEmbeddingNoiseConfig
 
-    def validate_config(self) -> None:
-        if not self.config.lam >= 0:
-            raise ValueError(f"gaussian_embedding_noise: lam must be >= 0, found {self.config.lam}")
-
-    def on_before_forward(self, state: TrainerState, control: TrainerControl, inputs: dict, **kwargs: Any) -> None:
+    def on_before_forward(self, state: TrainerState, control: TrainerControl, context: Any = None,
+                          inputs: dict | None = None, **kwargs: Any) -> None:
         if not self.active:
             return
-        self._begin_micro_batch()
         eligible = self.eligible(inputs["timesteps"])
         lam = self.strength * self.config.lam
         inputs["encoder_hidden_states"] = gaussian_embedding_noise(inputs["encoder_hidden_states"], lam,

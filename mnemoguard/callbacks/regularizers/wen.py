@@ -4,15 +4,15 @@ Models", ``train_text_to_image.py --hard_threshold``): drop the samples whose te
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ...config.regularizers import WenFilterConfig
 from ...signals.score_gap import wen_training_filter
 from ..base import TrainerControl, TrainerState
-from .base import Regularizer, RegularizerConfig, drop_samples, live_eps, skip_if_nothing_kept
+from .base import Regularizer, drop_samples, live_eps
 
 __all__ = ["WenFilter", "WenFilterConfig", "wen_filter_weights", "wen_threshold"]
 
@@ -53,51 +53,34 @@ def wen_filter_weights(
     return drop_samples(weights, keep.to(weights.device), renormalize), keep, gap
 
 
-@dataclass
-class WenFilterConfig(RegularizerConfig):
-    """Wen et al.'s filter. ``strength`` divides the threshold (2 = twice as strict)."""
-
-    threshold: float = 2.0  # τ on ||eps_c - eps_u||_2 per sample (--hard_threshold, SD 1.4 at 512 px); 0 drops all
-    reference_dim: int | None = None  # None: τ as given; D0: τ·sqrt(D/D0) for D values per sample (16384 = SD 1.4)
-    renormalize: bool = True  # loss = mean over the kept samples (the authors' code); False: kept weights unchanged
-
-
 class WenFilter(Regularizer):
     """Wen et al.'s training-time filter as a switchable callback (``on_loss``).
 
     Per micro-batch, one extra *unconditional* forward of the live UNet under ``no_grad``, batched over the whole
-    micro-batch (the empty-caption embedding from ``trainer.encode_captions([""])``), at the training noisy inputs and
+    micro-batch (the empty-caption embedding from the guard's prompt encoder), at the training noisy inputs and
     timesteps; the gap between the training prediction (as ε, so v-prediction models are compared in ε space; for
     ε models this is the authors' ``model_pred − eps_u``) and that unconditional ε. Samples with gap ≥ τ/strength get
-    weight 0 (:func:`wen_filter_weights`). Min-SNR weights are part of ``loss_per_sample`` in the trainer, so they are
-    masked with the sample (the authors' script forgets this). A micro-batch where nothing is kept is made a no-op
-    by :func:`~mnemoguard.callbacks.regularizers.base.skip_if_nothing_kept` (the authors skip the step).
+    weight 0 (:func:`wen_filter_weights`). Min-SNR weights are part of ``loss_per_sample``, so they are masked with
+    the sample (the authors' script forgets this). An optimizer step where nothing was kept is skipped by the Guard
+    (the authors skip the step).
 
-    Metrics per step: ``reg/wen_filter/kept_fraction`` (kept / eligible samples), ``gap_mean``, ``skipped``
-    (micro-batches with nothing kept) and the cumulative ``skipped_total``.
+    Metrics (since the last log): ``reg/wen_filter/kept_fraction`` (kept / eligible samples) and ``gap_mean``.
     """
 
     name = "wen_filter"
     config_class = WenFilterConfig
     config: WenFilterConfig
 
-    def validate_config(self) -> None:
-        c = self.config
-        if not c.threshold >= 0:
-            raise ValueError(f"wen_filter: threshold must be >= 0, found {c.threshold}")
-        if c.reference_dim is not None and c.reference_dim <= 0:
-            raise ValueError(f"wen_filter: reference_dim must be a positive number of values, found {c.reference_dim}")
+    needs = frozenset({"prompts", "prediction"})
+    drops_samples = True
 
-    def on_loss(self, state: TrainerState, control: TrainerControl, inputs: dict, trainer: Any = None,
-                unet: Any = None, components: Any = None, accelerator: Any = None, **kwargs: Any) -> None:
+    def on_loss(self, state: TrainerState, control: TrainerControl, context: Any = None, inputs: dict | None = None,
+                **kwargs: Any) -> None:
         if not self.active:
             return
-        self._begin_micro_batch()
-        den = self._denoiser(unet, components)
+        den = context.denoiser
         x_t, t = inputs["noisy_model_input"], inputs["timesteps"]
-        if trainer is None:
-            raise ValueError("wen_filter needs the `trainer` hook argument (for the empty-caption embedding)")
-        uncond = trainer.encode_captions([""])
+        uncond = context.prompts([""])
         with torch.no_grad():
             eps_u = den.eps(x_t, t, uncond).float()
             eps_c = live_eps(den, inputs["model_pred"].detach(), x_t, t)
@@ -107,15 +90,11 @@ class WenFilter(Regularizer):
                                                 self.config.renormalize)
         inputs["weights"] = weights
         inputs["wen_gap"] = gap
-        skipped = skip_if_nothing_kept(inputs, accelerator)
-        n_eligible = int(eligible.sum())
-        self._count(kept=int((keep & eligible.to(keep.device)).sum()), eligible=n_eligible,
-                    gap_sum=float(gap.sum()), samples=gap.numel(), skipped=float(skipped))
+        eligible = eligible.to(keep.device)
+        self._count(kept=(keep & eligible).sum(), eligible=eligible.sum(), gap_sum=gap.sum(), samples=gap.numel())
 
     def _metric_values(self, sums: dict[str, float]) -> dict[str, float]:
         return {
             "kept_fraction": sums["kept"] / sums["eligible"] if sums.get("eligible") else 1.0,
             "gap_mean": sums["gap_sum"] / max(sums["samples"], 1.0),
-            "skipped": sums["skipped"],
-            "skipped_total": self.totals.get("skipped", 0.0),
         }

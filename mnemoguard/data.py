@@ -8,7 +8,6 @@ Images are decoded lazily, one row at a time, so that a corrupt file is reported
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import DataConfig
+from .config import DataConfig
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -133,6 +132,28 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
+    @property
+    def captions(self) -> list[str]:
+        """Every row's caption, in row order."""
+        return list(self.ds[self.cfg.caption_column])
+
+    def column(self, name: str) -> list[Any]:
+        """Every row's value of column ``name`` (a :class:`DataError` lists the columns when it is absent)."""
+        if name not in self.ds.column_names:
+            raise DataError(f"column {name!r} is not in the training dataset; its columns are {self.ds.column_names}")
+        return list(self.ds[name])
+
+    def canonical_image(self, index: int) -> torch.Tensor:
+        """Row ``index``'s image in its canonical view (centre crop, no flip), ``[C, H, W]`` in [-1, 1]: what the
+        guard's probes use, independent of any RNG. A :class:`DataError` names the row and file when it cannot be
+        read."""
+        cell = self.ds[int(index)][self.cfg.image_column]
+        try:
+            image = decode_image(cell)
+        except Exception as e:
+            raise DataError(f"{self._where(index, cell)}: cannot read the image: {e}") from e
+        return preprocess_image(image, self.cfg.resolution, self.channels, center_crop=True, flip=False)
+
     def _where(self, index: int, cell: Any) -> str:
         path = cell.get("path") if isinstance(cell, dict) else getattr(cell, "filename", None)
         return f"row {index}" + (f" ({path})" if path else "")
@@ -157,53 +178,3 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         pixels = preprocess_image(image, self.cfg.resolution, self.channels, self.cfg.center_crop,
                                   self.cfg.random_flip)
         return {"pixel_values": pixels, "caption": caption, "index": int(index)}
-
-
-def collate(rows: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """Stack good rows; count skipped (``None``) ones in ``num_skipped``."""
-    good = [r for r in rows if r is not None]
-    if not good:
-        raise DataError(
-            f"every sample of a batch of {len(rows)} was unreadable (skip_bad_samples only skips single rows)"
-        )
-    return {
-        "pixel_values": torch.stack([r["pixel_values"] for r in good]),
-        "captions": [r["caption"] for r in good],
-        "indices": torch.tensor([r["index"] for r in good]),
-        "num_skipped": len(rows) - len(good),
-    }
-
-
-class EpochShuffleSampler(torch.utils.data.Sampler[int]):
-    """A permutation that depends only on ``(seed, epoch)``: resuming mid-run replays the same data order."""
-
-    def __init__(self, length: int, seed: int) -> None:
-        self.length, self.seed, self.epoch = length, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.length
-
-
-def make_dataloader(
-    dataset: ImageCaptionDataset, batch_size: int, seed: int, num_workers: int = 0
-) -> torch.utils.data.DataLoader:
-    if batch_size > len(dataset):
-        raise DataError(f"train_batch_size={batch_size} is larger than the dataset ({len(dataset)} rows)")
-    sampler = EpochShuffleSampler(len(dataset), seed)
-    # The loader's own generator: creating an iterator draws a worker base seed, which must not come from the global
-    # RNG (a resumed run creates its iterator at a different point of the stream than an uninterrupted one).
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers, drop_last=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
-
-
-def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
-    return math.ceil(num_batches / gradient_accumulation_steps)

@@ -1,0 +1,126 @@
+"""The probe tensors, built from a probe spec: one *row* per (probe, band, draw) with its fixed inputs.
+
+Images are taken in their canonical view (centre crop, no flip) and encoded with the VAE posterior mean; noise,
+generation latents and curvature noise come from generators seeded by the spec; caption embeddings from a
+:class:`~mnemoguard.prompts.PromptEncoder` of the monitor's own (each caption encoded alone). So no probe input
+depends on any RNG but the monitor's, on the batch a caption came in, or on the rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...data import decode_image, preprocess_image
+from .probes import heldout_item
+
+__all__ = ["ProbeTensors", "build_probe_tensors"]
+
+
+@dataclass
+class ProbeTensors:
+    """Row-aligned probe inputs (``N`` rows = probes x bands x draws) and the visual check's inputs."""
+
+    x0: Tensor  # [N, C, H, W] clean model input (device)
+    noise: Tensor  # [N, C, H, W] fixed ε (device)
+    t: Tensor  # [N] long timesteps (device)
+    band: Tensor  # [N] long band index (CPU)
+    probe: Tensor  # [N] long probe id (CPU): training probes 0..P-1, then held-out
+    cond: Tensor  # [N, L, D] caption embeddings (device)
+    uncond: Tensor  # [1, L, D] empty-caption embedding (device)
+    captions: list[str]  # [N]
+    num_train_probes: int  # P
+    pool: Tensor | None  # [K, C, H, W] nearest-neighbour pool in [0, 1] (CPU), exact duplicates removed
+    pool_rows: list[int]  # dataset row of each pool image
+    train_px: list[Tensor]  # the training probes' images in [0, 1] (CPU)
+    gen_latents: Tensor  # [G, C, h, w] initial noise of the probe generations (CPU)
+    gen_cond: Tensor | None  # [G, L, D] their caption embeddings (device)
+    curv_noise: Tensor  # [G, C, h, w] noise that re-noises a generation for its curvature map (CPU)
+
+    def noisy(self, rows: Tensor, scheduler: Any) -> Tensor:
+        """``x_t = α_t x_0 + σ_t ε`` of the given rows (the scheduler's ``add_noise``)."""
+        return scheduler.add_noise(self.x0[rows], self.noise[rows], self.t[rows])
+
+
+def _to_pixels(image: Any, resolution: int, channels: int) -> Tensor:
+    """A held-out image (PIL, a ``datasets`` image cell, or a ``[C, H, W]`` tensor in [-1, 1]) -> ``[C, H, W]``."""
+    if isinstance(image, Tensor):
+        if image.ndim != 3 or image.shape[0] != channels or tuple(image.shape[1:]) != (resolution, resolution):
+            raise ValueError(f"held-out image tensors must be [{channels}, {resolution}, {resolution}] in [-1, 1], "
+                             f"found shape {tuple(image.shape)}")
+        return image.float()
+    return preprocess_image(decode_image(image), resolution, channels, center_crop=True, flip=False)
+
+
+def _encode_images(context: Any, pixels: list[Tensor]) -> Tensor:
+    with torch.no_grad():
+        return torch.cat([context.encode_images(torch.stack(pixels[i:i + 16]).to(context.device))
+                          for i in range(0, len(pixels), 16)])
+
+
+def build_probe_tensors(spec: dict[str, Any], context: Any, heldout: Any, curvature_num_probes: int) -> ProbeTensors:
+    """The tensors of ``spec`` on ``context.device`` (module docstring)."""
+    from ...prompts import PromptEncoder
+
+    ds, device = context.dataset, context.device
+    res, channels = ds.cfg.resolution, ds.channels
+    train_px = [ds.canonical_image(r) for r in spec["train_rows"]]
+    own_px = list(train_px)
+    if spec["heldout_source"] == "samples":
+        cols = (ds.cfg.image_column, ds.cfg.caption_column)
+        own_px += [_to_pixels(heldout_item(heldout, j, *cols)[0], res, channels) for j in spec["heldout_rows"]]
+    x0_own = _encode_images(context, own_px)
+    nb, nd = len(spec["bands"]), spec["draws_per_band"]
+    per = nb * nd
+    gn = torch.Generator().manual_seed(spec["seed"] + 1)
+    noise = torch.randn((len(own_px) * per, *x0_own.shape[1:]), generator=gn)
+    t = torch.tensor(spec["timesteps"], dtype=torch.long)
+    if t.numel() != len(own_px) * per:
+        raise ValueError(f"MemorizationMonitor: the probe spec has {t.numel()} timesteps, expected "
+                         f"{len(own_px) * per} ({len(own_px)} probes x {nb} bands x {nd} draws)")
+    x0 = x0_own.repeat_interleave(per, dim=0)
+    band = torch.arange(nb).repeat_interleave(nd).repeat(len(own_px))
+    probe = torch.arange(len(own_px)).repeat_interleave(per)
+    P = len(spec["train_rows"])
+    captions = [cap for cap in spec["train_captions"] for _ in range(per)]
+    if spec["heldout_source"] == "samples":
+        captions += [cap for cap in spec["heldout_captions"] for _ in range(per)]
+    elif spec["heldout_source"] == "captions":  # unseen captions at the inputs of training probe h mod P
+        src = torch.tensor(spec["heldout_rows"], dtype=torch.long)
+        idx = (src[:, None] * per + torch.arange(per)[None]).reshape(-1)
+        x0, noise, t, band = torch.cat([x0, x0[idx]]), torch.cat([noise, noise[idx]]), torch.cat([t, t[idx]]), \
+            torch.cat([band, band[idx]])
+        probe = torch.cat([probe, P + torch.arange(len(src)).repeat_interleave(per)])
+        captions += [cap for cap in spec["heldout_captions"] for _ in range(per)]
+
+    pool_px, pool_rows, seen = [], [], set()
+    for r in [*spec["train_rows"], *spec["pool_rows"]]:
+        try:
+            px = ds.canonical_image(r)
+        except ValueError:
+            continue
+        key = px.numpy().tobytes()
+        if key not in seen:
+            seen.add(key)
+            pool_px.append((px + 1) / 2)
+            pool_rows.append(r)
+    G = min(curvature_num_probes, P)
+    unet_cfg = context.unwrapped_unet.config
+    gg = torch.Generator().manual_seed(spec["seed"] + 2)
+    gen_latents = torch.randn((G, unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size), generator=gg)
+    curv_noise = torch.randn(gen_latents.shape, generator=gg)
+
+    prompts = PromptEncoder(context.prompts.encode, device=device, max_bytes=0)  # the monitor's own, uncached
+    unique = list(dict.fromkeys([*captions, *spec["train_captions"][:G], ""]))
+    table = dict(zip(unique, prompts(unique)))
+    return ProbeTensors(
+        x0=x0.to(device), noise=noise.to(device), t=t.to(device), band=band, probe=probe,
+        cond=torch.stack([table[cap] for cap in captions]), uncond=table[""][None], captions=captions,
+        num_train_probes=P, pool=torch.stack(pool_px) if pool_px else None, pool_rows=pool_rows,
+        train_px=[(p + 1) / 2 for p in train_px], gen_latents=gen_latents,
+        gen_cond=torch.stack([table[cap] for cap in spec["train_captions"][:G]]) if G else None,
+        curv_noise=curv_noise,
+    )

@@ -1,0 +1,69 @@
+"""The monitor's visual check: where the probe generations are heading, and where in them memorization sits.
+
+For the first ``curvature_num_probes`` training probes: a generation from the probe caption (DDIM from fixed initial
+noise, so successive checks are comparable), its nearest image in a pool of training images (the probes plus
+``nearest_pool_size`` random rows) with Gu et al.'s distance ratio ``d1/d2`` (below 1/3: a copy), whether that
+nearest image is the probe's own, and Kim & Lee's curvature-difference map ``Δh`` (live vs the baseline,
+:func:`mnemoguard.signals.curvature_diff_map`, fixed Rademacher probes) at the generation re-noised to
+``curvature_timestep``. Every rank computes the same set (ZeRO-3 needs equal calls); rank 0's values are broadcast
+so the scalars that feed decisions are identical everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["visual_check"]
+
+
+def visual_check(context: Any, den: Any, baseline: Any, tz: Any, captions: list[str], config: Any,
+                 seed: int) -> dict[str, Any]:
+    """``{"probe_ids", "captions", "generations", "maps", "curvature", "nn_ratio", "nearest_is_own", "nearest",
+    "nearest_rows"}`` (images in [0, 1] and maps on the CPU)."""
+    from ...evaluation.nearest_neighbour import nearest_neighbour_ratio
+    from ...sampling import generate
+    from ...signals import curvature_diff_map
+
+    c, unet = config, context.unwrapped_unet
+    G = tz.gen_latents.shape[0]
+    finals: list[torch.Tensor] = []
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        finals.append(z.detach().float())
+        return context.decode(z)
+
+    with torch.no_grad():
+        images = generate(unet, context.noise_scheduler, tz.gen_cond, tz.uncond, c.generation_guidance_scale,
+                          c.generation_steps, latents=tz.gen_latents, decode=decode)
+    z = finals[-1]
+    t = torch.full((G,), int(c.curvature_timestep), dtype=torch.long, device=z.device)
+    x = context.noise_scheduler.add_noise(z, tz.curv_noise.to(z.device, z.dtype), t)
+    base_fn = den.eps_fn(t, tz.uncond) if baseline in (None, "uncond") else baseline.eps_fn(t, tz.gen_cond)
+    maps = curvature_diff_map(den.eps_fn(t, tz.gen_cond), base_fn, x, num_probes=c.curvature_hutchinson_probes,
+                              generator=torch.Generator().manual_seed(seed + 4), method="vjp")
+    maps = maps.detach().float().cpu()
+    out: dict[str, Any] = {
+        "probe_ids": list(range(G)), "captions": list(captions[:G]), "generations": images.float().cpu(),
+        "maps": maps, "curvature": [float(m.mean()) for m in maps], "nn_ratio": [], "nearest_is_own": [],
+        "nearest": None, "nearest_rows": [],
+    }
+    pool = tz.pool
+    if pool is not None and pool.shape[0] >= 2 and pool.shape[1:] == images.shape[1:]:
+        nn = nearest_neighbour_ratio(images.float().cpu(), pool, check_unique=False)
+        idx = nn.indices[:, 0].tolist()
+        out["nn_ratio"] = [float(v) for v in nn.ratio]
+        out["nearest"] = pool[idx]
+        out["nearest_rows"] = [tz.pool_rows[i] for i in idx]
+        out["nearest_is_own"] = [bool(torch.equal(pool[i], tz.train_px[g])) for g, i in enumerate(idx)]
+    if context.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        n = len(out["nn_ratio"])
+        packed = torch.tensor([*out["curvature"], *out["nn_ratio"], *map(float, out["nearest_is_own"])],
+                              dtype=torch.float64, device=context.device)
+        packed = broadcast(packed, from_process=0).cpu().tolist()
+        out["curvature"], out["nn_ratio"] = packed[:G], packed[G:G + n]
+        out["nearest_is_own"] = [bool(v) for v in packed[G + n:]]
+    return out

@@ -1,0 +1,102 @@
+"""``report.md``: the summary, readable."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ...serialization import to_jsonable
+
+__all__ = ["render_markdown"]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def render_markdown(summary: dict[str, Any], plots: dict[str, str]) -> str:
+    """``report.md`` from the summary."""
+    run = summary["run"]
+    lines = ["# Memorization report", ""]
+    lines += [f"**Verdict: {summary['verdict']}**", ""]
+    lines += ["| | |", "|---|---|", f"| optimizer steps | {run['global_step']} / {run['max_steps']} |"]
+    lines += [f"| stopped | {'at step ' + str(run['stop_step']) if run['stopped'] else 'no'} |"]
+    if run["stop_reason"]:
+        lines += [f"| stop reason | {run['stop_reason']} |"]
+    lines += [f"| best step | {_fmt(run['best_step'])} ({_fmt(run['best_checkpoint'])}) |",
+              f"| exported | {_fmt(run['exported'])} |", ""]
+    lines += ["## Alarms and actions", ""]
+    if summary["alarms"]:
+        lines += ["| step | action | on | strength | message |", "|---|---|---|---|---|"]
+        lines += [f"| {a.get('step')} | {a.get('action')} | {a.get('on')} | {_fmt(a.get('strength'))} | "
+                  f"{a.get('message')} |" for a in summary["alarms"]]
+    else:
+        lines += ["No alarm was raised."]
+    if summary["actions"]:
+        lines += ["", "Active at the end: " + ", ".join(f"{k} (strength {_fmt(v.get('strength'))})"
+                                                       for k, v in summary["actions"].items())]
+    for s in summary["early_stopping"]:
+        lines += ["", f"Early stopping on `{s['monitor']}`: best {_fmt(s['best_score'])} at step "
+                      f"{_fmt(s['best_step'])}, stopped at {_fmt(s['stopped_step'])}."]
+    mon = summary.get("monitor")
+    if mon is not None:
+        last = mon["last_check"]
+        lines += ["", "## Signals", ""]
+        lines += [f"Baseline `{mon['config']['baseline']}`, {mon['checks']} checks every "
+                  f"{mon['config']['every_n_steps']} steps; bands " + ", ".join(
+                      f"{k} = [{v[0]}, {v[1]})" for k, v in mon["bands"].items()) + ". Bands are never averaged "
+                  "together. The contrast is oriented so that positive means the training probes look more "
+                  "memorized than the held-out ones: training minus held-out for the gaps, held-out minus training "
+                  "for the probe loss (a memorized pair has a lower loss).", ""]
+        if last is not None:
+            splits = [*mon["splits"], *(["contrast"] if "heldout" in mon["splits"] else [])]
+            lines += [f"Last check (step {last['step']}):", "",
+                      "| signal | band | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
+            for sig in mon["signals"]:
+                for band in mon["bands"]:
+                    vals = [_fmt(last["metrics"].get(f"mem/{sig}/band={band}/{s}")) for s in splits]
+                    lines.append(f"| {sig} | {band} | " + " | ".join(vals) + " |")
+        for sig in mon["signals"]:
+            if sig in plots:
+                lines += ["", f"![{sig}]({plots[sig]})"]
+    flags = summary.get("loss_flags")
+    if flags is not None and mon is not None:
+        lines += ["", "## Per-step loss flags", ""]
+        if not flags["rows_known"]:
+            lines += ["The per-step low-loss flags (IET-AGC's rule) counted flags per noise band only (see the flag "
+                      "rates): the loop gave no dataset rows, so no training sample can be named. Pass "
+                      "`indices=` to `guard.before_forward` to count them per sample."]
+        else:
+            lines += [f"{flags['flagged_rows']} training samples were flagged at least once (their loss fell below "
+                      "their timestep's running mean / mem_ratio, IET-AGC's rule)."]
+            if flags["top"]:
+                lines += ["Most often flagged, as a share of the times each was trained on (dataset row: flagged / "
+                          "seen): " + ", ".join(f"{r['row']}: {r['flagged']}/{r['seen']}" for r in flags["top"][:10])
+                          + "."]
+    if "loss_flags" in plots:
+        lines += ["", f"![loss flags]({plots['loss_flags']})"]
+    if summary["verdicts"]:
+        lines += ["", "## Probes", "", "| id | split | kind | row | caption | verdict | evidence |",
+                  "|---|---|---|---|---|---|---|"]
+        for v in summary["verdicts"]:
+            caption = str(v["caption"]).replace("|", "\\|")
+            lines.append(f"| {v['id']} | {v['split']} | {v['kind']} | {v['index']} | {caption} | {v['verdict']} | "
+                         f"{'; '.join(v['reasons']) or '–'} |")
+        if "verdicts" in plots:
+            lines += ["", f"![verdicts]({plots['verdicts']})"]
+    if mon is not None and mon.get("generations"):
+        g = mon["generations"]
+        lines += ["", f"## Probe generations (step {g['step']})", "",
+                  "Generation | nearest training image | curvature-difference map (Kim & Lee's Δh, live vs baseline)."]
+        if "generations" in plots:
+            lines += ["", f"![generations]({plots['generations']})"]
+    if summary["callbacks"]:
+        lines += ["", "## Other guard callbacks", ""]
+        for key, value in summary["callbacks"].items():
+            lines += [f"### {key}", "", "```json", json.dumps(to_jsonable(value), indent=2), "```", ""]
+    lines += ["", "Curves, alarms and verdicts in machine-readable form: `summary.json`.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""The report's JSON summary: what the run did and saw, in plain types."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from ...serialization import to_jsonable
+from ..base import TrainerState
+from .verdicts import overall_verdict
+
+logger = logging.getLogger("mnemoguard")
+
+__all__ = ["build_summary"]
+
+
+def build_summary(state: TrainerState, verdicts: list[dict[str, Any]], monitor: Any = None, policy: Any = None,
+                  stoppers: Any = (), loss_flags: Any = None, extras: Any = (), final_dir: Any = None
+                  ) -> dict[str, Any]:
+    """The JSON summary of a run (curves, alarms, actions, early stopping, probes and verdicts, the monitor's settings
+    and last check, the low-loss flags, the last probe generations, and ``report_summary()`` of ``extras``); plain
+    types only (non-finite numbers as None)."""
+    curves: dict[str, list[list[float]]] = {}
+    for row in state.log_history:
+        step = row.get("step")
+        for tag, value in row.items():
+            if tag == "step" or not (tag.startswith("mem/") or tag.startswith("val/") or tag == "train/loss"):
+                continue
+            curves.setdefault(tag, []).append([int(step), float(value)])
+    alarms = list(policy.alarms) if policy is not None else []
+    actions = {k: dict(v) for k, v in policy.applied.items()} if policy is not None else {}
+    stopping = [{"monitor": es.monitor, "stopped_step": es.stopped_step, "best_step": es.best_step,
+                 "best_score": es.best_score, "stop_reason": es.stop_reason} for es in stoppers]
+    callbacks = {}
+    for cb in extras:
+        try:
+            callbacks[cb.state_key] = cb.report_summary()
+        except Exception as err:  # a summary must never lose the report
+            logger.warning("MemorizationReport: %s.report_summary() failed: %s", type(cb).__name__, err)
+    summary: dict[str, Any] = {
+        "run": {
+            "global_step": int(state.global_step), "max_steps": int(state.max_steps),
+            "stopped": bool(state.stop_reason), "stop_step": int(state.global_step) if state.stop_reason else None,
+            "stop_reason": state.stop_reason, "best_step": state.best_step, "best_metric": state.best_metric,
+            "best_checkpoint": state.best_checkpoint, "exported": None if final_dir is None else str(final_dir),
+        },
+        "verdict": overall_verdict(verdicts),
+        "curves": curves,
+        "alarms": alarms,
+        "actions": actions,
+        "early_stopping": stopping,
+        "verdicts": verdicts,
+        "callbacks": callbacks,
+        "loss_flags": None if loss_flags is None else {
+            "rows_known": bool(loss_flags.row_counts is not None and loss_flags.row_counts.shape[1]
+                               and loss_flags.row_counts[1].sum()),
+            "flagged_rows": len(loss_flags.flagged_rows()), "top": loss_flags.flagged_rows(top=20)},
+    }
+    if monitor is not None:
+        last = monitor.history[-1] if monitor.history else None
+        summary["monitor"] = {
+            "config": asdict(monitor.config), "bands": {k: list(v) for k, v in monitor.bands.items()},
+            "signals": monitor.signal_names, "splits": monitor.splits, "checks": len(monitor.history),
+            "probes": monitor.probes(), "probe_sets": monitor.probe_sets,
+            "last_check": None if last is None else {"step": last["step"], "metrics": dict(last["metrics"])},
+        }
+        vis = monitor.latest_visuals
+        if vis is not None:
+            summary["monitor"]["generations"] = {
+                "step": vis.get("step"), "captions": vis["captions"], "nn_ratio": vis["nn_ratio"],
+                "nearest_is_own": vis["nearest_is_own"], "nearest_rows": vis.get("nearest_rows", []),
+                "curvature": vis["curvature"]}
+    return to_jsonable(summary)

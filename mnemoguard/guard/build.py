@@ -1,0 +1,134 @@
+"""The one place where the guard's components are built from a ``guard:`` section and wired to each other.
+
+Wiring is explicit: the policy gets its actions by name (the noise-gap scheduler as ``noise_gap``, every regularizer
+under its registry name), the dashboard and the report get the monitor, the policy, the loss flags and early
+stopping as arguments. Order (producers before consumers, the metrics contract of :mod:`mnemoguard.callbacks.base`)::
+
+    LowLossFlags -> MemorizationMonitor -> MitigationPolicy -> NoiseGapScheduler -> regularizers -> EarlyStopping
+        -> your callbacks -> TensorBoardDashboard -> MemorizationReport
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..callbacks.base import Callback
+from ..callbacks.dashboard import TensorBoardDashboard
+from ..callbacks.early_stopping import EarlyStopping
+from ..callbacks.loss_flags import LowLossFlags
+from ..callbacks.monitor import MemorizationMonitor
+from ..callbacks.noise_gap import NoiseGapScheduler
+from ..callbacks.policy import MitigationPolicy
+from ..callbacks.regularizers import Regularizer, build_regularizers
+from ..callbacks.report import MemorizationReport
+from ..config import ConfigError, EMASettings, GuardConfig, RecipeConfig, default_policy, load_dataclass, read_mapping
+from ..config.guard import check_guard_config
+
+__all__ = ["Components", "build_components", "hparams_of", "load_guard_config"]
+
+
+def load_guard_config(source: Any = None) -> tuple[GuardConfig, dict[str, Any] | None]:
+    """``(GuardConfig, EMA settings or None)`` from a :class:`GuardConfig`, a :class:`~mnemoguard.config.RecipeConfig`,
+    a mapping or a YAML path.
+
+    A mapping (or file) is either a ``guard:`` section itself (``{monitor: ..., policy: ...}``) or a whole recipe, of
+    which the ``guard:`` section and the ``ema:`` section (the EMA the guard builds) are used. ``enabled`` defaults to
+    true here: handing a section to :class:`~mnemoguard.Guard` asks for a guard (``enabled: false`` still turns it
+    off). Unknown keys, wrong types and unknown names are :class:`~mnemoguard.config.ConfigError` s naming the key.
+    """
+    if isinstance(source, GuardConfig):
+        cfg, ema = source, None
+    elif isinstance(source, RecipeConfig):
+        cfg, ema = source.guard, asdict(source.ema)
+    else:
+        data = dict(read_mapping(source, "guard config"))
+        ema = None
+        recipe_keys = {f.name for f in fields(RecipeConfig)} - {f.name for f in fields(GuardConfig)}
+        if recipe_keys & set(data):  # a whole recipe
+            unknown = sorted(set(data) - recipe_keys)
+            if unknown:
+                raise ConfigError(f"guard config: a recipe has the sections {sorted(recipe_keys)}; found also "
+                                  f"{unknown}")
+            if data.get("ema") is not None:
+                ema = asdict(load_dataclass(EMASettings, data["ema"], what="guard config (ema)"))
+            data = dict(data.get("guard") or {})
+        data.setdefault("enabled", True)
+        cfg = load_dataclass(GuardConfig, data, what="guard config")
+    check_guard_config(cfg)
+    return cfg, ema
+
+
+@dataclass
+class Components:
+    """The guard's components, by role (None / empty when not configured)."""
+
+    loss_flags: LowLossFlags | None = None
+    monitor: MemorizationMonitor | None = None
+    policy: MitigationPolicy | None = None
+    noise_gap: NoiseGapScheduler | None = None
+    regularizers: list[Regularizer] = field(default_factory=list)
+    early_stopping: EarlyStopping | None = None
+    dashboard: TensorBoardDashboard | None = None
+    report: MemorizationReport | None = None
+    user: list[Callback] = field(default_factory=list)
+
+    def ordered(self) -> list[Callback]:
+        """Every component in the order the hooks run (module docstring)."""
+        first = [self.loss_flags, self.monitor, self.policy, self.noise_gap, *self.regularizers, self.early_stopping]
+        return [cb for cb in [*first, *self.user, self.dashboard, self.report] if cb is not None]
+
+
+def build_components(cfg: GuardConfig, callbacks: Sequence[Callback] = (), heldout: Any = None) -> Components:
+    """The components the ``guard:`` section asks for, wired (module docstring); ``callbacks`` are yours, run after
+    the guard's producers and consumers and before the dashboard and report. ``heldout``: held-out samples for the
+    monitor (instead of ``monitor.heldout_data``)."""
+    out = Components(user=list(callbacks))
+    if not cfg.enabled:
+        return out
+    out.loss_flags = LowLossFlags(cfg.loss_flags)
+    if cfg.monitor.enabled:
+        out.monitor = MemorizationMonitor(cfg.monitor, heldout=heldout)
+    rules, regularizers, noise_gap = list(cfg.policy), dict(cfg.regularizers), cfg.noise_gap.enabled
+    if cfg.default_policy:
+        default = default_policy()
+        rules = [*default.rules, *rules]
+        regularizers = {**default.regularizers, **regularizers}
+        noise_gap = noise_gap or default.needs_noise_gap
+    if noise_gap or any(r.action == "noise_gap" for r in rules):
+        out.noise_gap = NoiseGapScheduler(cfg.noise_gap)
+    out.regularizers = build_regularizers(regularizers)
+    if rules:
+        actions: dict[str, Any] = {r.name: r for r in out.regularizers}
+        if out.noise_gap is not None:
+            actions["noise_gap"] = out.noise_gap
+        out.policy = MitigationPolicy(rules, actions=actions)
+    es = cfg.early_stopping
+    if es.enabled:
+        out.early_stopping = EarlyStopping(**{k: v for k, v in vars(es).items() if k != "enabled"})
+    if cfg.dashboard.enabled:
+        out.dashboard = TensorBoardDashboard(cfg.dashboard, monitor=out.monitor, policy=out.policy,
+                                             loss_flags=out.loss_flags)
+    if cfg.report.enabled:
+        extras = [cb for cb in out.user if callable(getattr(cb, "report_summary", None))]
+        stoppers = [out.early_stopping] if out.early_stopping is not None else []
+        out.report = MemorizationReport(cfg.report, monitor=out.monitor, policy=out.policy, loss_flags=out.loss_flags,
+                                        stoppers=stoppers, extras=extras)
+    return out
+
+
+def hparams_of(values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Scalars for TensorBoard's hparams (nested mappings flattened to ``a/b``; other values as strings)."""
+    out: dict[str, Any] = {}
+
+    def walk(d: Mapping[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, Mapping):
+                walk(v, f"{prefix}{k}/")
+            else:
+                out[f"{prefix}{k}"] = v if isinstance(v, (bool, int, float, str)) else str(v)
+
+    walk(values or {}, "")
+    return out
+

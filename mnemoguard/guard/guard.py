@@ -1,0 +1,512 @@
+"""``mnemoguard.Guard``: the training-time guard, the one driver of its components, in any Accelerate loop.
+
+A user's diffusers script and the reference trainer call the same five methods (README, "Plug into an existing
+diffusers training script")::
+
+    guard = Guard(cfg, accelerator=accelerator, unet=unet, noise_scheduler=noise_scheduler, optimizer=optimizer,
+                  text_encoder=text_encoder, tokenizer=tokenizer, train_dataset=dataset["train"], ...)
+    # per micro-batch
+    timesteps = guard.sample_timesteps(bsz, latents.device)
+    inputs = guard.before_forward(timesteps=timesteps, noisy_model_input=noisy, encoder_hidden_states=ehs, ...)
+    loss = guard.loss(per_sample_mse, inputs, model_pred=model_pred)
+    # per optimizer step
+    guard.step(global_step)
+    # after the loop (and the export)
+    guard.end(final_dir=...)
+
+Hook by hook (:mod:`mnemoguard.callbacks.base`): ``on_train_begin`` at the first use, ``on_step_begin`` at the first
+micro-batch of an optimizer step, ``on_before_forward`` / ``on_loss`` per micro-batch, ``on_step_end`` per optimizer
+step, ``on_save`` inside ``accelerator.save_state``, ``on_train_end`` in :meth:`Guard.end`. The guard's state (the
+run's counters and curves, every component's state, its EMA) rides in ``accelerator.save_state`` / ``load_state``
+through accelerate's state hooks, as JSON + safetensors (:mod:`mnemoguard.guard.run_state`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..callbacks.bands import resolve_bands
+from ..callbacks.base import NEEDS, Callback, CallbackList, TrainerControl, TrainerState
+from ..callbacks.timesteps import TimestepSlot, UniformTimestepSampler
+from ..denoiser import Denoiser, _unwrap
+from ..ema import EMAModel, as_ema_weights
+from ..prompts import PromptEncoder, tokenize_and_encode
+from .build import build_components, hparams_of, load_guard_config
+from .context import GuardContext
+from .data import as_training_dataset
+from .inputs import check_forward_inputs, check_loss_inputs, to_device, who
+from .run_state import RunStateHooks
+
+logger = logging.getLogger("mnemoguard")
+
+__all__ = ["Guard"]
+
+_BUILT_NEEDS = ("prompts", "tokenizer", "dataset", "ema")  # provided at construction; the others per call
+
+
+class Guard:
+    """The memorization guard for an Accelerate training loop (module docstring; README for the whole snippet).
+
+    Build it after ``accelerator.prepare(...)`` and the dataset, and before ``accelerator.load_state`` (it registers
+    accelerate state hooks, so its state is saved and restored with every checkpoint).
+
+    Args:
+        config: the ``guard:`` section: a :class:`~mnemoguard.config.GuardConfig`, a mapping, a YAML path, or a whole
+            recipe (its ``guard:`` and ``ema:`` sections); ``enabled`` defaults to true. ``None``: the defaults.
+        accelerator, unet, noise_scheduler: the loop's (the UNet prepared or not; LoRA adapters included).
+        optimizer: the loop's optimizer: a step where a filter dropped every sample (on every rank) is then skipped
+            (weights and Adam's moments untouched). Recommended whenever a regularizer drops samples.
+        train_dataset: the training data (probes, caption columns): a ``datasets.Dataset`` with ``image_column`` /
+            ``caption_column`` (a transform set with ``with_transform`` is fine), a dataset directory, or a list of
+            ``(image, caption)`` pairs. Needed by the monitor.
+        text_encoder, tokenizer: the frozen text encoder and its tokenizer (or ``encode_prompt=fn(list[str]) ->
+            [B, L, D]``); needed by the monitor and by regularizers that change captions.
+        vae: the VAE of a latent model (None in pixel space).
+        ema: the EMA baseline: your EMA (a diffusers ``EMAModel`` from ``--use_ema``, or
+            :class:`~mnemoguard.ema.EMAModel`; you step and save it), ``True`` / ``False`` (the guard builds, steps
+            and saves one / never), or ``None``: the guard builds one when a component needs it.
+        ema_kwargs: arguments of the EMA the guard builds (``lag=``, ``decay=``, ``snapshot_every=`` ...).
+        output_dir: where the report goes; default: the accelerator's ``project_dir``.
+        heldout: held-out samples for the monitor (instead of ``monitor.heldout_data``).
+        resolution: the probes' training resolution; default: the UNet's ``sample_size`` x the VAE factor.
+        callbacks: more :class:`~mnemoguard.callbacks.Callback` s (run after the guard's, before dashboard and report).
+        log_every: optimizer steps between ``accelerator.log`` calls (0: only when a component asks, at checks).
+        max_steps: the planned number of optimizer steps (the report's "N / max_steps").
+        hparams: the run's settings for the dashboard's hparams (e.g. ``vars(args)``).
+
+    Raises:
+        ValueError / TypeError / :class:`~mnemoguard.config.ConfigError`: naming what was expected and what was found,
+        at construction for a missing model part or data, at each call for malformed inputs.
+    """
+
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        accelerator: Any,
+        unet: nn.Module,
+        noise_scheduler: Any,
+        optimizer: Any = None,
+        train_dataset: Any = None,
+        text_encoder: nn.Module | None = None,
+        tokenizer: Any = None,
+        encode_prompt: Callable[[list[str]], Tensor] | None = None,
+        vae: nn.Module | None = None,
+        ema: Any = None,
+        ema_kwargs: Mapping[str, Any] | None = None,
+        output_dir: str | os.PathLike | None = None,
+        heldout: Any = None,
+        image_column: str = "image",
+        caption_column: str = "text",
+        resolution: int | None = None,
+        callbacks: Sequence[Callback] | None = None,
+        log_every: int = 1,
+        max_steps: int = 0,
+        hparams: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config, recipe_ema = load_guard_config(config)
+        _check_parts(accelerator, unet, noise_scheduler, text_encoder, tokenizer, encode_prompt, log_every)
+        self.accelerator, self.unet, self.log_every = accelerator, unet, int(log_every)
+        self.state = TrainerState(max_steps=int(max_steps))
+        self.control = TrainerControl()
+        self.components = build_components(self.config, callbacks or [], heldout=heldout)
+        self.callbacks = CallbackList(self.components.ordered())
+        module = _unwrap(unet)
+        T = int(noise_scheduler.config.num_train_timesteps)
+        prompts = None
+        if encode_prompt is not None:
+            prompts = PromptEncoder(encode_prompt, device=accelerator.device)
+        elif text_encoder is not None:
+            prompts = PromptEncoder(lambda caps: tokenize_and_encode(text_encoder, tokenizer, caps),
+                                    device=accelerator.device)
+        dataset = None
+        if train_dataset is not None:
+            scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+            channels = int(vae.config.in_channels) if vae is not None else int(module.config.in_channels)
+            res = int(resolution) if resolution is not None else int(module.config.sample_size) * scale
+            dataset = as_training_dataset(train_dataset, image_column, caption_column, res, channels)
+        out = output_dir if output_dir is not None else getattr(accelerator, "project_dir", None)
+        self.context = GuardContext(
+            accelerator=accelerator, unet=unet, noise_scheduler=noise_scheduler,
+            denoiser=Denoiser(module, noise_scheduler), timesteps=TimestepSlot(UniformTimestepSampler(T)),
+            bands=resolve_bands(self.config.monitor, T), prompts=prompts, tokenizer=tokenizer, vae=vae,
+            dataset=dataset, output_dir=Path(out) if out is not None else None, hparams=hparams_of(hparams),
+        )
+        self.ema, self._owns_ema = self._make_ema(ema, ema_kwargs, recipe_ema)
+        self.context.ema = None if self.ema is None else as_ema_weights(self.ema, module)
+        self._check_needs()
+        if self.config.enabled and self.config.report.enabled and self.context.output_dir is None:
+            raise ValueError("the report is written to <output_dir>/report: expected output_dir= (or an accelerator "
+                             "with a project_dir); found neither. Or turn it off: report: {enabled: false}")
+        self._drops = [cb.state_key for cb in self.callbacks if getattr(cb, "drops_samples", False)]
+        self._optimizer_hook = _register_step_veto(optimizer, self._veto_optimizer_step) if optimizer else None
+        if self._drops and optimizer is None:
+            warnings.warn(f"Guard: {who(self._drops, 'drops', 'drop')} samples; pass optimizer= so that a step where "
+                          "every sample was dropped is skipped (otherwise Adam's momentum still moves the weights)",
+                          RuntimeWarning, stacklevel=2)
+        self.run_state = RunStateHooks(self)
+        self.skipped_steps = 0
+        self.seconds = 0.0  # wall time inside the guard's methods
+        self._begun = self._ended = self._step_open = False
+        self._last_sample: tuple[Tensor, Tensor] | None = None
+        self._loss_sum: Tensor | None = None
+        self._micro = 0
+        self._kept: Tensor | None = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _make_ema(self, ema: Any, ema_kwargs: Mapping[str, Any] | None,
+                  recipe_ema: dict[str, Any] | None) -> tuple[Any, bool]:
+        needed = [cb.state_key for cb in self.callbacks if "ema" in cb.needs]
+        settings = dict(recipe_ema or {})
+        recipe_on = settings.pop("enabled", True)
+        if ema is not None and not isinstance(ema, bool):
+            as_ema_weights(ema, _unwrap(self.unet))  # a TypeError names what was found
+            return ema, False
+        want = ema if isinstance(ema, bool) else (bool(needed) and recipe_on)
+        if not want:
+            return None, False
+        kwargs = {**settings, **dict(ema_kwargs or {})}
+        return EMAModel(_unwrap(self.unet), **kwargs), True
+
+    def _check_needs(self) -> None:
+        have = {"prompts": self.context.prompts is not None, "tokenizer": self.context.tokenizer is not None,
+                "dataset": self.context.dataset is not None, "ema": self.context.ema is not None}
+        for need in _BUILT_NEEDS:
+            users = [cb.state_key for cb in self.callbacks if need in cb.needs]
+            if users and not have[need]:
+                raise ValueError(f"{who(users, 'needs', 'need')} {NEEDS[need]}; found none"
+                                 + (". Or turn the monitor off: monitor: {enabled: false}"
+                                    if "MemorizationMonitor" in users else ""))
+        self._per_call = {need: [cb.state_key for cb in self.callbacks if need in cb.needs]
+                          for need in ("captions", "prediction", "indices")}
+
+    # ------------------------------------------------------------------------------------------------ properties
+    @property
+    def enabled(self) -> bool:
+        """Whether the ``guard:`` section is on (off: the methods keep the loop's behaviour, uniform timesteps)."""
+        return bool(self.config.enabled)
+
+    @property
+    def monitor(self) -> Any:
+        return self.components.monitor
+
+    @property
+    def policy(self) -> Any:
+        return self.components.policy
+
+    @property
+    def should_stop(self) -> bool:
+        """A component asked to stop (the same on every rank; sticky): leave the inner *and* the outer loop."""
+        return self.control.should_training_stop
+
+    @property
+    def should_save(self) -> bool:
+        """Save a checkpoint now: early stopping found a new best (the rollback target), or the run stops here."""
+        return self.control.should_save
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.state.stop_reason
+
+    @property
+    def global_step(self) -> int:
+        return self.state.global_step
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The latest value of every metric (the guard's ``mem/...``, ``reg/...``, ``train/loss`` and yours)."""
+        return self.state.metrics
+
+    def _kw(self) -> dict[str, Any]:
+        return {"context": self.context}
+
+    def begin(self) -> None:
+        """``on_train_begin`` (probe choice, baselines, sampler installation); runs at the first use, so calling it
+        is only needed to pay that cost at a chosen moment. Idempotent."""
+        if self._begun:
+            return
+        self._begun = True
+        self.state.is_world_process_zero = bool(self.accelerator.is_main_process)
+        self.callbacks.call("on_train_begin", self.state, self.control, **self._kw())
+
+    def _open_step(self) -> None:
+        self.begin()
+        if not self._step_open:
+            self._step_open = True
+            self.control.reset_step_flags()
+            self.callbacks.call("on_step_begin", self.state, self.control, **self._kw())
+
+    def encode_captions(self, captions: Sequence[str]) -> Tensor:
+        """Text embeddings ``[B, L, D]`` from the guard's prompt encoder (each caption encoded alone, cached)."""
+        if self.context.prompts is None:
+            raise ValueError("encoding captions needs encode_prompt= or text_encoder= and tokenizer= (given to "
+                             "Guard); found neither")
+        return self.context.prompts(list(captions))
+
+    # ------------------------------------------------------------------------------------------------ per micro-batch
+    def sample_timesteps(self, batch_size: int, device: torch.device | str | None = None,
+                         generator: torch.Generator | None = None) -> Tensor:
+        """``[batch_size]`` integer timesteps from the run's sampler: uniform (drawn exactly as
+        ``torch.randint(0, T, (batch_size,))`` on the CPU) until the noise gap biases or gaps a band. Their loss
+        weights (ones unless ``noise_gap.importance > 0``) reach :meth:`before_forward` with them."""
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, found {batch_size}")
+        self._open_step()
+        device = device if device is not None else self.accelerator.device
+        timesteps, weights = self.context.timesteps.sampler(int(batch_size), device, generator=generator)
+        self._last_sample = (timesteps, weights)
+        return timesteps
+
+    def before_forward(self, inputs: Mapping[str, Any] | None = None, /, **entries: Any) -> dict[str, Any]:
+        """The regularizers' ``on_before_forward``: returns the micro-batch's inputs dict, possibly edited.
+
+        Give the UNet's inputs ``timesteps`` ``[B]``, ``noisy_model_input`` ``[B, C, H, W]`` and
+        ``encoder_hidden_states`` ``[B, L, D]`` (may be left out when ``captions`` are given: the guard encodes them),
+        plus when you have them ``captions`` (B strings: needed by caption regularizers; the loss flags leave out
+        empty ones), ``indices`` (the rows of ``train_dataset``: the report then names flagged samples),
+        ``model_input`` and ``noise``. Run the UNet on ``inputs["encoder_hidden_states"]``.
+        """
+        start = time.perf_counter()
+        data: dict[str, Any] = {**dict(inputs or {}), **entries}
+        self._open_step()
+        check_forward_inputs(data, self._per_call["captions"], self._per_call["indices"])
+        t = data["timesteps"]
+        if data.get("encoder_hidden_states") is None:
+            data["encoder_hidden_states"] = self.encode_captions(data["captions"]).to(t.device)
+        if data["encoder_hidden_states"].shape[0] != t.shape[0]:
+            raise ValueError(f"Guard.before_forward: encoder_hidden_states must have {t.shape[0]} rows, found shape "
+                             f"{tuple(data['encoder_hidden_states'].shape)}")
+        data["indices"] = to_device(data["indices"], t.device)
+        if data.get("weights") is None:
+            data["weights"] = self._sample_weights(t)
+        data.setdefault("extra_loss", torch.zeros((), device=t.device))
+        self.callbacks.call("on_before_forward", self.state, self.control, inputs=data, **self._kw())
+        self.seconds += time.perf_counter() - start
+        return data
+
+    def _sample_weights(self, t: Tensor) -> Tensor:
+        """The loss weights drawn with these timesteps by :meth:`sample_timesteps` (ones for timesteps drawn
+        elsewhere; a warning when the sampler re-weights)."""
+        last = self._last_sample
+        if last is not None and last[0] is t:
+            return last[1].float()
+        importance = getattr(getattr(self.context.timesteps.sampler, "config", None), "importance", 0.0)
+        if importance and "weights" not in self._warned:
+            self._warned.add("weights")
+            warnings.warn("Guard.before_forward: these timesteps were not drawn by guard.sample_timesteps, so the "
+                          "noise-gap importance weights are not applied (weights are ones)", RuntimeWarning,
+                          stacklevel=3)
+        return torch.ones(t.shape[0], device=t.device)
+
+    def loss(self, loss_per_sample: Tensor, inputs: dict[str, Any], *, model_pred: Tensor | None = None,
+             target: Tensor | None = None) -> Tensor:
+        """The components' ``on_loss`` (low-loss flags, sample filters, preservation term), then the micro-batch loss
+        ``mean(weights · loss_per_sample) + extra_loss`` to backpropagate.
+
+        Args:
+            loss_per_sample: ``[B]`` per-sample losses (``F.mse_loss(..., reduction="none")``, Min-SNR weights folded
+                in); ``[B, ...]`` is averaged over the non-batch dims.
+            inputs: the dict :meth:`before_forward` returned.
+            model_pred: the UNet's output (needed by ``wen_filter`` and ``baseline_preservation``).
+            target: the training target (kept in ``inputs`` for your callbacks).
+        """
+        start = time.perf_counter()
+        if model_pred is not None:
+            inputs["model_pred"] = model_pred
+        if target is not None:
+            inputs["target"] = target
+        inputs["loss_per_sample"] = check_loss_inputs(loss_per_sample, inputs, self._per_call["prediction"])
+        self.callbacks.call("on_loss", self.state, self.control, inputs=inputs, **self._kw())
+        self.state.micro_step += 1
+        loss = (inputs["loss_per_sample"] * inputs["weights"]).mean() + inputs["extra_loss"]
+        detached = loss.detach().float()
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        self._micro += 1
+        if self._drops:
+            kept = (inputs["weights"] != 0).sum()
+            self._kept = kept if self._kept is None else self._kept + kept
+        self.seconds += time.perf_counter() - start
+        return loss
+
+    def _veto_optimizer_step(self) -> bool:
+        """Whether the optimizer step about to run must be skipped: every sample of every micro-batch of this step,
+        on every rank, was dropped by a filter. One all-reduced count per step, only when a filter is configured."""
+        if not self._drops or self._kept is None:
+            return False
+        kept = self._kept.reshape(1).float()
+        if self.accelerator.num_processes > 1:
+            kept = self.accelerator.reduce(kept, reduction="sum")
+        if float(kept.item()) > 0:
+            return False
+        self.skipped_steps += 1
+        return True
+
+    # ------------------------------------------------------------------------------------------------ per step
+    def step(self, global_step: int | None = None, logs: Mapping[str, Any] | None = None, *,
+             epoch: int | None = None) -> dict[str, float] | None:
+        """After the optimizer step: EMA update, ``on_step_end`` (checks, policy, early stopping, dashboard), logging
+        (``train/loss``: the mean of this step's :meth:`loss` values over micro-batches and ranks, plus your
+        ``logs``) and the cross-rank stop. A no-op returning None between accumulation micro-batches
+        (``accelerator.sync_gradients`` false), so it may be called after every micro-batch.
+
+        Args:
+            global_step: the optimizer step just taken (default: the last one + 1); must grow.
+            logs: your scalars for this step (``{"train/lr": ...}``), logged with the guard's every ``log_every``
+                steps and whenever a component asks (a check).
+            epoch: recorded in the state.
+
+        Returns:
+            the step's logs, or None on a micro-batch that was not an optimizer step.
+        """
+        acc = self.accelerator
+        if not acc.sync_gradients:
+            return None
+        start = time.perf_counter()
+        self._open_step()
+        state = self.state
+        step = state.global_step + 1 if global_step is None else int(global_step)
+        if step <= state.global_step:
+            raise ValueError(f"Guard.step: global_step must grow; found {step} after {state.global_step}")
+        state.global_step = step
+        if epoch is not None:
+            state.epoch = int(epoch)
+        if self._owns_ema:
+            self.ema.step(_unwrap(self.unet))
+        values = _floats(logs)
+        if (self.log_every and step % self.log_every == 0) or step == state.max_steps:
+            self.control.should_log = True
+            values.update(self._train_loss())
+        state.update_metrics(values)
+        self.callbacks.call("on_step_end", state, self.control, logs=values, **self._kw())
+        if self.control.should_log and values:
+            if "train/loss" not in values:
+                values.update(self._train_loss())
+                state.update_metrics(values)
+            state.log(values)
+            acc.log({k: float(v) for k, v in values.items()}, step=step)
+        self._sync_stop()
+        self._loss_sum, self._micro, self._kept, self._step_open = None, 0, None, False
+        self.seconds += time.perf_counter() - start
+        return values
+
+    def _train_loss(self) -> dict[str, float]:
+        if self._loss_sum is None or not self._micro:
+            return {}
+        mean = (self._loss_sum / self._micro).reshape(1)
+        if self.accelerator.num_processes > 1:
+            mean = self.accelerator.reduce(mean, reduction="mean")
+        out = {"train/loss": float(mean.item())}
+        if self.skipped_steps:
+            out["train/skipped_steps"] = float(self.skipped_steps)
+        return out
+
+    def _sync_stop(self) -> None:
+        """A stop asked for on any rank stops every rank (every rank calls step() at every optimizer step)."""
+        if self.control.should_training_stop:
+            self.accelerator.set_trigger()
+        if self.accelerator.check_trigger():
+            self.state.stop_reason = self.state.stop_reason or "a callback asked to stop"
+            self.control.should_training_stop = True
+            self.control.should_save = True  # a checkpoint at the stop step
+
+    def note_checkpoint(self, path: str | os.PathLike) -> None:
+        """Tell the guard where the checkpoint being saved next will finally live (when the loop writes it to a
+        temporary folder first, as the reference trainer does); the best checkpoint is recorded under that name."""
+        self.run_state.pending_path = Path(path)
+
+    def end(self, final_dir: str | os.PathLike | None = None, exported: Mapping[str, Any] | None = None
+            ) -> TrainerState:
+        """``on_train_end``: a last monitor check (when the last step was not one), the report
+        (``<output_dir>/report/``; with ``final_dir``, the exported ``*.safetensors`` there get the ``mnemoguard_*``
+        metadata: call it after exporting) and the dashboard's hparams. ``exported``: what was exported
+        (``{"source": "last" | "best" | "ema", "step": N}``). Call it once, after the loop."""
+        if self._ended:
+            raise RuntimeError("Guard.end() was already called")
+        if not self._begun:
+            warnings.warn("Guard.end(): the guard was never used (no step taken); nothing to report", RuntimeWarning,
+                          stacklevel=2)
+            return self.state
+        self._ended = True
+        self.context.final_dir = Path(final_dir) if final_dir is not None else None
+        self.context.exported = dict(exported) if exported is not None else None
+        logs: dict[str, float] = {}
+        self.callbacks.call("on_train_end", self.state, self.control, logs=logs, **self._kw())
+        if logs:
+            self.state.log(logs)
+            self.accelerator.log({k: float(v) for k, v in logs.items()}, step=self.state.global_step)
+        return self.state
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The run state (counters and curves, every component's state, the guard's own EMA); see
+        :mod:`mnemoguard.guard.run_state`."""
+        return self.run_state.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; components added since start fresh, removed ones are reported (the log)."""
+        self.run_state.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        names = [cb.state_key for cb in self.callbacks]
+        return f"Guard(enabled={self.enabled}, step={self.state.global_step}, components={names})"
+
+
+def _floats(logs: Mapping[str, Any] | None) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for key, value in (logs or {}).items():
+        try:
+            values[str(key)] = float(value.item() if isinstance(value, Tensor) else value)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"Guard.step: logs[{key!r}] must be a number (or a one-element tensor), found "
+                            f"{type(value).__name__}") from None
+    return values
+
+
+def _check_parts(accelerator: Any, unet: Any, noise_scheduler: Any, text_encoder: Any, tokenizer: Any,
+                 encode_prompt: Any, log_every: int) -> None:
+    for name, value in (("accelerator", accelerator), ("unet", unet), ("noise_scheduler", noise_scheduler)):
+        if value is None:
+            raise ValueError(f"Guard needs {name}=; found None")
+    if not hasattr(accelerator, "unwrap_model") or not hasattr(accelerator, "sync_gradients"):
+        raise TypeError(f"accelerator: expected an accelerate.Accelerator, found {type(accelerator).__name__}")
+    if not isinstance(unet, nn.Module) or not hasattr(_unwrap(unet), "config"):
+        raise TypeError(f"unet: expected a diffusers UNet (prepared or not), found {type(unet).__name__}")
+    if not hasattr(getattr(noise_scheduler, "config", None), "num_train_timesteps"):
+        raise TypeError("noise_scheduler: expected a diffusers noise scheduler (with config.num_train_timesteps), "
+                        f"found {type(noise_scheduler).__name__}")
+    if int(log_every) < 0:
+        raise ValueError(f"log_every must be >= 0 (0: only when a component asks), found {log_every}")
+    if encode_prompt is None and (text_encoder is None) != (tokenizer is None) and text_encoder is not None:
+        raise ValueError("text encoding needs both text_encoder= and tokenizer= (or an encode_prompt= callable); "
+                         f"found text_encoder={type(text_encoder).__name__}, tokenizer=None")
+    if encode_prompt is not None and not callable(encode_prompt):
+        raise TypeError(f"encode_prompt: expected a callable list[str] -> Tensor, found {type(encode_prompt)}")
+
+
+def _register_step_veto(optimizer: Any, veto: Callable[[], bool]) -> Any:
+    """A pre-step hook on the innermost torch optimizer (through accelerate's and DeepSpeed's wrappers): when
+    ``veto()`` says so, every gradient is set to None, so the optimizer skips every parameter this step."""
+    inner = optimizer
+    while hasattr(inner, "optimizer"):  # AcceleratedOptimizer, DeepSpeed's ZeRO optimizers
+        inner = inner.optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"optimizer: expected a torch optimizer (or accelerate's wrapper of one), found "
+                        f"{type(optimizer).__name__}")
+
+    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if veto():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    return inner.register_step_pre_hook(hook)
