@@ -169,16 +169,15 @@ def _concat_batches(a: Any, b: Any, *, name: str) -> Any:
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """Look through DDP / DeepSpeed (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    seen = 0
-    while seen < 8:
-        if hasattr(module, "set_attn_processor"):
-            return module
-        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+    """Look through DDP / DeepSpeed (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers: registered
+    submodules of those names (a DeepSpeed engine forwards unknown attributes to its model, so attribute checks would
+    stop at the engine)."""
+    for _ in range(8):
+        children = getattr(module, "_modules", {})
+        inner = children.get("module") or children.get("_orig_mod")
         if not isinstance(inner, torch.nn.Module):
             return module
         module = inner
-        seen += 1
     return module
 
 

@@ -9,7 +9,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from mnemoguard.callbacks import Callback  # noqa: E402
-from mnemoguard.callbacks.regularizers import skip_if_nothing_kept  # noqa: E402
 from mnemoguard.ema import gathered_parameters  # noqa: E402
 from mnemoguard.trainer import Trainer  # noqa: E402
 from tests.trainer_utils import tiny_recipe  # noqa: E402
@@ -19,10 +18,11 @@ class RecordRank(Callback):
     """At the end of training (before the process group goes away): what this rank holds."""
 
     def __init__(self, out: str) -> None:
-        self.out = out
+        self.out, self.trainer = out, None
 
-    def on_train_end(self, state, control, trainer, accelerator, unet, ema, **kwargs) -> None:
-        params = list(accelerator.unwrap_model(unet).parameters())
+    def on_train_end(self, state, control, context, **kwargs) -> None:
+        accelerator, ema, trainer = context.accelerator, self.trainer.ema, self.trainer
+        params = list(context.unwrapped_unet.parameters())
         with gathered_parameters(params):  # ZeRO-3: each rank holds shards; gather them to compare whole weights
             checksum = float(sum(p.detach().double().sum() for p in params))
         record = {
@@ -45,8 +45,8 @@ class StopOnLastRank(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_step_end(self, state, control, accelerator, **kwargs) -> None:
-        if state.global_step == self.step and accelerator.process_index == accelerator.num_processes - 1:
+    def on_step_end(self, state, control, context, **kwargs) -> None:
+        if state.global_step == self.step and context.process_index == context.num_processes - 1:
             control.should_training_stop = True
 
 
@@ -54,18 +54,19 @@ class DropAllAt(Callback):
     """Every rank's filter drops every sample during optimizer step ``step`` (as Wen's filter does when every gap is
     over its threshold); records each rank's weight checksum after every step."""
 
+    drops_samples = True
+
     def __init__(self, out: str, step: int) -> None:
         self.out, self.step, self.checksums = out, step, []
 
-    def on_loss(self, state, control, inputs, accelerator, **kwargs) -> None:
+    def on_loss(self, state, control, inputs, **kwargs) -> None:
         if state.global_step + 1 == self.step:
             inputs["weights"] = torch.zeros_like(inputs["weights"])
-            skip_if_nothing_kept(inputs, accelerator)
 
-    def on_step_end(self, state, control, accelerator, unet, **kwargs) -> None:
-        params = accelerator.unwrap_model(unet).parameters()
+    def on_step_end(self, state, control, context, **kwargs) -> None:
+        params = context.unwrapped_unet.parameters()
         self.checksums.append(float(sum(p.detach().double().sum() for p in params)))
-        Path(self.out, f"checksums{accelerator.process_index}.json").write_text(json.dumps(self.checksums))
+        Path(self.out, f"checksums{context.process_index}.json").write_text(json.dumps(self.checksums))
 
 
 def main() -> None:
@@ -75,7 +76,9 @@ def main() -> None:
     callbacks = [RecordRank(out)] + [StopOnLastRank(int(o.split("=")[1])) for o in stop]
     callbacks += [DropAllAt(out, int(o.split("=")[1])) for o in drop]
     rest = (o for o in overrides if o not in stop + drop)
-    Trainer(tiny_recipe(out, *rest), callbacks=callbacks).train()
+    trainer = Trainer(tiny_recipe(out, *rest), callbacks=callbacks)
+    callbacks[0].trainer = trainer
+    trainer.train()
 
 
 if __name__ == "__main__":

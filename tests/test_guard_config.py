@@ -5,6 +5,7 @@ from mnemoguard.callbacks import (
     AntiGradientControl,
     Callback,
     EarlyStopping,
+    LowLossFlags,
     MemorizationMonitor,
     MemorizationReport,
     MitigationPolicy,
@@ -12,8 +13,8 @@ from mnemoguard.callbacks import (
     TensorBoardDashboard,
     WenFilter,
 )
-from mnemoguard.callbacks.guard import build_guard_callbacks
 from mnemoguard.config import ConfigError, load_config
+from mnemoguard.guard import build_components
 from mnemoguard.trainer import Trainer
 
 from .trainer_utils import tiny_recipe
@@ -28,12 +29,12 @@ class SeenTimesteps(Callback):
 
 
 def test_guard_is_off_unless_enabled():
-    assert build_guard_callbacks(load_config().guard) == []
+    assert build_components(load_config().guard).ordered() == []
     cfg = load_config(None, ["guard.noise_gap.enabled=true"])
-    assert build_guard_callbacks(cfg.guard) == []
+    assert build_components(cfg.guard).ordered() == []
 
 
-def test_recipe_guard_builds_callbacks_in_producer_consumer_order():
+def test_recipe_guard_builds_components_in_producer_consumer_order_and_wires_them():
     cfg = load_config({"guard": {
         "enabled": True,
         "policy": [{"signal": "mem/x", "threshold": 1.0, "band": [300, 700]}],
@@ -41,23 +42,29 @@ def test_recipe_guard_builds_callbacks_in_producer_consumer_order():
         "regularizers": {"iet_agc": {"enabled": False}, "wen_filter": {"threshold": 4.0}},
         "early_stopping": {"enabled": True, "monitor": "mem/x"},
     }})
-    callbacks = build_guard_callbacks(cfg.guard)
-    assert [type(cb) for cb in callbacks] == [
-        MemorizationMonitor, MitigationPolicy, NoiseGapScheduler, WenFilter, AntiGradientControl, EarlyStopping,
-        TensorBoardDashboard, MemorizationReport,
+    mine = SeenTimesteps()
+    parts = build_components(cfg.guard, [mine])
+    assert [type(cb) for cb in parts.ordered()] == [
+        LowLossFlags, MemorizationMonitor, SeenTimesteps, MitigationPolicy, NoiseGapScheduler, WenFilter,
+        AntiGradientControl, EarlyStopping, TensorBoardDashboard, MemorizationReport,
     ]
-    assert callbacks[-1].monitor is callbacks[0] and callbacks[-2].monitor is callbacks[0]
+    assert parts.report.monitor is parts.monitor and parts.dashboard.monitor is parts.monitor
+    assert parts.dashboard.policy is parts.policy and parts.report.loss_flags is parts.loss_flags
+    assert parts.policy.actions == {"noise_gap": parts.noise_gap, "wen_filter": parts.regularizers[0],
+                                    "iet_agc": parts.regularizers[1]}
 
 
 def test_bad_guard_settings_are_clear_errors():
-    with pytest.raises(ConfigError, match=r"guard\.early_stopping\.mode: expected one of \('min', 'max'\)"):
+    with pytest.raises(ConfigError, match=r"guard\.early_stopping\.mode: expected one of \['min', 'max'\]"):
         load_config(None, ["guard.early_stopping.mode=lowest"])
     with pytest.raises(ConfigError, match=r"unknown key\(s\) guard\.noise_gap\.gap_size"):
         load_config(None, ["guard.noise_gap.gap_size=3"])
-    with pytest.raises(KeyError, match="unknown regularizer 'wen'"):
-        build_guard_callbacks(load_config(None, ["guard.enabled=true", "guard.regularizers={wen: {}}"]).guard)
-    with pytest.raises(ValueError, match="needs guard.early_stopping.monitor"):
-        build_guard_callbacks(load_config(None, ["guard.enabled=true", "guard.early_stopping.enabled=true"]).guard)
+    with pytest.raises(ConfigError, match=r"guard.regularizers.wen: unknown regularizer 'wen'; expected one of"):
+        load_config(None, ["guard.enabled=true", "guard.regularizers={wen: {}}"])
+    with pytest.raises(ConfigError, match="needs guard.early_stopping.monitor"):
+        load_config(None, ["guard.enabled=true", "guard.early_stopping.enabled=true"])
+    with pytest.raises(ConfigError, match=r"action 'wen_filter' is not configured, so the rule could never act"):
+        load_config(None, ["guard.enabled=true", "guard.policy=[{signal: mem/x, action: wen_filter, threshold: 1}]"])
 
 
 def test_recipe_noise_gap_and_early_stopping_act_on_a_real_run(tmp_path):
@@ -88,7 +95,7 @@ def test_the_whole_guard_from_a_recipe_monitors_acts_and_reports(tmp_path):
     trainer = Trainer(cfg)
     state = trainer.train()
     assert state.is_fresh(signal) and state.global_step == 4
-    policy = next(cb for cb in trainer.callbacks if isinstance(cb, MitigationPolicy))
+    policy = trainer.guard.policy
     assert policy.alarms and policy.alarms[0]["action"] == "noise_gap"
     assert [s for s, _ in scalars(tmp_path / "logs", signal)] == [2, 4]
     assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "report" / "summary.json").is_file()

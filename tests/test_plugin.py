@@ -1,276 +1,183 @@
-"""mnemoguard.Guard in a hand-written Accelerate loop (what a user of diffusers' train_text_to_image.py writes):
-metrics at the monitor's cadence, RNG isolation, state round trip through accelerate, early stopping, bad input."""
+"""mnemoguard.Guard inside a script shaped like diffusers' train_text_to_image(_lora).py (tests/diffusers_script.py),
+added as the README shows: monitoring changes nothing, the script's own EMA is the baseline, a stop leaves both loops
+with a checkpoint, resume replays the uninterrupted run (also from a checkpoint saved without the guard), 2 processes
+agree; and the README's snippet is the script's code."""
 
 from __future__ import annotations
 
-import functools
+import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
+import yaml
+from safetensors import safe_open
 
-from mnemoguard import Guard
-from mnemoguard.config import TinyModelConfig
-from mnemoguard.data import preprocess_image
-from mnemoguard.trainer.models import build_tiny_components
+from . import diffusers_script
 
-SIGNAL = "mem/live_vs_ema/band=mid/train"
-HELDOUT = ["a handwritten digit eleven", "a handwritten digit twelve"]
-
-
-def guard_section(**sections) -> dict:
-    """A small guard: the monitor every 2 steps on 2 + 2 probes and 2 unseen captions, no curvature panels."""
-    monitor = dict(every_n_steps=2, num_duplicate_probes=2, num_random_probes=2, num_heldout_probes=2,
-                   heldout_captions=list(HELDOUT), curvature_every_k_checks=0, loss_min_count=1)
-    report = {"plots": False, **sections.pop("report", {})}  # matplotlib would take most of the test's time
-    return {"monitor": {**monitor, **sections.pop("monitor", {})}, "report": report, **sections}
+ROOT = Path(__file__).resolve().parents[1]
+MONITOR = {"every_n_steps": 2, "num_duplicate_probes": 2, "num_random_probes": 2, "num_heldout_probes": 0,
+           "curvature_every_k_checks": 0, "batch_size": 8}
 
 
-@functools.cache
-def digits(n: int = 32):
-    """The first ``n`` builtin real digits (16x16 grayscale, captioned by class: captions repeat)."""
-    from mnemoguard.data import digits_dataset
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny latent Stable Diffusion (tiny VAE, tiny CLIP, 8x8 latents) saved in diffusers' layout."""
+    from mnemoguard.config import TinyModelConfig
+    from mnemoguard.trainer.models import build_tiny_components
 
-    return digits_dataset().select(range(n))
-
-
-def list_tracker():
-    """A custom accelerate tracker that keeps what accelerator.log sends (in ``.rows``)."""
-    from accelerate.tracking import GeneralTracker
-
-    class ListTracker(GeneralTracker):
-        name = "list"
-        requires_logging_directory = False
-
-        def __init__(self):
-            super().__init__()
-            self.rows: list[tuple[int, dict]] = []
-
-        @property
-        def tracker(self):
-            return self.rows
-
-        def store_init_configuration(self, values):
-            pass
-
-        def log(self, values, step=None, **kwargs):
-            self.rows.append((step, dict(values)))
-
-    return ListTracker()
+    out = tmp_path_factory.mktemp("tiny-sd")
+    cfg = TinyModelConfig(latent=True, channels=3, text_encoder="clip", sample_size=8)
+    build_tiny_components(cfg, out / "build").save_pretrained(out / "model")
+    return out / "model"
 
 
-class UserData(torch.utils.data.Dataset):
-    """The user's own dataset class: pixels in [-1, 1], the caption and the row index."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        row = self.ds[i]
-        return {"pixel_values": preprocess_image(row["image"], 16, 1), "caption": row["text"], "index": i}
+def write_guard(path: Path, **sections) -> str:
+    section = {"monitor": dict(MONITOR), "report": {"plots": False}}
+    for key, value in sections.items():
+        section[key] = {**section.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(section))
+    return str(path)
 
 
-def collate(rows):
-    return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
-            "captions": [r["caption"] for r in rows], "indices": torch.tensor([r["index"] for r in rows])}
+def run(model_dir: Path, out: Path, *args: str, guard: str | None = None) -> dict:
+    argv = ["--pretrained_model_name_or_path", str(model_dir), "--output_dir", str(out), *args]
+    return diffusers_script.main(argv + (["--guard_config", guard] if guard else []))
 
 
-def user_loop(tmp_path: Path, guard_config=None, steps: int = 4, *, resume=None,
-              save_at: int | None = None, accumulation: int = 1, encode_with_callable: bool = False,
-              **guard_kwargs) -> SimpleNamespace:
-    """A short text-to-image fine-tune written as a user would (tiny pixel-space UNet, tiny CLIP); the guard is
-    plugged in with its few lines when ``guard_config`` is not None."""
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------- one process
+def test_lora_script_monitoring_leaves_the_weights_bit_identical_and_stamps_the_export(model_dir, tmp_path):
+    common = ("--lora", "--gradient_accumulation_steps", "2", "--max_train_steps", "5", "--checkpointing_steps", "10")
+    plain = run(model_dir, tmp_path / "plain", *common)
+    guarded = run(model_dir, tmp_path / "guarded", *common, guard=write_guard(tmp_path / "g.yaml"))
+    assert plain["global_step"] == guarded["global_step"] == 5
+    assert same_weights(plain["weights"], guarded["weights"])
+    guard = guarded["guard_object"]
+    # Checks at its cadence and a last one at the end of training; train/loss is the mean over micro-batches.
+    assert [h["step"] for h in guard.monitor.history] == [2, 4, 5]
+    assert guard.state.micro_step == 10 and "train/loss" in guard.metrics
+    assert guard._owns_ema and guard.ema.optimization_step == 5  # the monitor's baseline, built by the guard
+    assert guard.components.loss_flags.row_counts[1].sum() > 0  # rows known: the collate_fn passed indices
+    stamped = tmp_path / "guarded" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(stamped), "pt") as f:
+        meta = f.metadata()
+    assert meta["mnemoguard_global_step"] == "5" and meta["mnemoguard_checks"] == "3"
+    report = json.loads((tmp_path / "guarded" / "report" / "summary.json").read_text())
+    assert report["run"]["global_step"] == 5 and report["run"]["max_steps"] == 5
+
+
+def test_full_fine_tune_with_use_ema_takes_the_scripts_ema_as_the_baseline(model_dir, tmp_path):
+    result = run(model_dir, tmp_path, "--use_ema", "--max_train_steps", "2", "--checkpointing_steps", "10",
+                 guard=write_guard(tmp_path / "g.yaml"))
+    guard = result["guard_object"]
+    assert not guard._owns_ema and type(guard.ema).__module__ == "diffusers.training_utils"  # no second copy
+    assert guard.context.ema.optimization_step == 2
+    last = guard.monitor.history[-1]["metrics"]
+    assert last["mem/live_vs_ema/band=mid/train"] > 0  # the EMA differs from the live weights after 2 steps
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_a_stop_leaves_both_loops_and_writes_a_checkpoint_at_the_stop_step(model_dir, tmp_path):
+    stop = {"enabled": True, "monitor": "train/loss", "divergence_threshold": 0.0, "start_from_step": 3}
+    result = run(model_dir, tmp_path, "--lora", "--max_train_steps", "30", "--checkpointing_steps", "100",
+                 guard=write_guard(tmp_path / "g.yaml", early_stopping=stop))
+    guard = result["guard_object"]
+    assert result["global_step"] == guard.global_step == 3 and "train/loss" in guard.stop_reason
+    assert (tmp_path / "checkpoint-3" / "mnemoguard_state.json").is_file()
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["run"]["stop_step"] == 3 and summary["early_stopping"][0]["stopped_step"] == 3
+
+
+def test_resume_latest_replays_the_uninterrupted_run(model_dir, tmp_path):
+    guard = write_guard(tmp_path / "g.yaml")
+    common = ("--lora", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2")
+    straight = run(model_dir, tmp_path / "a", *common, "--max_train_steps", "4", guard=guard)
+    run(model_dir, tmp_path / "b", *common, "--max_train_steps", "2", guard=guard)
+    resumed = run(model_dir, tmp_path / "b", *common, "--max_train_steps", "4", "--resume_from_checkpoint",
+                  "latest", guard=guard)
+    assert resumed["global_step"] == 4 and same_weights(straight["weights"], resumed["weights"])
+    a, b = straight["guard_object"], resumed["guard_object"]
+    assert [h["step"] for h in b.monitor.history] == [2, 4]
+    assert b.monitor.history[-1]["metrics"] == a.monitor.history[-1]["metrics"]
+    assert [r["step"] for r in b.state.log_history] == [1, 2, 3, 4] and b.ema.optimization_step == 4
+
+
+def test_resume_from_a_checkpoint_saved_without_the_guard(model_dir, tmp_path, caplog):
+    common = ("--lora", "--checkpointing_steps", "2")
+    run(model_dir, tmp_path, *common, "--max_train_steps", "2")
+    for path in (tmp_path / "checkpoint-2").glob("mnemoguard_state.*"):  # as a script without the guard saves it
+        path.unlink()
+    with caplog.at_level("WARNING", logger="mnemoguard"):
+        resumed = run(model_dir, tmp_path, *common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+                      guard=write_guard(tmp_path / "g.yaml"))
+    assert "holds no guard state (saved without the guard); the guard starts fresh" in caplog.text
+    guard = resumed["guard_object"]
+    assert resumed["global_step"] == guard.global_step == 4 and [h["step"] for h in guard.monitor.history] == [4]
+
+
+def test_a_disabled_guard_is_a_pass_through(tmp_path):
+    """What the plain runs above rest on: with ``enabled: false`` the five calls are the diffusers script's own
+    operations (timesteps drawn exactly as torch.randint draws them, the plain per-sample mean loss)."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import DDPMScheduler
 
-    tracker = list_tracker()
-    acc = Accelerator(cpu=True, log_with=[tracker], gradient_accumulation_steps=accumulation,
-                      project_config=ProjectConfiguration(project_dir=str(tmp_path)))
-    acc.init_trackers("user-run")
-    set_seed(0)
-    parts = build_tiny_components(TinyModelConfig(text_encoder="clip"), tmp_path / "model")
-    parts.text_encoder.requires_grad_(False).eval()
-    unet, sched = parts.unet, parts.noise_scheduler
-    unet.train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
-    loader = torch.utils.data.DataLoader(UserData(digits()), batch_size=8, shuffle=True, collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(0))
-    unet, optimizer, loader = acc.prepare(unet, optimizer, loader)
-    guard = None
-    if guard_config is not None:
-        if encode_with_callable:  # the user's own prompt encoder
-            guard_kwargs["encode_prompt"] = lambda captions: parts.encode_prompt(captions)
-        else:
-            guard_kwargs.update(text_encoder=parts.text_encoder, tokenizer=parts.tokenizer)
-        guard = Guard(guard_config, accelerator=acc, unet=unet, noise_scheduler=sched, train_dataset=digits(),
-                      **guard_kwargs)
-        acc.register_for_checkpointing(guard)
-    global_step, step_logs, seen_t = 0, {}, []
-    skip = 0
-    if resume is not None:
-        acc.load_state(str(resume))
-        global_step = int(Path(resume).name.split("-")[1])
-        skip = global_step * accumulation % len(loader)  # the batches of this epoch already trained on
-    done = global_step >= steps
-    while not done:
-        for batch in acc.skip_first_batches(loader, skip) if skip else loader:
-            with acc.accumulate(unet):
-                x0 = batch["pixel_values"]
-                noise = torch.randn_like(x0)
-                bsz = x0.shape[0]
-                if guard is not None:
-                    t = guard.sample_timesteps(bsz, x0.device)
-                else:
-                    t = torch.randint(0, sched.config.num_train_timesteps, (bsz,)).to(x0.device)
-                seen_t += t.tolist()
-                x_t = sched.add_noise(x0, noise, t)
-                ehs = parts.encode_prompt(batch["captions"])
-                if guard is not None:
-                    inputs = guard.before_forward(timesteps=t, noisy_model_input=x_t, encoder_hidden_states=ehs,
-                                                  captions=batch["captions"], indices=batch["indices"])
-                    ehs = inputs["encoder_hidden_states"]
-                pred = unet(x_t, t, ehs).sample
-                per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-                loss = guard.loss(per_sample, inputs, model_pred=pred) if guard is not None else per_sample.mean()
-                acc.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-            if guard is not None and not acc.sync_gradients:
-                assert guard.step(global_step + 1) is None  # a no-op between accumulation micro-batches
-            if acc.sync_gradients:
-                global_step += 1
-                if guard is not None:
-                    step_logs[global_step] = guard.step(global_step, logs={"train/loss": loss.detach()})
-                if save_at == global_step:
-                    path = tmp_path / f"checkpoint-{global_step}"
-                    guard.save_state(path) if guard is not None else acc.save_state(str(path))
-                if guard is not None and guard.should_stop:
-                    done = True
-                    break
-                if global_step >= steps:
-                    done = True
-                    break
-        skip = 0
-    if guard is not None and global_step:
-        guard.end()
-    weights = {n: p.detach().clone() for n, p in acc.unwrap_model(unet).named_parameters()}
-    acc.end_training()
-    return SimpleNamespace(guard=guard, weights=weights, logs=step_logs, tracked=tracker.rows, steps=global_step,
-                           timesteps=seen_t)
+    from mnemoguard import Guard
 
+    from .conftest import make_tiny_unet
 
-# ---------------------------------------------------------------------------------------------------- tests
-def test_monitor_metrics_reach_the_logs_at_its_cadence(tmp_path):
-    run = user_loop(tmp_path, guard_section(), steps=5)
-    guard = run.guard
-    # Checks at steps 2 and 4, per band and split, in the step's logs, the state and the tracker.
-    checked = [s for s, logs in run.logs.items() if SIGNAL in logs]
-    assert checked == [2, 4]
-    for band in ("low", "mid", "high"):
-        for part in ("train", "heldout", "contrast"):
-            assert f"mem/probe_loss/band={band}/{part}" in run.logs[4]
-    assert guard.state.metric_steps[SIGNAL] == 4 and guard.state.global_step == 5
-    assert [s for s, values in run.tracked if SIGNAL in values] == [2, 4]
-    assert all("train/loss" in values for _, values in run.tracked) and len(run.tracked) == 5
-    # The per-step loss flags (no extra forward) ran on every micro-batch, with the dataset rows.
-    mon = guard.monitor
-    assert sum(mon.agc_count) == 5 * 8 and "mem/agc/flagged_samples" in run.logs[1]
-    assert [h["step"] for h in mon.history] == [2, 4] and guard.ema.optimization_step == 5
-    # The report went to output_dir (the accelerator's project_dir here).
-    assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "report" / "summary.json").is_file()
-
-
-def test_a_monitoring_guard_leaves_the_weights_bit_identical(tmp_path):
-    plain = user_loop(tmp_path / "plain", None, steps=4)
-    guarded = user_loop(tmp_path / "guarded", guard_section(), steps=4, encode_with_callable=True)
-    assert guarded.guard.monitor.history and guarded.guard.state.global_step == 4
-    assert plain.weights.keys() == guarded.weights.keys()
-    assert all(torch.equal(plain.weights[k], guarded.weights[k]) for k in plain.weights)
-
-
-
-def test_state_dict_round_trip_and_resume_through_accelerate(tmp_path):
-    section = guard_section()
-    full = user_loop(tmp_path / "full", section, steps=4, save_at=2)
-    guard = full.guard
-    ckpt = tmp_path / "full" / "checkpoint-2"
-    assert (ckpt / "custom_checkpoint_0.pkl").is_file()  # accelerate wrote the registered guard
-
-    # In memory: a fresh guard gets every counter back.
-    fresh = user_loop(tmp_path / "fresh", section, steps=0).guard
-    saved = guard.state_dict()
-    fresh.load_state_dict(saved)
-    assert fresh.state.global_step == 4 and fresh.state.micro_step == 4
-    assert fresh.state.log_history == guard.state.log_history and fresh.state.metrics == guard.state.metrics
-    assert fresh.monitor.num_checks == 2 and fresh.monitor.history == guard.monitor.history
-    assert fresh.monitor.spec == guard.monitor.spec and fresh.monitor.flag_counts == guard.monitor.flag_counts
-    assert fresh.ema.optimization_step == 4
-    assert all(torch.equal(fresh.ema.shadow[k], guard.ema.shadow[k]) for k in guard.ema.shadow)
-    assert fresh.state_dict()["callbacks"] == saved["callbacks"]
-
-    # Through accelerate: load_state(checkpoint-2) restores the guard at step 2, and the resumed run replays the
-    # uninterrupted one (same check at step 4, same EMA, same weights).
-    resumed = user_loop(tmp_path / "resumed", section, steps=4, resume=ckpt)
-    g = resumed.guard
-    assert g.state.global_step == 4 and [h["step"] for h in g.monitor.history] == [2, 4]
-    assert [row["step"] for row in g.state.log_history] == [1, 2, 3, 4]
-    assert g.ema.optimization_step == 4
-    assert g.monitor.history[-1]["metrics"] == guard.monitor.history[-1]["metrics"]
-    assert all(torch.equal(resumed.weights[k], full.weights[k]) for k in full.weights)
-
-
-def test_policy_noise_gap_and_early_stopping_drive_the_loop(tmp_path):
-    stop_on = "mem/probe_loss/band=high/train"
-    section = guard_section(
-        noise_gap={"enabled": True},
-        policy=[{"signal": SIGNAL, "threshold": 0.0, "band": [333, 666]}],
-        early_stopping={"enabled": True, "monitor": stop_on, "divergence_threshold": 0.0, "start_from_step": 4},
-    )
-    run = user_loop(tmp_path, section, steps=10, accumulation=2)
-    guard = run.guard
-    # The check at step 2 turns the gap on: afterwards no timestep is drawn in [333, 666).
-    policy = next(cb for cb in guard.callbacks if type(cb).__name__ == "MitigationPolicy")
-    assert [(a["step"], a["action"], a["on"]) for a in policy.alarms] == [(2, "noise_gap", True)]
-    t = torch.tensor(run.timesteps)
-    assert len(t) == 4 * 2 * 8 and not ((t[2 * 2 * 8:] >= 333) & (t[2 * 2 * 8:] < 666)).any()
-    assert run.logs[3]["mem/noise_gap/strength"] == 1.0
-    # Early stopping acts on the check at step 4 (not before start_from_step): the loop breaks on guard.should_stop.
-    assert guard.should_stop and run.steps == 4 and guard.state.global_step == 4
-    assert stop_on in guard.stop_reason and "Divergence" in guard.stop_reason
-    assert guard.state.micro_step == 8  # two micro-batches per optimizer step
+    guard = Guard({"enabled": False}, accelerator=Accelerator(cpu=True), unet=make_tiny_unet(),
+                  noise_scheduler=DDPMScheduler())
+    assert not guard.enabled and len(guard.callbacks) == 0 and guard.ema is None
+    torch.manual_seed(3)
+    expected = torch.randint(0, 1000, (8,))
+    torch.manual_seed(3)
+    t = guard.sample_timesteps(8)
+    assert torch.equal(t, expected)
+    x = torch.randn(8, 1, 16, 16)
+    inputs = guard.before_forward(timesteps=t, noisy_model_input=x, encoder_hidden_states=torch.randn(8, 16, 32))
+    per_element = torch.rand(8, 1, 16, 16)
+    assert torch.equal(guard.loss(per_element, inputs), per_element.mean(dim=[1, 2, 3]).mean())
+    assert guard.step(logs={"train/lr": 0.5})["train/lr"] == 0.5 and guard.global_step == 1
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
     from accelerate import Accelerator
 
-    from mnemoguard.config import ConfigError
+    from mnemoguard import Guard
+    from mnemoguard.config import ConfigError, TinyModelConfig
+    from mnemoguard.data import digits_dataset
+    from mnemoguard.trainer.models import build_tiny_components
 
-    acc = Accelerator(cpu=True)
     parts = build_tiny_components(TinyModelConfig(text_encoder="clip"), tmp_path / "model")
-    common = dict(accelerator=acc, unet=parts.unet, noise_scheduler=parts.noise_scheduler, output_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"expected encode_prompt= .* or text_encoder= and tokenizer=; found neither"):
-        Guard(guard_section(), train_dataset=digits(), **common)
-    with pytest.raises(ValueError, match=r"expected train_dataset= .*; found None"):
-        Guard(guard_section(), encode_prompt=parts.encode_prompt, **common)
+    common = dict(accelerator=Accelerator(cpu=True), unet=parts.unet, noise_scheduler=parts.noise_scheduler,
+                  output_dir=tmp_path)
+    data = digits_dataset().select(range(16))
+    with pytest.raises(ValueError, match=r"MemorizationMonitor needs a text encoder: .*; found none"):
+        Guard({}, train_dataset=data, **common)
+    with pytest.raises(ValueError, match=r"MemorizationMonitor needs the training data .*Guard\(train_dataset=\)"):
+        Guard({}, encode_prompt=parts.encode_prompt, **common)
     with pytest.raises(ValueError, match=r"caption_column='caption' is not a column of train_dataset; its columns"):
-        Guard(guard_section(), encode_prompt=parts.encode_prompt, train_dataset=digits(), caption_column="caption",
-              **common)
+        Guard({}, encode_prompt=parts.encode_prompt, train_dataset=data, caption_column="caption", **common)
     with pytest.raises(ConfigError, match="monitr"):
         Guard({"monitr": {"every_n_steps": 2}}, **common)
-    with pytest.raises(ValueError, match=r"random_token_addition draws random tokens .* expected tokenizer="):
+    with pytest.raises(ValueError, match=r"random_token_addition needs the tokenizer"):
         Guard({"monitor": {"enabled": False}, "regularizers": {"random_token_addition": {}}},
               encode_prompt=parts.encode_prompt, **common)
+    with pytest.raises(TypeError, match=r"ema: expected a mnemoguard.ema.EMAModel or a diffusers"):
+        Guard({}, encode_prompt=parts.encode_prompt, train_dataset=data, ema=object(), **common)
 
-    guard = Guard(guard_section(regularizers={"wen_filter": {}}), encode_prompt=parts.encode_prompt,
-                  train_dataset=digits(), **common)
+    guard = Guard({"regularizers": {"wen_filter": {}}, "monitor": {"curvature_every_k_checks": 0}},
+                  encode_prompt=parts.encode_prompt, train_dataset=data, **common)
     x = torch.randn(4, 1, 16, 16)
     t = guard.sample_timesteps(4)
-    assert guard.ema is not None  # built at the first use: the monitor's baseline is the EMA
     with pytest.raises(ValueError, match=r"missing \['encoder_hidden_states \(or captions\)'\].*found \["):
         guard.before_forward(timesteps=t, noisy_model_input=x)
     with pytest.raises(ValueError, match=r"timesteps must be a \[B\] integer tensor, found torch.float32"):
@@ -278,7 +185,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
     inputs = guard.before_forward(timesteps=t, noisy_model_input=x, captions=["a cat"] * 4)  # encoded by the guard
     assert inputs["encoder_hidden_states"].shape == (4, 16, 32) and inputs["indices"].tolist() == [-1] * 4
     pred = parts.unet(x, t, inputs["encoder_hidden_states"]).sample
-    per_sample = F.mse_loss(pred, x, reduction="none").mean(dim=(1, 2, 3))
+    per_sample = torch.nn.functional.mse_loss(pred, x, reduction="none").mean(dim=(1, 2, 3))
     with pytest.raises(ValueError, match=r"expected per-sample losses of shape \[4\].*found shape \(\)"):
         guard.loss(per_sample.mean(), inputs, model_pred=pred)
     with pytest.raises(ValueError, match="wen_filter compares the UNet's prediction: expected model_pred=; found"):
@@ -288,25 +195,45 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert guard.loss(per_sample, inputs, model_pred=pred).ndim == 0
     with pytest.raises(ValueError, match="global_step must grow; found 0 after 0"):
         guard.step(0)
-    with pytest.raises(ValueError, match=r"expected a Guard.state_dict\(\)"):
-        guard.load_state_dict({"step": 3})
 
 
-def test_a_disabled_guard_is_a_pass_through(tmp_path):
-    from accelerate import Accelerator
+# ---------------------------------------------------------------------------------------------------- two processes
+def _launch(model_dir: Path, out: Path, *args: str, port: int) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes" / "accelerate" / "multi_gpu.yaml"), "--main_process_port", str(port),
+           str(ROOT / "tests" / "diffusers_script.py"), "--pretrained_model_name_or_path", str(model_dir),
+           "--output_dir", str(out), "--record", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [json.loads((out / f"record{r}.json").read_text()) for r in range(2)]
 
-    acc = Accelerator(cpu=True)
-    parts = build_tiny_components(TinyModelConfig(text_encoder="clip"), tmp_path / "model")
-    guard = Guard({"enabled": False}, accelerator=acc, unet=parts.unet, noise_scheduler=parts.noise_scheduler)
-    assert not guard.enabled and len(guard.callbacks) == 0
-    torch.manual_seed(3)
-    expected = torch.randint(0, 1000, (8,))
-    torch.manual_seed(3)
-    t = guard.sample_timesteps(8)
-    assert torch.equal(t, expected)  # drawn exactly as the diffusers scripts draw them
-    x = torch.randn(8, 1, 16, 16)
-    inputs = guard.before_forward(timesteps=t, noisy_model_input=x, encoder_hidden_states=torch.randn(8, 16, 32))
-    per_sample = torch.rand(8)
-    assert torch.equal(guard.loss(per_sample, inputs), per_sample.mean())
-    assert guard.step(logs={"train/loss": 0.5}) == {"train/loss": 0.5} and guard.global_step == 1
-    assert guard.ema is None and not guard.should_stop
+
+@pytest.mark.slow
+def test_two_processes_with_accumulation_stop_together_and_resume(model_dir, tmp_path):
+    stop = {"enabled": True, "monitor": "train/loss", "divergence_threshold": 0.0, "start_from_step": 3}
+    common = ("--lora", "--gradient_accumulation_steps", "2", "--train_batch_size", "2", "--checkpointing_steps",
+              "100")
+    first = _launch(model_dir, tmp_path, *common, "--max_train_steps", "6", "--guard_config",
+                    write_guard(tmp_path / "stop.yaml", early_stopping=stop), port=29651)
+    assert [r["world"] for r in first] == [2, 2] and [r["global_step"] for r in first] == [3, 3]
+    assert first[0]["checksum"] == first[1]["checksum"]  # DDP: the same weights on both ranks
+    assert first[0]["guard"] == first[1]["guard"]  # the same metrics, history and stop on every rank
+    assert "train/loss" in first[0]["guard"]["stop_reason"] and (tmp_path / "checkpoint-3").is_dir()
+    resumed = _launch(model_dir, tmp_path, *common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+                      "--guard_config", write_guard(tmp_path / "go.yaml"), port=29652)
+    assert [r["global_step"] for r in resumed] == [4, 4] and resumed[0]["guard"] == resumed[1]["guard"]
+    assert [h["step"] for h in resumed[0]["guard"]["history"]] == [2, 4]  # the first run's check at 2, kept
+
+
+# ---------------------------------------------------------------------------------------------------- the README
+def test_the_readme_plug_in_snippet_is_the_scripts_code():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Plug into an existing diffusers training script", 1)[1].split("\n## ", 1)[0]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    script = {line.strip() for line in (ROOT / "tests" / "diffusers_script.py").read_text().splitlines()}
+    code = [line.split("  #")[0].strip() for line in snippet.splitlines()]
+    code = [line for line in code if line and not line.startswith("#") and line != "..."]
+    assert len(code) >= 12
+    missing = [line for line in code if not any(s == line or s.startswith(line) for s in script)]
+    assert not missing, f"README lines not in tests/diffusers_script.py: {missing}"

@@ -130,13 +130,13 @@ class LowLossFlags(Callback):
                     logs: dict | None = None, **kwargs: Any) -> None:
         if self.table is None or not control.should_log:
             return
-        window, rows = self._window, self._rows
+        window, rows = self._window.clone(), self._rows.clone()
+        self._window.zero_()
+        self._rows.zero_()
         if context is not None and context.num_processes > 1:
             window = context.accelerator.reduce(window, reduction="sum")
             rows = context.accelerator.reduce(rows, reduction="sum") if rows.shape[1] else rows
         self.row_counts += rows.cpu()
-        self._window.zero_()
-        self._rows.zero_()
         values: dict[str, float] = {}
         for (name, _), (flagged, seen) in zip(self.bands.items(), window.tolist()):
             if seen:

@@ -109,7 +109,10 @@ class MitigationPolicy(Callback):
     def on_train_begin(self, state: TrainerState, control: TrainerControl, context: Any = None,
                        **kwargs: Any) -> None:
         self._check_actions()
-        if self._reapply:
+
+    def on_step_begin(self, state: TrainerState, control: TrainerControl, context: Any = None,
+                      **kwargs: Any) -> None:
+        if self._reapply:  # after a resume, once every action is set up (on_train_begin has run for all)
             self._reapply_actions()
 
     def on_step_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
@@ -237,6 +240,4 @@ class MitigationPolicy(Callback):
         self.applied = {k: dict(v) for k, v in state["applied"].items()}
         self.alarms = [dict(a) for a in state["alarms"]]
         self._reapply = True
-        if all(name in self.actions for name in self.applied):
-            self._reapply_actions()
 

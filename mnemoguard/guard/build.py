@@ -4,8 +4,11 @@ Wiring is explicit: the policy gets its actions by name (the noise-gap scheduler
 under its registry name), the dashboard and the report get the monitor, the policy, the loss flags and early
 stopping as arguments. Order (producers before consumers, the metrics contract of :mod:`mnemoguard.callbacks.base`)::
 
-    LowLossFlags -> MemorizationMonitor -> MitigationPolicy -> NoiseGapScheduler -> regularizers -> EarlyStopping
-        -> your callbacks -> TensorBoardDashboard -> MemorizationReport
+    LowLossFlags -> MemorizationMonitor -> your callbacks -> MitigationPolicy -> NoiseGapScheduler -> regularizers
+        -> EarlyStopping -> TensorBoardDashboard -> MemorizationReport
+
+Your callbacks sit between the producers and the consumers: they see the monitor's values of the step, and the
+values they produce (a validation loss) reach the policy and early stopping at the same step.
 """
 
 from __future__ import annotations
@@ -76,14 +79,15 @@ class Components:
 
     def ordered(self) -> list[Callback]:
         """Every component in the order the hooks run (module docstring)."""
-        first = [self.loss_flags, self.monitor, self.policy, self.noise_gap, *self.regularizers, self.early_stopping]
-        return [cb for cb in [*first, *self.user, self.dashboard, self.report] if cb is not None]
+        order = [self.loss_flags, self.monitor, *self.user, self.policy, self.noise_gap, *self.regularizers,
+                 self.early_stopping, self.dashboard, self.report]
+        return [cb for cb in order if cb is not None]
 
 
 def build_components(cfg: GuardConfig, callbacks: Sequence[Callback] = (), heldout: Any = None) -> Components:
-    """The components the ``guard:`` section asks for, wired (module docstring); ``callbacks`` are yours, run after
-    the guard's producers and consumers and before the dashboard and report. ``heldout``: held-out samples for the
-    monitor (instead of ``monitor.heldout_data``)."""
+    """The components the ``guard:`` section asks for, wired (module docstring); ``callbacks`` are yours (between the
+    producers and the consumers). ``heldout``: held-out samples for the monitor (instead of
+    ``monitor.heldout_data``)."""
     out = Components(user=list(callbacks))
     if not cfg.enabled:
         return out

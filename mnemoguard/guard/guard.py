@@ -78,7 +78,8 @@ class Guard:
         output_dir: where the report goes; default: the accelerator's ``project_dir``.
         heldout: held-out samples for the monitor (instead of ``monitor.heldout_data``).
         resolution: the probes' training resolution; default: the UNet's ``sample_size`` x the VAE factor.
-        callbacks: more :class:`~mnemoguard.callbacks.Callback` s (run after the guard's, before dashboard and report).
+        callbacks: more :class:`~mnemoguard.callbacks.Callback` s (run after the monitor, before the policy, early
+            stopping, dashboard and report: they see the monitor's values and feed the consumers).
         log_every: optimizer steps between ``accelerator.log`` calls (0: only when a component asks, at checks).
         max_steps: the planned number of optimizer steps (the report's "N / max_steps").
         hparams: the run's settings for the dashboard's hparams (e.g. ``vars(args)``).
@@ -321,11 +322,12 @@ class Guard:
             target: the training target (kept in ``inputs`` for your callbacks).
         """
         start = time.perf_counter()
+        per = check_loss_inputs(loss_per_sample, inputs, self._per_call["prediction"], model_pred)
         if model_pred is not None:
             inputs["model_pred"] = model_pred
         if target is not None:
             inputs["target"] = target
-        inputs["loss_per_sample"] = check_loss_inputs(loss_per_sample, inputs, self._per_call["prediction"])
+        inputs["loss_per_sample"] = per
         self.callbacks.call("on_loss", self.state, self.control, inputs=inputs, **self._kw())
         self.state.micro_step += 1
         loss = (inputs["loss_per_sample"] * inputs["weights"]).mean() + inputs["extra_loss"]

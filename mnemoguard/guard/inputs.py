@@ -74,7 +74,8 @@ def check_forward_inputs(data: dict[str, Any], needs_captions: Sequence[str], ne
     return B
 
 
-def check_loss_inputs(loss_per_sample: Any, inputs: Any, needs_prediction: Sequence[str]) -> Tensor:
+def check_loss_inputs(loss_per_sample: Any, inputs: Any, needs_prediction: Sequence[str],
+                      model_pred: Tensor | None = None) -> Tensor:
     """Check ``loss``'s arguments; returns the ``[B]`` per-sample losses (``[B, ...]`` averaged over the rest)."""
     if not isinstance(inputs, dict) or "weights" not in inputs or "extra_loss" not in inputs:
         found = sorted(inputs) if isinstance(inputs, Mapping) else type(inputs).__name__
@@ -88,7 +89,7 @@ def check_loss_inputs(loss_per_sample: Any, inputs: Any, needs_prediction: Seque
                          f"non-batch dims is taken for [B, ...]), found {found}")
     if per.ndim > 1:
         per = per.mean(dim=tuple(range(1, per.ndim)))
-    if needs_prediction and inputs.get("model_pred") is None:
+    if needs_prediction and model_pred is None and inputs.get("model_pred") is None:
         raise ValueError(f"Guard.loss: {who(needs_prediction, 'compares', 'compare')} the UNet's prediction: "
                          "expected model_pred=; found None")
     return per

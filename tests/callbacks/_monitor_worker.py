@@ -1,4 +1,4 @@
-"""Run by ``accelerate launch`` from test_monitor.py: a monitored run; each rank records what its monitor holds."""
+"""Run by ``accelerate launch`` from test_monitor.py: a monitored run; each rank records what its guard holds."""
 
 import json
 import sys
@@ -6,28 +6,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from mnemoguard.callbacks import Callback, MemorizationMonitor  # noqa: E402
+from mnemoguard.callbacks import Callback  # noqa: E402
 from mnemoguard.trainer import Trainer  # noqa: E402
 from tests.trainer_utils import tiny_recipe  # noqa: E402
 
 
 class RecordMonitor(Callback):
-    def __init__(self, monitor: MemorizationMonitor, out: str) -> None:
-        self.monitor, self.out = monitor, out
+    def __init__(self, out: str) -> None:
+        self.out, self.trainer = out, None
 
-    def on_train_end(self, state, control, accelerator, **kwargs) -> None:
-        m = self.monitor
-        record = {"world": accelerator.num_processes, "history": m.history, "flag_counts": m.flag_counts,
-                  "agc_count": m.agc_count, "spec": m.spec}
-        Path(self.out, f"monitor{accelerator.process_index}.json").write_text(json.dumps(record))
+    def on_train_end(self, state, control, context, **kwargs) -> None:
+        parts = self.trainer.guard.components
+        m = parts.monitor
+        record = {"world": context.num_processes, "history": m.history, "spec": m.spec,
+                  "row_counts": parts.loss_flags.row_counts.tolist()}
+        Path(self.out, f"monitor{context.process_index}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
     out = sys.argv[1]
     # 5 training + 2 held-out probes x 3 bands = 21 rows: uneven shares (11 + 10, padded), batches of 4.
-    monitor = MemorizationMonitor(every_n_steps=2, num_duplicate_probes=2, num_random_probes=3, num_heldout_probes=2,
-                                  heldout_captions=["a handwritten digit eleven", "a handwritten digit twelve"],
-                                  curvature_every_k_checks=2, curvature_hutchinson_probes=2, generation_steps=2,
-                                  nearest_pool_size=8, loss_min_count=1, batch_size=4)
-    cfg = tiny_recipe(out, "training.max_train_steps=4", "training.checkpointing_steps=100", "logging.report_to=none")
-    Trainer(cfg, callbacks=[monitor, RecordMonitor(monitor, out)]).train()
+    cfg = tiny_recipe(out, "training.max_train_steps=4", "training.checkpointing_steps=100", "logging.report_to=none",
+                      "guard.enabled=true", "guard.monitor.every_n_steps=2", "guard.monitor.num_duplicate_probes=2",
+                      "guard.monitor.num_random_probes=3", "guard.monitor.num_heldout_probes=2",
+                      "guard.monitor.heldout_captions=[a handwritten digit eleven, a handwritten digit twelve]",
+                      "guard.monitor.curvature_every_k_checks=2", "guard.monitor.curvature_hutchinson_probes=2",
+                      "guard.monitor.generation_steps=2", "guard.monitor.nearest_pool_size=8",
+                      "guard.monitor.batch_size=4")
+    recorder = RecordMonitor(out)
+    trainer = Trainer(cfg, callbacks=[recorder])
+    recorder.trainer = trainer
+    trainer.train()

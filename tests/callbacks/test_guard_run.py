@@ -1,11 +1,19 @@
-"""One short real run of the reference trainer with the scheduler, the policy and early stopping together."""
+"""One short real run of the reference trainer with the noise gap, the policy and early stopping from a recipe, fed by
+a callback of the user's; then a resume from the best checkpoint."""
+
+import json
 
 import torch
 
-from mnemoguard.callbacks import Callback, EarlyStopping, MitigationPolicy, NoiseGapScheduler, Rule
+from mnemoguard.callbacks import Callback
 from mnemoguard.trainer import Trainer
 
 from ..trainer_utils import tiny_recipe
+
+GUARD = ("guard.enabled=true", "guard.monitor.enabled=false",
+         "guard.policy=[{signal: 'mem/fake/t=500', action: noise_gap, threshold: 0.5, band: [300, 700]}]",
+         "guard.early_stopping.enabled=true", "guard.early_stopping.monitor=val/fake",
+         "guard.early_stopping.patience=1")
 
 
 class Producer(Callback):
@@ -24,7 +32,8 @@ class Recorder(Callback):
     def __init__(self):
         self.timesteps, self.triggers = {}, []
 
-    def on_train_begin(self, state, control, accelerator, **kwargs):
+    def on_train_begin(self, state, control, context, **kwargs):
+        accelerator = context.accelerator
         set_trigger = accelerator.set_trigger
 
         def spy():
@@ -38,15 +47,14 @@ class Recorder(Callback):
 
 
 def test_scheduler_policy_and_early_stopping_in_a_real_run(tmp_path):
-    gap = NoiseGapScheduler()
-    policy = MitigationPolicy([Rule("mem/fake/t=500", "noise_gap", threshold=0.5, band=(300, 700))])
-    stopper = EarlyStopping("val/fake", patience=1)
     rec = Recorder()
-    trainer = Trainer(tiny_recipe(tmp_path, "training.max_train_steps=4", "training.checkpointing_steps=100"),
-                      callbacks=[Producer(), gap, policy, stopper, rec])
+    cfg = tiny_recipe(tmp_path, "training.max_train_steps=4", "training.checkpointing_steps=100", *GUARD)
+    trainer = Trainer(cfg, callbacks=[Producer(), rec])
     state = trainer.train()
+    parts = trainer.guard.components
+    gap, policy, stopper = parts.noise_gap, parts.policy, parts.early_stopping
 
-    assert trainer.timestep_sampler is gap and gap.num_train_timesteps == 1000
+    assert trainer.guard.context.timesteps.sampler is gap and gap.num_train_timesteps == 1000
     # The policy turned the gap on at step 1: steps 2 and 3 never train on [300, 700).
     assert [a["step"] for a in policy.alarms] == [1] and gap.active and gap.band == (300, 700)
     later = torch.tensor(rec.timesteps[2] + rec.timesteps[3])
@@ -60,20 +68,24 @@ def test_scheduler_policy_and_early_stopping_in_a_real_run(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     logged = state.log_history[-1]
     assert logged["mem/noise_gap/strength"] == logged["mem/alarm"] == logged["mem/policy/noise_gap"] == 1.0
-    # Every callback's state rides in the checkpoint.
-    files = sorted((tmp_path / "checkpoint-3").glob("custom_checkpoint_*"))
-    saved = [torch.load(p, weights_only=False) for p in files]
-    callbacks = next(s for s in saved if stopper.state_key in s)
-    assert callbacks[stopper.state_key]["stopped_step"] == 3 and callbacks[stopper.state_key]["best_step"] == 2
-    assert callbacks["MitigationPolicy"]["alarms"][0]["action"] == "noise_gap"
-    assert callbacks["NoiseGapScheduler"]["band"] == [300, 700]
+    # Every component's state rides in the checkpoint, as JSON (no pickle of the project's).
+    doc = json.loads((tmp_path / "checkpoint-3" / "mnemoguard_state.json").read_text())
+    assert not list((tmp_path / "checkpoint-3").glob("custom_checkpoint_*"))
+    components = doc["components"]
+    assert components[stopper.state_key]["stopped_step"] == 3 and components[stopper.state_key]["best_step"] == 2
+    assert components["MitigationPolicy"]["alarms"][0]["action"] == "noise_gap"
+    assert components["NoiseGapScheduler"]["band"] == [300, 700]
+    assert doc["trainer_state"]["best_checkpoint"].endswith("checkpoint-2")  # the final name, not the temporary one
 
-    # Resume from the best checkpoint with fresh callbacks: every state comes back and the run replays the stop.
-    gap2, stopper2, rec2 = NoiseGapScheduler(), EarlyStopping("val/fake", patience=1), Recorder()
-    policy2 = MitigationPolicy([Rule("mem/fake/t=500", "noise_gap", threshold=0.5, band=(300, 700))])
-    cfg = tiny_recipe(tmp_path, "training.max_train_steps=4", "training.checkpointing_steps=100",
+    # Resume from the best checkpoint with a fresh trainer: every state comes back and the run replays the stop.
+    rec2 = Recorder()
+    cfg = tiny_recipe(tmp_path, "training.max_train_steps=4", "training.checkpointing_steps=100", *GUARD,
                       "training.resume_from_checkpoint=checkpoint-2")
-    state = Trainer(cfg, callbacks=[Producer(), gap2, policy2, stopper2, rec2]).train()
-    assert gap2.active and gap2.band == (300, 700) and policy2.alarms == policy.alarms
+    trainer2 = Trainer(cfg, callbacks=[Producer(), rec2])
+    state = trainer2.train()
+    parts2 = trainer2.guard.components
+    assert parts2.noise_gap.active and parts2.noise_gap.band == (300, 700)
+    assert parts2.policy.alarms == json.loads(json.dumps(policy.alarms))
     assert not any(300 <= t < 700 for t in rec2.timesteps[3])
-    assert state.global_step == 3 and stopper2.stopped_step == 3 and stopper2.best_step == 2 and rec2.triggers == [3]
+    assert state.global_step == 3 and parts2.early_stopping.stopped_step == 3
+    assert parts2.early_stopping.best_step == 2 and rec2.triggers == [3]

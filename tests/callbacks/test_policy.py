@@ -1,6 +1,7 @@
 import pytest
 
-from mnemoguard.callbacks import MitigationPolicy, NoiseGapScheduler, Rule, TrainerControl, TrainerState
+from mnemoguard.callbacks import MitigationPolicy, NoiseGapScheduler, TrainerControl, TrainerState
+from mnemoguard.config import Rule
 
 from ._drive import drive
 
@@ -95,9 +96,9 @@ def test_logs_are_float_counts_and_the_text_stays_in_alarms():
 
 def test_drives_the_noise_gap_scheduler_with_a_band():
     gap = NoiseGapScheduler(num_train_timesteps=1000)
-    trainer = type("T", (), {"callbacks": [gap]})()
-    policy = MitigationPolicy([Rule("mem/gap/t=500", "noise_gap", threshold=0.3, strength=0.8, band=(400, 600))])
-    policy.on_train_begin(TrainerState(), TrainerControl(), trainer=trainer)  # finds it by action_name
+    policy = MitigationPolicy([Rule("mem/gap/t=500", "noise_gap", threshold=0.3, strength=0.8, band=(400, 600))],
+                              actions={"noise_gap": gap})  # as the Guard's builder wires it
+    policy.on_train_begin(TrainerState(), TrainerControl())
     drive(policy, "mem/gap/t=500", [0.5, 0.1])
     assert policy.alarms[0]["on"] and not policy.alarms[1]["on"] and not gap.active
     drive(policy, "mem/gap/t=500", [0.5], start_step=2)
@@ -119,6 +120,8 @@ def test_state_round_trip_resumes_the_state_machine_and_the_actions():
     sw2 = Switch()
     resumed = make(sw2)
     resumed.load_state_dict(first.state_dict())
+    assert sw2.calls == []  # put back at the first step, once every action is set up
+    resumed.on_step_begin(state, TrainerControl())
     assert sw2.calls == [("on", 1.0, None)]  # the action is put back as the checkpoint had it
     drive(resumed, "s", values[4:], state=state, start_step=4)
     assert alarms(resumed) == alarms(full) == [(3, "r", True), (5, "r", False), (7, "r", True)]
@@ -133,6 +136,6 @@ def test_configuration_errors_say_what_was_expected():
         MitigationPolicy([Rule("s", "sw", threshold=1), Rule("s", "sw", threshold=2)])
     policy = MitigationPolicy([Rule("s", "missing", threshold=1)], {"sw": Switch()})
     with pytest.raises(ValueError, match=r"unregistered actions \['missing'\]; registered: \['sw'\]"):
-        policy.on_train_begin(TrainerState(), TrainerControl(), trainer=None)
+        policy.on_train_begin(TrainerState(), TrainerControl())
     with pytest.raises(TypeError, match="activate\\(\\)/deactivate\\(\\) or be a callable"):
         MitigationPolicy([], {"x": 3})

@@ -1,6 +1,5 @@
 """Regularizers: each pure function against a hand-checkable reference, each switch, state round-trips, a real run."""
 
-import io
 import math
 from types import SimpleNamespace
 
@@ -40,13 +39,15 @@ from mnemoguard.callbacks.regularizers import (
     preservation_loss,
     random_caption_replacement,
     random_token_addition,
-    skip_if_nothing_kept,
     timestep_buckets,
     wen_filter_weights,
     wen_threshold,
 )
+from mnemoguard.config import ConfigError
+from mnemoguard.prompts import PromptEncoder
 from mnemoguard.trainer import Trainer
 
+from ..contexts import make_context
 from ..trainer_utils import tiny_recipe, unet_weights
 
 
@@ -84,17 +85,34 @@ def test_wen_filter_weights_drop_the_samples_at_or_above_the_threshold():
     assert wen_threshold(2.0, 1.0, numel=4096, reference_dim=16384) == pytest.approx(1.0)
 
 
+def _sequential_update(table, loss, buckets, beta, valid=None):
+    """The authors' loop, sample by sample in batch order (the reference the vectorised update must equal)."""
+    new = table.clone()
+    for i, (b, value) in enumerate(zip(buckets.tolist(), loss.tolist())):
+        if valid is None or bool(valid[i]):
+            new[b] = beta * new[b] + (1 - beta) * value
+    return new
+
+
 def test_agc_keep_and_update_follow_the_authors_rule():
     table = torch.tensor([0.0, 1.0, 2.0, 0.0], dtype=torch.float64)
     loss = torch.tensor([0.5, 0.7, 2.0, 0.1])
     buckets = torch.tensor([0, 1, 2, 3])
-    # keep iff l * 1.25 >= avg: 0.625>=0, 0.875<1, 2.5>=2, 0.125>=0 (an unseen bucket keeps everything).
-    assert agc_keep(loss, buckets, table).tolist() == [True, False, True, True]
-    assert agc_keep(loss, buckets, table, strength=0.0).all()
-    assert agc_keep(loss, buckets, table, strength=2.0).tolist() == [True, False, False, True]
+    level = table[buckets] / 1.25  # a loss below avg / mem_ratio is flagged
+    # keep iff l >= avg / 1.25: 0.5>=0, 0.7<0.8, 2.0>=1.6, 0.1>=0 (an unseen bucket keeps everything).
+    assert agc_keep(loss, level).tolist() == [True, False, True, True]
+    assert agc_keep(loss, level, strength=0.0).all()
+    assert agc_keep(loss, level, strength=2.0).tolist() == [True, False, False, True]
     # Sequential update: two samples of one bucket both count, in batch order; the input table is untouched.
     new = agc_update(table, torch.tensor([1.0, 2.0]), torch.tensor([1, 1]), beta=0.8)
     assert new[1].item() == pytest.approx(0.8 * (0.8 * 1.0 + 0.2 * 1.0) + 0.2 * 2.0) and table[1] == 1.0
+    # The vectorised update equals the sample-by-sample loop on a shuffled batch with repeats and invalid samples.
+    g = gen(3)
+    table = torch.rand(10, generator=g, dtype=torch.float64)
+    b, loss = torch.randint(0, 10, (64,), generator=g), torch.rand(64, generator=g, dtype=torch.float64)
+    valid = torch.rand(64, generator=g) > 0.2
+    loss[~valid] = float("nan")
+    torch.testing.assert_close(agc_update(table, loss, b, 0.8, valid), _sequential_update(table, loss, b, 0.8, valid))
     assert timestep_buckets(torch.tensor([0, 999, 500, 99]), 1000, 10).tolist() == [0, 9, 5, 0]
     assert timestep_buckets(torch.tensor([0, 999]), 1000, 1000).tolist() == [0, 999]
 
@@ -170,9 +188,9 @@ def test_gaussian_embedding_noise_is_lambda_times_the_generators_normal_draw():
 
 def test_preservation_loss_weighs_flagged_samples_like_the_main_loss():
     mask = torch.tensor([True, False, True, False])
-    term, per = preservation_loss(torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), mask, weight=0.5)
-    assert per.tolist() == [1.0, 1.0] and term.item() == pytest.approx(0.5 * 2 / 4)
-    with pytest.raises(ValueError, match="expected the 2 masked samples"):
+    term, per = preservation_loss(torch.ones(4, 1, 2, 2), torch.zeros(4, 1, 2, 2), mask, weight=0.5)
+    assert per.tolist() == [1.0] * 4 and term.item() == pytest.approx(0.5 * 2 / 4)
+    with pytest.raises(ValueError, match="one entry per sample"):
         preservation_loss(torch.ones(3, 1), torch.zeros(3, 1), mask, 1.0)
 
 
@@ -194,39 +212,24 @@ class FakeUNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.w = nn.Parameter(torch.ones(()))
+        self.config = SimpleNamespace(in_channels=1, sample_size=2)
 
     def forward(self, x, t, encoder_hidden_states=None, return_dict=True):
         out = self.w * encoder_hidden_states.float().mean(dim=(1, 2)).view(-1, 1, 1, 1).expand_as(x)
         return (out,) if not return_dict else SimpleNamespace(sample=out)
 
 
-class FakeComponents:
-    def __init__(self):
-        from diffusers import DDPMScheduler
+class Encoded(list):
+    """The captions the fake text encoder was asked for, in order."""
 
-        self.noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
-        self.tokenizer = None
-        self.encoded: list[str] = []
-
-    def encode_prompt(self, captions, device=None):
-        self.encoded += list(captions)
+    def __call__(self, captions):
+        self.extend(captions)
         return torch.stack([torch.full((2, 3), float(len(c))) for c in captions])
 
 
-class FakeTrainer:
-    def __init__(self):
-        self.components = FakeComponents()
-
-    def encode_captions(self, captions):
-        return torch.stack([torch.full((2, 3), float(len(c))) for c in captions])
-
-
-def hook_kwargs(**extra):
-    trainer = FakeTrainer()
-    kw = {"trainer": trainer, "components": trainer.components, "unet": FakeUNet(), "ema": None,
-          "accelerator": None}
-    kw.update(extra)
-    return kw
+def fake_context(**fields):
+    encoded = Encoded()
+    return make_context(unet=FakeUNet(), prompts=PromptEncoder(encoded), **fields), encoded
 
 
 def batch(B=4, captions=None, t=None):
@@ -242,10 +245,16 @@ def batch(B=4, captions=None, t=None):
     }
 
 
-def run_loss_hook(cb, inputs, **kw):
-    kw = {**hook_kwargs(), **kw}
-    cb.on_loss(TrainerState(), TrainerControl(), inputs=inputs, **kw)
+def run_loss_hook(cb, inputs, context=None):
+    cb.on_loss(TrainerState(), TrainerControl(), context=context or fake_context()[0], inputs=inputs)
     return inputs
+
+
+def step_logs(cb, step=1):
+    """What the regularizer reports at a logged step."""
+    state, control, logs = TrainerState(global_step=step), TrainerControl(should_log=True), {}
+    cb.on_step_end(state, control, context=None, logs=logs)
+    return logs
 
 
 def test_wen_filter_hook_drops_large_gaps_reports_and_switches():
@@ -255,80 +264,73 @@ def test_wen_filter_hook_drops_large_gaps_reports_and_switches():
     inputs["model_pred"] = torch.zeros(4, 1, 2, 2)
     inputs["model_pred"][:, 0, 0, 0] = torch.tensor([1.0, 3.0, 0.5, 2.5])  # eps_uncond = 0: gaps 1, 3, 0.5, 2.5
     inputs["loss_per_sample"] = param * 1.0
-    run_loss_hook(wen, inputs)
-    assert inputs["weights"].tolist() == [2.0, 0.0, 2.0, 0.0]
+    context, encoded = fake_context()
+    run_loss_hook(wen, inputs, context)
+    assert inputs["weights"].tolist() == [2.0, 0.0, 2.0, 0.0] and encoded == [""]
     assert inputs["wen_gap"].tolist() == [1.0, 3.0, 0.5, 2.5]
-    state, logs = TrainerState(global_step=1), {}
-    wen.on_step_end(state, TrainerControl(), logs=logs)
-    assert logs["reg/wen_filter/kept_fraction"] == 0.5 and state.is_fresh("reg/wen_filter/kept_fraction")
-    assert logs["reg/wen_filter/strength"] == 1.0 and logs["reg/wen_filter/skipped"] == 0.0
+    logs = step_logs(wen)
+    assert logs["reg/wen_filter/kept_fraction"] == 0.5 and logs["reg/wen_filter/strength"] == 1.0
     # strength 2 halves the threshold: gap 1 is now dropped too, but only samples with t in [0, 500) are filtered.
     wen.activate(strength=2.0, band=(0, 500))
     inputs.update(weights=torch.ones(4))
-    run_loss_hook(wen, inputs)
-    assert inputs["weights"].tolist() == [0.0, 0.0, 2.0, 2.0]
+    run_loss_hook(wen, inputs, context)
+    assert inputs["weights"].tolist() == [0.0, 0.0, 2.0, 2.0] and encoded == [""]  # "" came from the cache
     wen.deactivate()
     inputs.update(weights=torch.ones(4))
-    run_loss_hook(wen, inputs)
+    run_loss_hook(wen, inputs, context)
     assert inputs["weights"].tolist() == [1.0] * 4 and not wen.active
-    logs = {}
-    wen.on_step_end(TrainerState(global_step=2), TrainerControl(), logs=logs)
-    assert "reg/wen_filter/kept_fraction" in logs  # the step where it ran is still reported
-    logs = {}
-    wen.on_step_end(TrainerState(global_step=3), TrainerControl(), logs=logs)
-    assert logs == {}  # a step where it did not run reports nothing
+    assert "reg/wen_filter/kept_fraction" in step_logs(wen, 2)  # the logged window where it ran
+    assert step_logs(wen, 3) == {}  # nothing since the last log: nothing reported
 
 
-def test_nothing_kept_leaves_gradients_none_on_one_process_and_zero_when_distributed():
-    param = nn.Parameter(torch.ones(3))
-    inputs = {"weights": torch.zeros(3), "loss_per_sample": param * 2.0, "extra_loss": torch.zeros(())}
-    assert skip_if_nothing_kept(inputs, accelerator=None) and inputs["step_skipped"]
-    loss = (inputs["loss_per_sample"] * inputs["weights"]).mean() + inputs["extra_loss"]
-    loss.backward()
-    assert loss.item() == 0.0 and param.grad is None  # the optimizer skips the parameter
-    inputs = {"weights": torch.zeros(3), "loss_per_sample": param * 2.0, "extra_loss": torch.zeros(())}
-    assert skip_if_nothing_kept(inputs, accelerator=SimpleNamespace(num_processes=2, scaler=None))
-    ((inputs["loss_per_sample"] * inputs["weights"]).mean() + inputs["extra_loss"]).backward()
-    assert param.grad is not None and param.grad.abs().sum() == 0  # DDP: every rank reduces (zero) gradients
-    assert not skip_if_nothing_kept({"weights": torch.tensor([0.0, 1.0])})
+def test_agc_gates_on_the_loss_flag_table_before_it_is_updated():
+    from mnemoguard.callbacks import LowLossFlags
+    from mnemoguard.config import LossFlagsConfig
 
+    context, _ = fake_context()
+    flags = LowLossFlags(LossFlagsConfig(num_buckets=4))
+    flags.on_train_begin(TrainerState(), TrainerControl(), context=context)
+    agc = AntiGradientControl(enabled=False)
 
-def test_agc_hook_gates_against_the_table_before_updating_it():
-    agc = AntiGradientControl(num_buckets=4, enabled=False)
-    comps = FakeComponents()
-    inputs = {"loss_per_sample": torch.tensor([1.0, 1.0]), "timesteps": torch.tensor([0, 250]),
-              "weights": torch.ones(2), "extra_loss": torch.zeros(())}
-    run_loss_hook(agc, inputs, components=comps)  # off, but the table tracks (track_when_disabled)
-    assert inputs["weights"].tolist() == [1.0, 1.0] and agc.table.tolist() == pytest.approx([0.2, 0.2, 0, 0])
+    def micro_batch(losses):
+        inputs = {"loss_per_sample": torch.tensor(losses), "timesteps": torch.tensor([0, 250]),
+                  "weights": torch.ones(2), "extra_loss": torch.zeros(()), "indices": torch.tensor([-1, -1]),
+                  "captions": ["a", "b"]}
+        for cb in (flags, agc):
+            cb.on_loss(TrainerState(), TrainerControl(), context=context, inputs=inputs)
+        return inputs
+
+    inputs = micro_batch([1.0, 1.0])  # off; the table tracks all the same
+    assert inputs["weights"].tolist() == [1.0, 1.0] and flags.table.tolist() == pytest.approx([0.2, 0.2, 0, 0])
     agc.activate()
-    inputs.update(loss_per_sample=torch.tensor([0.1, 1.0]), weights=torch.ones(2))
-    run_loss_hook(agc, inputs, components=comps)  # 0.1·1.25 < 0.2: dropped; 1.25 >= 0.2: kept (x2)
-    assert inputs["weights"].tolist() == [0.0, 2.0]
-    assert agc.table.tolist() == pytest.approx([0.8 * 0.2 + 0.2 * 0.1, 0.8 * 0.2 + 0.2 * 1.0, 0, 0])
-    assert agc.last_ratio.tolist() == pytest.approx([0.5, 5.0])
-    logs = {}
-    agc.on_step_end(TrainerState(global_step=1), TrainerControl(), logs=logs)
-    assert logs["reg/iet_agc/kept_fraction"] == 0.5
+    inputs = micro_batch([0.1, 1.0])  # 0.1 < 0.2 / 1.25: dropped (and flagged); 1.0 kept (x2)
+    assert inputs["weights"].tolist() == [0.0, 2.0] and inputs["low_loss"].tolist() == [True, False]
+    assert flags.table.tolist() == pytest.approx([0.8 * 0.2 + 0.2 * 0.1, 0.8 * 0.2 + 0.2 * 1.0, 0, 0])
+    assert flags.last_ratio.tolist() == pytest.approx([0.5, 5.0])
+    assert step_logs(agc)["reg/iet_agc/kept_fraction"] == 0.5
+    with pytest.raises(ValueError, match="low_loss_level"):
+        agc.on_loss(TrainerState(), TrainerControl(), context=context,
+                    inputs=batch() | {"loss_per_sample": torch.ones(4)})
 
 
 def test_caption_hooks_re_encode_changed_rows_and_leave_empty_captions():
-    kw = hook_kwargs()
-    comps = kw["components"]
+    context, encoded = fake_context()
+    state, control = TrainerState(), TrainerControl()
     cwr = CaptionWordRepetition(prob=1.0)
     inputs = batch()
     before = inputs["encoder_hidden_states"].clone()
-    cwr.on_before_forward(TrainerState(), TrainerControl(), inputs=inputs, **kw)
-    assert inputs["captions"][2] == ""  # the trainer's dropped caption stays dropped
+    cwr.on_before_forward(state, control, context=context, inputs=inputs)
+    assert inputs["captions"][2] == ""  # the loop's dropped caption stays dropped
     for i in (0, 1, 3):
         assert len(inputs["captions"][i].split(" ")) == len(batch()["captions"][i].split(" ")) + 2
         assert inputs["encoder_hidden_states"][i, 0, 0].item() == len(inputs["captions"][i])
     assert torch.equal(inputs["encoder_hidden_states"][2], before[2])
-    assert comps.encoded == [inputs["captions"][i] for i in (0, 1, 3)]  # random captions bypass the cache
+    assert encoded == [inputs["captions"][i] for i in (0, 1, 3)] and len(context.prompts) == 0  # one-off: uncached
 
     rc = RandomCaptionReplacement(vocab=VOCAB, prob=1.0)
     rc.activate(band=(0, 500))
     inputs = batch()
-    rc.on_before_forward(TrainerState(), TrainerControl(), inputs=inputs, **kw)
+    rc.on_before_forward(state, control, context=context, inputs=inputs)
     assert inputs["captions"][0].startswith("tok") and inputs["captions"][1].startswith("tok")
     assert inputs["captions"][3] == "one two"  # t = 900 is outside the band
 
@@ -339,16 +341,15 @@ def test_caption_hooks_re_encode_changed_rows_and_leave_empty_captions():
 
     drop = CaptionDropout(prob=1.0)
     inputs = batch()
-    drop.on_before_forward(TrainerState(), TrainerControl(), inputs=inputs, **kw)
+    drop.on_before_forward(state, control, context=context, inputs=inputs)
     assert inputs["captions"] == ["", "", "", ""] and inputs["encoder_hidden_states"].abs().sum() == 0
-    logs = {}
-    drop.on_step_end(TrainerState(global_step=1), TrainerControl(), logs=logs)
-    assert logs["reg/caption_dropout/changed_fraction"] == 1.0
+    assert step_logs(drop)["reg/caption_dropout/changed_fraction"] == 1.0
 
     mc = MultipleCaptions(alternatives={0: ["x"], 1: ["y", "y"]})
     inputs = batch()
-    mc.on_before_forward(TrainerState(), TrainerControl(), inputs=inputs, **kw)
+    mc.on_before_forward(state, control, context=context, inputs=inputs)
     assert inputs["captions"] == ["x", "y", "", "one two"]
+    assert mc.needs == {"prompts", "captions", "indices"}
     with pytest.raises(ValueError, match="alternatives"):
         MultipleCaptions()
 
@@ -387,12 +388,11 @@ def test_preservation_hook_adds_the_weighted_mse_on_flagged_samples():
     inputs["extra_loss"] = torch.zeros(())
     run_loss_hook(pres, inputs)
     assert inputs["extra_loss"].detach().item() == pytest.approx(2.0)
-    logs = {}
-    pres.on_step_end(TrainerState(global_step=1), TrainerControl(), logs=logs)
+    logs = step_logs(pres)
     assert logs["reg/baseline_preservation/mse"] == 1.0 and logs["reg/baseline_preservation/flagged_fraction"] == 0.75
-    with pytest.raises(ValueError, match="needs the trainer's EMA"):
-        BaselinePreservation(baseline="ema").on_loss(TrainerState(), TrainerControl(), inputs=batch(),
-                                                     **hook_kwargs())
+    with pytest.raises(ValueError, match="baseline='ema' needs an EMA of the trained weights"):
+        BaselinePreservation(baseline="ema").on_loss(TrainerState(), TrainerControl(), context=fake_context()[0],
+                                                     inputs=batch() | {"model_pred": torch.zeros(4, 1, 2, 2)})
 
 
 def test_preservation_with_a_lora_uses_the_base_model_and_trains_the_adapters():
@@ -416,7 +416,7 @@ def test_preservation_with_a_lora_uses_the_base_model_and_trains_the_adapters():
     pres = BaselinePreservation()  # auto: a LoRA -> adapters disabled
     inputs = {"noisy_model_input": x, "timesteps": t, "encoder_hidden_states": ehs, "indices": torch.arange(2),
               "model_pred": pred, "extra_loss": torch.zeros(()), "weights": torch.ones(2)}
-    run_loss_hook(pres, inputs, unet=unet)
+    run_loss_hook(pres, inputs, make_context(unet=unet))
     term = inputs["extra_loss"].detach().item()
     assert term == pytest.approx(float((pred - base).detach().pow(2).mean()), rel=1e-5) and term > 0
     inputs["extra_loss"].backward()
@@ -427,23 +427,25 @@ def test_preservation_with_a_lora_uses_the_base_model_and_trains_the_adapters():
 
 def test_step_metrics_are_summed_across_ranks():
     class TwoRanks:
-        num_processes, device = 2, "cpu"
+        num_processes, device = 2, torch.device("cpu")
 
         def reduce(self, tensor, reduction):
             assert reduction == "sum"
-            return tensor + torch.tensor([4.0, 1.0, 4.0, 4.0, 0.0], dtype=tensor.dtype)  # the other rank's sums
+            return tensor + torch.tensor([4.0, 1.0, 4.0, 4.0], dtype=tensor.dtype)  # the other rank's sums
 
     wen = WenFilter()
-    wen._begin_micro_batch()
-    wen._count(kept=3, eligible=4, gap_sum=2.0, samples=4, skipped=0.0)  # keys reduced in sorted order
+    wen._count(kept=torch.tensor(3), eligible=torch.tensor(4), gap_sum=torch.tensor(2.0), samples=4)  # sorted keys
     logs = {}
-    wen.on_step_end(TrainerState(global_step=1), TrainerControl(), logs=logs, accelerator=TwoRanks())
+    context = SimpleNamespace(accelerator=TwoRanks(), num_processes=2, device=torch.device("cpu"))
+    wen.on_step_end(TrainerState(global_step=1), TrainerControl(should_log=True), context=context, logs=logs)
     assert logs["reg/wen_filter/kept_fraction"] == pytest.approx(7 / 8)
     assert logs["reg/wen_filter/gap_mean"] == pytest.approx(3.0 / 8)
 
 
 # ---------------------------------------------------------------------------------------------------- registry, state
-def test_registry_builds_every_regularizer_and_states_round_trip():
+def test_registry_builds_every_regularizer_and_states_round_trip(tmp_path):
+    from mnemoguard.serialization import load_state_files, save_state_files
+
     assert set(REGULARIZERS) == {"wen_filter", "iet_agc", "random_caption_replacement", "random_token_addition",
                                  "caption_word_repetition", "multiple_captions", "gaussian_embedding_noise",
                                  "caption_dropout", "baseline_preservation"}
@@ -453,28 +455,20 @@ def test_registry_builds_every_regularizer_and_states_round_trip():
     for reg in regs:
         reg.activate(strength=0.5, band=(10, 20))
         torch.rand(3, generator=reg.generator)
-        if isinstance(reg, AntiGradientControl):
-            reg._setup(1000)
-            reg.table[7] = 3.0
-        buf = io.BytesIO()
-        torch.save(reg.state_dict(), buf)  # as accelerate checkpoints it
-        saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+        save_state_files({"r": reg.state_dict()}, tmp_path, reg.name)  # as the guard checkpoints it: no pickle
+        saved = load_state_files(tmp_path, reg.name)["r"]
         fresh = build_regularizer(reg.name, None, **kwargs.get(reg.name, {}))
         fresh.load_state_dict(saved)
         assert fresh.active and fresh.strength == 0.5 and fresh.band == (10, 20)
         assert torch.equal(torch.rand(5, generator=fresh.generator), torch.rand(5, generator=reg.generator))
-        assert fresh.action_name == reg.name
-    agc = next(r for r in regs if r.name == "iet_agc")
-    fresh = AntiGradientControl()
-    fresh.load_state_dict(agc.state_dict())
-    assert fresh.table[7] == 3.0 and fresh.num_train_timesteps == 1000
+        assert fresh.state_key == reg.name
     pres = next(r for r in regs if r.name == "baseline_preservation")
     fresh = BaselinePreservation()
     fresh.load_state_dict(pres.state_dict())
     assert fresh.flagged == {2, 5}
-    with pytest.raises(KeyError, match="unknown regularizer"):
+    with pytest.raises(ConfigError, match=r"unknown regularizer 'nope'; expected one of \['baseline_preservation'"):
         build_regularizer("nope")
-    with pytest.raises(TypeError, match="its fields are"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) guard.regularizers.wen_filter.treshold; valid keys"):
         build_regularizer("wen_filter", {"treshold": 1.0})
     with pytest.raises(ValueError, match="strength must be >= 0"):
         WenFilter().activate(-1.0)
@@ -487,7 +481,7 @@ def test_registry_builds_every_regularizer_and_states_round_trip():
 def test_a_policy_switches_a_regularizer_by_its_action_name():
     wen = WenFilter(enabled=False)
     policy = MitigationPolicy([], verbose=False)
-    policy.register_action(wen.action_name, wen)
+    policy.register_action(wen.name, wen)
     policy._apply("wen_filter", 2.0, (300, 700))
     assert wen.active and wen.strength == 2.0 and wen.band == (300, 700)
     policy._apply("wen_filter", 0.0, None)
@@ -496,38 +490,45 @@ def test_a_policy_switches_a_regularizer_by_its_action_name():
 
 # ---------------------------------------------------------------------------------------------------- a real run
 class Script(Callback):
-    """Records the weights and Adam's step count after step 2, then makes Wen's filter drop everything."""
+    """Records the weights and Adam's step count after each step; after step 2, makes Wen's filter drop everything."""
 
-    def __init__(self, wen, pres):
-        self.wen, self.pres = wen, pres
-        self.after = {}
+    def __init__(self):
+        self.after, self.trainer = {}, None
 
-    def on_step_end(self, state, control, trainer, **kwargs):
-        opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    def on_step_end(self, state, control, context, **kwargs):
+        opt = self.trainer.optimizer.optimizer
         steps = {float(s["step"]) for s in opt.state.values()}
-        self.after[state.global_step] = (unet_weights(trainer), steps)
+        self.after[state.global_step] = (unet_weights(self.trainer), steps)
         if state.global_step == 2:
-            self.wen.activate(strength=1e12)  # τ = 2e-12: nothing is kept
-            self.pres.deactivate()  # its term would train the UNet towards the EMA
+            regs = {r.name: r for r in self.trainer.guard.components.regularizers}
+            regs["wen_filter"].activate(strength=1e12)  # τ = 2e-12: nothing is kept
+            regs["baseline_preservation"].deactivate()  # its term would train the UNet towards the EMA
 
 
 def test_all_regularizers_in_a_real_run_and_a_step_with_nothing_kept_changes_nothing(tmp_path):
-    regs = build_regularizers(
-        {n: None for n in REGULARIZERS},
-        multiple_captions={"alternatives": lambda i: ["a digit", "a handwritten number"]},
-    )
-    by_name = {r.name: r for r in regs}
-    by_name["wen_filter"].activate(strength=1e-6)  # τ = 2e6: keeps everything in the first steps
-    script = Script(by_name["wen_filter"], by_name["baseline_preservation"])
+    import datasets
+
+    from mnemoguard.data import digits_dataset
+
+    data = digits_dataset().select(range(64))
+    data = data.add_column("alternatives", [["a digit", "a handwritten number"]] * len(data))
+    settings = {n: {} for n in REGULARIZERS}
+    settings["multiple_captions"] = {"column": "alternatives"}
+    settings["wen_filter"] = {"strength": 1e-6}  # τ = 2e6: keeps everything in the first steps
+    script = Script()
     cfg = tiny_recipe(tmp_path, "training.max_train_steps=3", "training.checkpointing_steps=100",
-                      "training.adam_weight_decay=0", "training.snr_gamma=5.0")
-    trainer = Trainer(cfg, callbacks=[*regs, script])
+                      "training.adam_weight_decay=0", "training.snr_gamma=5.0", "guard.enabled=true",
+                      "guard.monitor.enabled=false", f"guard.regularizers={settings}")
+    trainer = Trainer(cfg, callbacks=[script], dataset=data)
+    script.trainer = trainer
     state = trainer.train()
+    assert isinstance(data, datasets.Dataset)
 
     losses = [h["train/loss"] for h in state.log_history if "train/loss" in h]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses[:2]) and losses[2] == 0.0
     m = state.metrics
-    assert m["reg/wen_filter/kept_fraction"] == 0.0 and m["reg/wen_filter/skipped_total"] == 1.0
+    assert m["reg/wen_filter/kept_fraction"] == 0.0 and m["train/skipped_steps"] == 1.0
+    assert trainer.guard.skipped_steps == 1
     assert all(math.isfinite(m[f"reg/{n}/strength"]) for n in REGULARIZERS if n != "baseline_preservation")
     assert 0 < m["reg/multiple_captions/changed_fraction"] <= 1
     assert math.isfinite(m["reg/baseline_preservation/mse"]) and m["reg/baseline_preservation/flagged_fraction"] == 1

@@ -8,7 +8,8 @@ import pytest
 from safetensors import safe_open
 
 from mnemoguard.callbacks import TrainerState, memorization_metadata
-from mnemoguard.callbacks.report import ReportConfig, overall_verdict, probe_verdicts
+from mnemoguard.callbacks.report import overall_verdict, probe_verdicts
+from mnemoguard.config import ConfigError, ReportConfig
 
 from ._guard_run import guarded_run
 
@@ -23,14 +24,14 @@ def test_report_files_after_a_tiny_run():
     assert summary["run"]["global_step"] == 4 and summary["run"]["stop_step"] is None
     assert summary["verdict"] in ("ok", "suspect", "memorized")
     assert [s for s, _ in summary["curves"]["mem/live_vs_ema/band=mid/train"]] == [2, 4]
-    assert len(summary["alarms"]) == 1 and summary["alarms"][0]["action"] == "note"
-    assert summary["actions"]["note"]["strength"] == 1.0
+    assert len(summary["alarms"]) == 1 and summary["alarms"][0]["action"] == "gaussian_embedding_noise"
+    assert summary["actions"]["gaussian_embedding_noise"]["strength"] == 1.0
     assert [v["split"] for v in summary["verdicts"]] == ["train"] * 4 + ["heldout"] * 2
     assert summary["monitor"]["bands"] == {"low": [0, 333], "mid": [333, 666], "high": [666, 1000]}
     text = (report / "report.md").read_text()
     assert "# Memorization report" in text and "![live_vs_ema](signal_live_vs_ema.png)" in text
 
-    meta = memorization_metadata(run.state, callbacks=run.trainer.callbacks)
+    meta = memorization_metadata(run.state, run.monitor, run.policy, loss_flags=run.loss_flags)
     assert meta and all(k.startswith("mnemoguard_") and isinstance(v, str) for k, v in meta.items())
     assert meta["mnemoguard_global_step"] == "4" and meta["mnemoguard_alarms"] == "1"
     assert json.loads(meta["mnemoguard_bands"])["mid"] == [333, 666]
@@ -43,7 +44,7 @@ def test_report_files_after_a_tiny_run():
         assert not any(k.startswith("mnemoguard_") for k in (f.metadata() or {}))
 
 
-def _fake_monitor(train_gap, heldout_gap, flags=None, visual=None):
+def _fake_monitor(train_gap, heldout_gap, visual=None):
     probes = [{"id": i, "split": "train", "kind": "duplicate", "index": 10 + i, "caption": f"c{i}"}
               for i in range(len(train_gap))]
     probes += [{"id": len(train_gap) + j, "split": "heldout", "kind": "captions", "index": j, "caption": f"h{j}"}
@@ -52,16 +53,23 @@ def _fake_monitor(train_gap, heldout_gap, flags=None, visual=None):
                                                                                "heldout": heldout_gap}}}}
     if visual:
         entry["visual"] = visual
-    return SimpleNamespace(probes=lambda: probes, history=[entry], flag_counts=flags or {}, has_heldout=True)
+    return SimpleNamespace(probes=lambda: probes, history=[entry], has_heldout=True)
 
 
 def test_verdict_rules():
-    mon = _fake_monitor([1.0, 4.0, 1.0], [1.0, 2.0], flags={12: 5},
+    import torch
+
+    mon = _fake_monitor([1.0, 4.0, 1.0], [1.0, 2.0],
                         visual={"probe_ids": [0], "nn_ratio": [0.1], "nearest_is_own": [True]})
-    v = {p["id"]: p for p in probe_verdicts(mon, ReportConfig(heldout_factor=1.5, min_flags=3))}
+    counts = torch.zeros(2, 20, dtype=torch.float64)
+    counts[:, 12] = torch.tensor([5.0, 9.0])  # row 12 (probe 2) flagged 5 of the 9 times it was trained on
+    counts[1, 10:12] = 7.0
+    flags = SimpleNamespace(row_counts=counts)
+    v = {p["id"]: p for p in probe_verdicts(mon, ReportConfig(heldout_factor=1.5, min_flags=3), flags)}
     assert v[0]["verdict"] == "memorized" and "copies" in v[0]["reasons"][0]
     assert v[1]["verdict"] == "suspect" and "held-out max" in v[1]["reasons"][0]  # 4.0 > 1.5 x 2.0
-    assert v[2]["verdict"] == "suspect" and "flagged it 5 times" in v[2]["reasons"][0]
+    assert v[2]["verdict"] == "suspect" and "flagged it 5 of the 9 times" in v[2]["reasons"][0]
+    assert (v[2]["flags"], v[2]["seen"]) == (5, 9) and probe_verdicts(mon)[2]["flags"] is None  # no rows known
     assert v[3]["verdict"] == v[4]["verdict"] == "held-out"
     assert v[1]["values"] == {"live_vs_ema": {"mid": 4.0}}
     assert overall_verdict(list(v.values())) == "memorized"
@@ -69,7 +77,5 @@ def test_verdict_rules():
     assert overall_verdict(clean) == "ok" and overall_verdict([]) == "unknown"
     meta = memorization_metadata(TrainerState(global_step=3, stop_reason="stop"), verdicts=[])
     assert meta["mnemoguard_stop_step"] == "3" and meta["mnemoguard_verdict"] == "unknown"
-    with pytest.raises(ValueError, match="min_flags"):
-        from mnemoguard.callbacks import MemorizationReport
-
-        MemorizationReport(min_flags=0)
+    with pytest.raises(ConfigError, match="min_flags"):
+        ReportConfig(min_flags=0)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from mnemoguard.callbacks.guard import GuardConfig, default_policy
-from mnemoguard.config import ConfigError, load_config
+from mnemoguard.config import ConfigError, GuardConfig, default_policy, load_config
+from mnemoguard.guard import build_components
 from mnemoguard.testbed.bench_config import load_bench_config
 from mnemoguard.testbed.bench_mitigation import MITIGATIONS, WEN_TAU_TESTBED, apply_mitigation
 from mnemoguard.testbed.bench_mitigation_summary import early_stop_step, mitigation_markdown, stopping_markdown
@@ -21,11 +21,9 @@ def test_none_leaves_the_guard_off():
 
 @pytest.mark.parametrize("arm", sorted(set(MITIGATIONS) - {"none"}))
 def test_every_arm_turns_the_guard_on_and_builds(arm, tmp_path):
-    from mnemoguard.callbacks.guard import build_guard_callbacks
-
     guard = _guard(arm, monitor_on=False) if arm != "policy" else _with_heldout(_guard(arm), tmp_path)
     assert guard.enabled
-    callbacks = build_guard_callbacks(guard)
+    callbacks = build_components(guard).ordered()
     names = {type(c).__name__ for c in callbacks} | {getattr(c, "name", "") for c in callbacks}
     expected = {"noise_gap_low": "NoiseGapScheduler", "noise_gap_mid": "NoiseGapScheduler",
                 "policy": "MitigationPolicy", "caption_replacement": "random_caption_replacement",
@@ -47,13 +45,13 @@ def test_arms_set_the_documented_actions():
 
 def test_policy_arm_installs_the_default_policy(tmp_path):
     from mnemoguard.callbacks import MitigationPolicy, NoiseGapScheduler
-    from mnemoguard.callbacks.guard import build_guard_callbacks
+    from mnemoguard.config import check_guard_config
 
     guard = _guard("policy")
     assert guard.default_policy and guard.policy == []
-    with pytest.raises(ValueError, match="needs guard.monitor.enabled and guard.monitor.heldout_data"):
-        build_guard_callbacks(guard)
-    callbacks = build_guard_callbacks(_with_heldout(guard, tmp_path))
+    with pytest.raises(ConfigError, match="needs guard.monitor.enabled and guard.monitor.heldout_data"):
+        check_guard_config(guard)
+    callbacks = build_components(_with_heldout(guard, tmp_path)).ordered()
     policy = next(c for c in callbacks if isinstance(c, MitigationPolicy))
     assert [r.signal for r in policy.rules] == [r.signal for r in default_policy().rules]
     assert any(isinstance(c, NoiseGapScheduler) for c in callbacks) == default_policy().needs_noise_gap

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mnemoguard.config import DataConfig
-from mnemoguard.testbed import TestbedExistsError, build_testbed, load_ground_truth
 from mnemoguard.data import ImageCaptionDataset, load_dataset_source
+from mnemoguard.testbed import TestbedExistsError, build_testbed, load_ground_truth
 
 from .conftest import SMALL
 
