@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..config.guard import LossFlagsConfig
+from ..devices import to_device
 from .base import Callback, TrainerControl, TrainerState
 
 __all__ = ["LowLossFlags", "agc_keep", "agc_update", "timestep_buckets"]
@@ -57,9 +58,8 @@ def agc_update(table: Tensor, loss: Tensor, buckets: Tensor, beta: float, valid:
     rank = torch.tril(same, diagonal=-1).sum(dim=1)  # earlier valid samples in the same bucket
     count = same.sum(dim=1)  # valid samples in the bucket (for valid i)
     weight = torch.where(valid, (1 - beta) * beta ** (count - 1 - rank).double(), torch.zeros_like(loss))
-    decay = torch.ones_like(table)
-    decay.scatter_(0, buckets[valid], beta ** count[valid].double())
-    return table * decay + torch.zeros_like(table).index_add_(0, buckets, weight * torch.nan_to_num(loss))
+    per_bucket = torch.zeros_like(table).index_add_(0, buckets, valid.double())  # k_b
+    return table * beta ** per_bucket + torch.zeros_like(table).index_add_(0, buckets, weight * torch.nan_to_num(loss))
 
 
 class LowLossFlags(Callback):
@@ -115,16 +115,19 @@ class LowLossFlags(Callback):
         counted = valid
         captions = inputs.get("captions")
         if captions is not None:
-            counted = counted & torch.tensor([bool(cap) for cap in captions], device=table.device)
+            captioned = torch.tensor([bool(cap) for cap in captions])
+            counted = counted & to_device(captioned, table.device)
         for k, (lo, hi) in enumerate(self.bands.values()):
             in_band = counted & (t >= lo) & (t < hi)
             self._window[k, 0] += (flags & in_band).sum()
             self._window[k, 1] += in_band.sum()
-        if self._rows.shape[1]:
-            idx = torch.as_tensor(inputs["indices"]).to(table.device).long()
-            known = counted & (idx >= 0) & (idx < self._rows.shape[1])
-            self._rows[0].index_add_(0, idx[known], flags[known].double())
-            self._rows[1].index_add_(0, idx[known], torch.ones_like(idx[known], dtype=torch.float64))
+        n = self._rows.shape[1]
+        if n:  # masked adds instead of boolean indexing: no device-to-host sync
+            idx = inputs["indices"].to(table.device).long()
+            known = (counted & (idx >= 0) & (idx < n)).double()
+            rows = idx.clamp(0, n - 1)
+            self._rows[0].index_add_(0, rows, flags.double() * known)
+            self._rows[1].index_add_(0, rows, known)
 
     def on_step_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
                     logs: dict | None = None, **kwargs: Any) -> None:

@@ -29,7 +29,7 @@ from ..callbacks.report import MemorizationReport
 from ..config import ConfigError, EMASettings, GuardConfig, RecipeConfig, default_policy, load_dataclass, read_mapping
 from ..config.guard import check_guard_config
 
-__all__ = ["Components", "build_components", "hparams_of", "load_guard_config"]
+__all__ = ["Components", "build_components", "check_needs", "hparams_of", "load_guard_config", "make_ema"]
 
 
 def load_guard_config(source: Any = None) -> tuple[GuardConfig, dict[str, Any] | None]:
@@ -136,3 +136,38 @@ def hparams_of(values: Mapping[str, Any] | None) -> dict[str, Any]:
     walk(values or {}, "")
     return out
 
+
+def make_ema(ema: Any, ema_kwargs: Mapping[str, Any] | None, recipe_ema: dict[str, Any] | None, unet: Any,
+             callbacks: Any) -> tuple[Any, bool]:
+    """``(the EMA baseline, whether the guard owns it)``: the loop's own EMA as given (a diffusers ``EMAModel`` or
+    ours; it steps and saves it), ``True`` / ``False``, or ``None``: the guard builds one (from the recipe's ``ema:``
+    settings and ``ema_kwargs``) when a component needs it and the recipe does not turn EMA off."""
+    from ..ema import EMAModel, as_ema_weights
+
+    if ema is not None and not isinstance(ema, bool):
+        as_ema_weights(ema, unet)  # a TypeError names what was found
+        return ema, False
+    settings = dict(recipe_ema or {})
+    recipe_on = settings.pop("enabled", True)
+    needed = any("ema" in cb.needs for cb in callbacks)
+    if not (ema if isinstance(ema, bool) else needed and recipe_on):
+        return None, False
+    return EMAModel(unet, **{**settings, **dict(ema_kwargs or {})}), True
+
+
+def check_needs(callbacks: Any, context: Any) -> dict[str, list[str]]:
+    """Every component's ``needs`` that the run provides at construction (prompt encoder, tokenizer, dataset, EMA),
+    checked now: a ``ValueError`` names who needs what and how to give it. Returns who needs what per call
+    (captions, the prediction, dataset rows), for the per-call checks."""
+    from ..callbacks.base import NEEDS
+    from .inputs import who
+
+    have = {"prompts": context.prompts is not None, "tokenizer": context.tokenizer is not None,
+            "dataset": context.dataset is not None, "ema": context.ema is not None}
+    for need, present in have.items():
+        users = [cb.state_key for cb in callbacks if need in cb.needs]
+        if users and not present:
+            hint = ". Or turn the monitor off: monitor: {enabled: false}" if "MemorizationMonitor" in users else ""
+            raise ValueError(f"{who(users, 'needs', 'need')} {NEEDS[need]}; found none{hint}")
+    return {need: [cb.state_key for cb in callbacks if need in cb.needs] for need in ("captions", "prediction",
+                                                                                        "indices")}

@@ -35,23 +35,23 @@ import torch
 from torch import Tensor, nn
 
 from ..callbacks.bands import resolve_bands
-from ..callbacks.base import NEEDS, Callback, CallbackList, TrainerControl, TrainerState
+from ..callbacks.base import Callback, CallbackList, TrainerControl, TrainerState
 from ..callbacks.timesteps import TimestepSlot, UniformTimestepSampler
 from ..denoiser import Denoiser, _unwrap
-from ..ema import EMAModel, as_ema_weights
+from ..devices import to_device
+from ..ema import as_ema_weights
 from ..prompts import PromptEncoder, tokenize_and_encode
-from .build import build_components, hparams_of, load_guard_config
+from .build import build_components, check_needs, hparams_of, load_guard_config, make_ema
 from .context import GuardContext
 from .data import as_training_dataset
-from .inputs import check_forward_inputs, check_loss_inputs, to_device, who
+from .inputs import check_forward_inputs, check_loss_inputs, check_parts, float_logs, who
 from .run_state import RunStateHooks
+from .totals import StepTotals
+from .veto import register_step_veto
 
 logger = logging.getLogger("mnemoguard")
 
 __all__ = ["Guard"]
-
-_BUILT_NEEDS = ("prompts", "tokenizer", "dataset", "ema")  # provided at construction; the others per call
-
 
 class Guard:
     """The memorization guard for an Accelerate training loop (module docstring; README for the whole snippet).
@@ -115,7 +115,7 @@ class Guard:
         hparams: Mapping[str, Any] | None = None,
     ) -> None:
         self.config, recipe_ema = load_guard_config(config)
-        _check_parts(accelerator, unet, noise_scheduler, text_encoder, tokenizer, encode_prompt, log_every)
+        check_parts(accelerator, unet, noise_scheduler, text_encoder, tokenizer, encode_prompt, log_every)
         self.accelerator, self.unet, self.log_every = accelerator, unet, int(log_every)
         self.state = TrainerState(max_steps=int(max_steps))
         self.control = TrainerControl()
@@ -142,54 +142,24 @@ class Guard:
             bands=resolve_bands(self.config.monitor, T), prompts=prompts, tokenizer=tokenizer, vae=vae,
             dataset=dataset, output_dir=Path(out) if out is not None else None, hparams=hparams_of(hparams),
         )
-        self.ema, self._owns_ema = self._make_ema(ema, ema_kwargs, recipe_ema)
+        self.ema, self._owns_ema = make_ema(ema, ema_kwargs, recipe_ema, module, self.callbacks)
         self.context.ema = None if self.ema is None else as_ema_weights(self.ema, module)
-        self._check_needs()
+        self._per_call = check_needs(self.callbacks, self.context)
         if self.config.enabled and self.config.report.enabled and self.context.output_dir is None:
             raise ValueError("the report is written to <output_dir>/report: expected output_dir= (or an accelerator "
                              "with a project_dir); found neither. Or turn it off: report: {enabled: false}")
         self._drops = [cb.state_key for cb in self.callbacks if getattr(cb, "drops_samples", False)]
-        self._optimizer_hook = _register_step_veto(optimizer, self._veto_optimizer_step) if optimizer else None
+        self.totals = StepTotals(accelerator, count_kept=bool(self._drops))
+        self._optimizer_hook = register_step_veto(optimizer, self.totals.nothing_kept) if optimizer else None
         if self._drops and optimizer is None:
             warnings.warn(f"Guard: {who(self._drops, 'drops', 'drop')} samples; pass optimizer= so that a step where "
                           "every sample was dropped is skipped (otherwise Adam's momentum still moves the weights)",
                           RuntimeWarning, stacklevel=2)
         self.run_state = RunStateHooks(self)
-        self.skipped_steps = 0
         self.seconds = 0.0  # wall time inside the guard's methods
         self._begun = self._ended = self._step_open = False
         self._last_sample: tuple[Tensor, Tensor] | None = None
-        self._loss_sum: Tensor | None = None
-        self._micro = 0
-        self._kept: Tensor | None = None
         self._warned: set[str] = set()
-
-    # ------------------------------------------------------------------------------------------------ set-up
-    def _make_ema(self, ema: Any, ema_kwargs: Mapping[str, Any] | None,
-                  recipe_ema: dict[str, Any] | None) -> tuple[Any, bool]:
-        needed = [cb.state_key for cb in self.callbacks if "ema" in cb.needs]
-        settings = dict(recipe_ema or {})
-        recipe_on = settings.pop("enabled", True)
-        if ema is not None and not isinstance(ema, bool):
-            as_ema_weights(ema, _unwrap(self.unet))  # a TypeError names what was found
-            return ema, False
-        want = ema if isinstance(ema, bool) else (bool(needed) and recipe_on)
-        if not want:
-            return None, False
-        kwargs = {**settings, **dict(ema_kwargs or {})}
-        return EMAModel(_unwrap(self.unet), **kwargs), True
-
-    def _check_needs(self) -> None:
-        have = {"prompts": self.context.prompts is not None, "tokenizer": self.context.tokenizer is not None,
-                "dataset": self.context.dataset is not None, "ema": self.context.ema is not None}
-        for need in _BUILT_NEEDS:
-            users = [cb.state_key for cb in self.callbacks if need in cb.needs]
-            if users and not have[need]:
-                raise ValueError(f"{who(users, 'needs', 'need')} {NEEDS[need]}; found none"
-                                 + (". Or turn the monitor off: monitor: {enabled: false}"
-                                    if "MemorizationMonitor" in users else ""))
-        self._per_call = {need: [cb.state_key for cb in self.callbacks if need in cb.needs]
-                          for need in ("captions", "prediction", "indices")}
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -331,27 +301,9 @@ class Guard:
         self.callbacks.call("on_loss", self.state, self.control, inputs=inputs, **self._kw())
         self.state.micro_step += 1
         loss = (inputs["loss_per_sample"] * inputs["weights"]).mean() + inputs["extra_loss"]
-        detached = loss.detach().float()
-        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
-        self._micro += 1
-        if self._drops:
-            kept = (inputs["weights"] != 0).sum()
-            self._kept = kept if self._kept is None else self._kept + kept
+        self.totals.add(loss, inputs["weights"])
         self.seconds += time.perf_counter() - start
         return loss
-
-    def _veto_optimizer_step(self) -> bool:
-        """Whether the optimizer step about to run must be skipped: every sample of every micro-batch of this step,
-        on every rank, was dropped by a filter. One all-reduced count per step, only when a filter is configured."""
-        if not self._drops or self._kept is None:
-            return False
-        kept = self._kept.reshape(1).float()
-        if self.accelerator.num_processes > 1:
-            kept = self.accelerator.reduce(kept, reduction="sum")
-        if float(kept.item()) > 0:
-            return False
-        self.skipped_steps += 1
-        return True
 
     # ------------------------------------------------------------------------------------------------ per step
     def step(self, global_step: int | None = None, logs: Mapping[str, Any] | None = None, *,
@@ -384,39 +336,33 @@ class Guard:
             state.epoch = int(epoch)
         if self._owns_ema:
             self.ema.step(_unwrap(self.unet))
-        values = _floats(logs)
+        values = float_logs(logs)
         if (self.log_every and step % self.log_every == 0) or step == state.max_steps:
             self.control.should_log = True
-            values.update(self._train_loss())
+            values.update(self.totals.train_loss())
         state.update_metrics(values)
         self.callbacks.call("on_step_end", state, self.control, logs=values, **self._kw())
         if self.control.should_log and values:
             if "train/loss" not in values:
-                values.update(self._train_loss())
+                values.update(self.totals.train_loss())
                 state.update_metrics(values)
             state.log(values)
             acc.log({k: float(v) for k, v in values.items()}, step=step)
         self._sync_stop()
-        self._loss_sum, self._micro, self._kept, self._step_open = None, 0, None, False
+        self.totals.reset()
+        self._step_open = False
         self.seconds += time.perf_counter() - start
         return values
 
-    def _train_loss(self) -> dict[str, float]:
-        if self._loss_sum is None or not self._micro:
-            return {}
-        mean = (self._loss_sum / self._micro).reshape(1)
-        if self.accelerator.num_processes > 1:
-            mean = self.accelerator.reduce(mean, reduction="mean")
-        out = {"train/loss": float(mean.item())}
-        if self.skipped_steps:
-            out["train/skipped_steps"] = float(self.skipped_steps)
-        return out
-
     def _sync_stop(self) -> None:
-        """A stop asked for on any rank stops every rank (every rank calls step() at every optimizer step)."""
-        if self.control.should_training_stop:
-            self.accelerator.set_trigger()
-        if self.accelerator.check_trigger():
+        """A stop asked for on any rank stops every rank (every rank calls step() at every optimizer step): one
+        all-reduced flag per step with several processes, none with one."""
+        stop = self.control.should_training_stop
+        if self.accelerator.num_processes > 1:
+            if stop:
+                self.accelerator.set_trigger()
+            stop = self.accelerator.check_trigger()
+        if stop:
             self.state.stop_reason = self.state.stop_reason or "a callback asked to stop"
             self.control.should_training_stop = True
             self.control.should_save = True  # a checkpoint at the stop step
@@ -461,54 +407,3 @@ class Guard:
     def __repr__(self) -> str:
         names = [cb.state_key for cb in self.callbacks]
         return f"Guard(enabled={self.enabled}, step={self.state.global_step}, components={names})"
-
-
-def _floats(logs: Mapping[str, Any] | None) -> dict[str, float]:
-    values: dict[str, float] = {}
-    for key, value in (logs or {}).items():
-        try:
-            values[str(key)] = float(value.item() if isinstance(value, Tensor) else value)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"Guard.step: logs[{key!r}] must be a number (or a one-element tensor), found "
-                            f"{type(value).__name__}") from None
-    return values
-
-
-def _check_parts(accelerator: Any, unet: Any, noise_scheduler: Any, text_encoder: Any, tokenizer: Any,
-                 encode_prompt: Any, log_every: int) -> None:
-    for name, value in (("accelerator", accelerator), ("unet", unet), ("noise_scheduler", noise_scheduler)):
-        if value is None:
-            raise ValueError(f"Guard needs {name}=; found None")
-    if not hasattr(accelerator, "unwrap_model") or not hasattr(accelerator, "sync_gradients"):
-        raise TypeError(f"accelerator: expected an accelerate.Accelerator, found {type(accelerator).__name__}")
-    if not isinstance(unet, nn.Module) or not hasattr(_unwrap(unet), "config"):
-        raise TypeError(f"unet: expected a diffusers UNet (prepared or not), found {type(unet).__name__}")
-    if not hasattr(getattr(noise_scheduler, "config", None), "num_train_timesteps"):
-        raise TypeError("noise_scheduler: expected a diffusers noise scheduler (with config.num_train_timesteps), "
-                        f"found {type(noise_scheduler).__name__}")
-    if int(log_every) < 0:
-        raise ValueError(f"log_every must be >= 0 (0: only when a component asks), found {log_every}")
-    if encode_prompt is None and (text_encoder is None) != (tokenizer is None) and text_encoder is not None:
-        raise ValueError("text encoding needs both text_encoder= and tokenizer= (or an encode_prompt= callable); "
-                         f"found text_encoder={type(text_encoder).__name__}, tokenizer=None")
-    if encode_prompt is not None and not callable(encode_prompt):
-        raise TypeError(f"encode_prompt: expected a callable list[str] -> Tensor, found {type(encode_prompt)}")
-
-
-def _register_step_veto(optimizer: Any, veto: Callable[[], bool]) -> Any:
-    """A pre-step hook on the innermost torch optimizer (through accelerate's and DeepSpeed's wrappers): when
-    ``veto()`` says so, every gradient is set to None, so the optimizer skips every parameter this step."""
-    inner = optimizer
-    while hasattr(inner, "optimizer"):  # AcceleratedOptimizer, DeepSpeed's ZeRO optimizers
-        inner = inner.optimizer
-    if not isinstance(inner, torch.optim.Optimizer):
-        raise TypeError(f"optimizer: expected a torch optimizer (or accelerate's wrapper of one), found "
-                        f"{type(optimizer).__name__}")
-
-    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if veto():
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    p.grad = None
-
-    return inner.register_step_pre_hook(hook)

@@ -7,9 +7,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["check_forward_inputs", "check_loss_inputs", "to_device", "who"]
+from ..denoiser import _unwrap
+
+__all__ = ["check_forward_inputs", "check_loss_inputs", "check_parts", "float_logs", "who"]
 
 
 def who(names: Sequence[str], singular: str, plural: str) -> str:
@@ -17,15 +19,6 @@ def who(names: Sequence[str], singular: str, plural: str) -> str:
     names = list(names)
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return f"{listed} {singular if len(names) == 1 else plural}"
-
-
-def to_device(t: Tensor, device: torch.device) -> Tensor:
-    """A CPU tensor on ``device`` without stalling the GPU queue (pinned, non-blocking copy to CUDA)."""
-    if t.device == device:
-        return t
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def _rows(name: str, value: Any, batch_size: int) -> None:
@@ -93,3 +86,35 @@ def check_loss_inputs(loss_per_sample: Any, inputs: Any, needs_prediction: Seque
         raise ValueError(f"Guard.loss: {who(needs_prediction, 'compares', 'compare')} the UNet's prediction: "
                          "expected model_pred=; found None")
     return per
+
+
+def float_logs(logs: Mapping[str, Any] | None) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for key, value in (logs or {}).items():
+        try:
+            values[str(key)] = float(value.item() if isinstance(value, Tensor) else value)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"Guard.step: logs[{key!r}] must be a number (or a one-element tensor), found "
+                            f"{type(value).__name__}") from None
+    return values
+
+
+def check_parts(accelerator: Any, unet: Any, noise_scheduler: Any, text_encoder: Any, tokenizer: Any,
+                 encode_prompt: Any, log_every: int) -> None:
+    for name, value in (("accelerator", accelerator), ("unet", unet), ("noise_scheduler", noise_scheduler)):
+        if value is None:
+            raise ValueError(f"Guard needs {name}=; found None")
+    if not hasattr(accelerator, "unwrap_model") or not hasattr(accelerator, "sync_gradients"):
+        raise TypeError(f"accelerator: expected an accelerate.Accelerator, found {type(accelerator).__name__}")
+    if not isinstance(unet, nn.Module) or not hasattr(_unwrap(unet), "config"):
+        raise TypeError(f"unet: expected a diffusers UNet (prepared or not), found {type(unet).__name__}")
+    if not hasattr(getattr(noise_scheduler, "config", None), "num_train_timesteps"):
+        raise TypeError("noise_scheduler: expected a diffusers noise scheduler (with config.num_train_timesteps), "
+                        f"found {type(noise_scheduler).__name__}")
+    if int(log_every) < 0:
+        raise ValueError(f"log_every must be >= 0 (0: only when a component asks), found {log_every}")
+    if encode_prompt is None and (text_encoder is None) != (tokenizer is None) and text_encoder is not None:
+        raise ValueError("text encoding needs both text_encoder= and tokenizer= (or an encode_prompt= callable); "
+                         f"found text_encoder={type(text_encoder).__name__}, tokenizer=None")
+    if encode_prompt is not None and not callable(encode_prompt):
+        raise TypeError(f"encode_prompt: expected a callable list[str] -> Tensor, found {type(encode_prompt)}")

@@ -69,7 +69,7 @@ class RunStateHooks:
             "format": FORMAT,
             "version": VERSION,
             "trainer_state": g.state.state_dict(),
-            "guard": {"skipped_steps": int(g.skipped_steps), "seconds": float(g.seconds),
+            "guard": {"skipped_steps": int(g.totals.skipped_steps), "seconds": float(g.seconds),
                       "component_seconds": dict(g.callbacks.seconds)},
             "ema": g.ema.state_dict() if g._owns_ema else None,
             "components": {key: cb.state_dict() for key, cb in g.callbacks.stateful().items()},
@@ -88,7 +88,7 @@ class RunStateHooks:
                                    f"{state['format']!r} version {state['version']}")
         _load(g.state.load_state_dict, state["trainer_state"], f"{where}: trainer_state")
         own = state.get("guard") or {}
-        g.skipped_steps = int(own.get("skipped_steps", 0))
+        g.totals.skipped_steps = int(own.get("skipped_steps", 0))
         g.seconds = float(own.get("seconds", 0.0))
         g.callbacks.seconds.update({str(k): float(v) for k, v in own.get("component_seconds", {}).items()})
         if state.get("ema") is not None:

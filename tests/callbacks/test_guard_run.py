@@ -29,6 +29,7 @@ class Producer(Callback):
 class Recorder(Callback):
     """Records the timesteps each step trains on and every use of the cross-rank stop trigger."""
 
+
     def __init__(self):
         self.timesteps, self.triggers = {}, []
 
@@ -59,9 +60,9 @@ def test_scheduler_policy_and_early_stopping_in_a_real_run(tmp_path):
     assert [a["step"] for a in policy.alarms] == [1] and gap.active and gap.band == (300, 700)
     later = torch.tensor(rec.timesteps[2] + rec.timesteps[3])
     assert later.numel() == 16 and not ((later >= 300) & (later < 700)).any()
-    # Early stopping: best at step 2 (checkpointed, recorded as the rollback target), stop at step 3 on the only
-    # rank, through the accelerator's cross-rank trigger; the run ends there with a checkpoint.
-    assert state.global_step == 3 and stopper.stopped_step == 3 and rec.triggers == [3]
+    # Early stopping: best at step 2 (checkpointed, recorded as the rollback target), stop at step 3; with one process
+    # the accelerator's cross-rank trigger is not used (no sync; tests/test_distributed.py has the two-rank stop).
+    assert state.global_step == 3 and stopper.stopped_step == 3 and rec.triggers == []
     assert state.best_step == 2 and state.best_metric == 0.5 and state.best_checkpoint.endswith("checkpoint-2")
     assert state.stop_reason == stopper.stop_reason and "val/fake" in state.stop_reason
     # Each improvement (steps 1 and 2) asked for a checkpoint; the stop wrote the last one.
@@ -88,4 +89,4 @@ def test_scheduler_policy_and_early_stopping_in_a_real_run(tmp_path):
     assert parts2.policy.alarms == json.loads(json.dumps(policy.alarms))
     assert not any(300 <= t < 700 for t in rec2.timesteps[3])
     assert state.global_step == 3 and parts2.early_stopping.stopped_step == 3
-    assert parts2.early_stopping.best_step == 2 and rec2.triggers == [3]
+    assert parts2.early_stopping.best_step == 2

@@ -528,7 +528,7 @@ def test_all_regularizers_in_a_real_run_and_a_step_with_nothing_kept_changes_not
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses[:2]) and losses[2] == 0.0
     m = state.metrics
     assert m["reg/wen_filter/kept_fraction"] == 0.0 and m["train/skipped_steps"] == 1.0
-    assert trainer.guard.skipped_steps == 1
+    assert trainer.guard.totals.skipped_steps == 1
     assert all(math.isfinite(m[f"reg/{n}/strength"]) for n in REGULARIZERS if n != "baseline_preservation")
     assert 0 < m["reg/multiple_captions/changed_fraction"] <= 1
     assert math.isfinite(m["reg/baseline_preservation/mse"]) and m["reg/baseline_preservation/flagged_fraction"] == 1
