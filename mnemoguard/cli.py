@@ -44,7 +44,8 @@ def _train(recipe: str | None, overrides: list[str]) -> int:
 def _bench(config: str | None, out: str, overrides: list[str], overwrite: bool) -> int:
     import shlex
 
-    from .testbed.bench import MARKDOWN_FILE, RESULTS_FILE, run_bench
+    from .testbed.bench import run_bench
+    from .testbed.bench_report import MARKDOWN_FILE, RESULTS_FILE
 
     sets = [arg for o in overrides for arg in ("--set", o)]
     command = shlex.join(["mnemoguard", "bench", *([config] if config else []), "--out", out, *sets])

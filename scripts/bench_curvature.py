@@ -33,7 +33,8 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mnemoguard.denoiser import Denoiser  # noqa: E402
-from mnemoguard.signals.curvature import curvature_diff_map, rademacher_probes  # noqa: E402
+from mnemoguard.signals.curvature import curvature_diff_map  # noqa: E402
+from mnemoguard.signals.hutchinson import rademacher_probes  # noqa: E402
 
 
 def build(config: str, device: str, dtype: torch.dtype):

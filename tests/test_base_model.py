@@ -67,13 +67,13 @@ def test_bench_refuses_the_builtin_base_on_images_it_trained_on():
 
 def test_bench_finetune_recipe_starts_from_the_base_with_lora(tmp_path):
     from mnemoguard.testbed import build_testbed
-    from mnemoguard.testbed.bench import _recipe
+    from mnemoguard.testbed.bench_recipe import bench_recipe
 
     cfg = load_bench_config("recipes/bench/finetune_lora.yaml", ["train.monitor_every=0"])
     gt = build_testbed({"plain": {"num_images": 20}, "duplicated": {"num_images": 2, "copies": 2},
                         "template": {"enabled": False}, "held_out": {"num_images": 2},
                         "unseen": {"num_global_style": 2, "num_template_style": 0}}, tmp_path / "tb")
-    recipe = _recipe(cfg, gt, tmp_path)
+    recipe = bench_recipe(cfg, gt, tmp_path)
     assert recipe.model.tiny.base == "builtin:digits16"
     assert recipe.model.lora.enabled and recipe.model.lora.rank == 16 and recipe.training.learning_rate == 2e-3
     assert not recipe.guard.enabled

@@ -1,7 +1,9 @@
 """Ground-truth metrics: pure functions that score generations, detectors and localisation maps.
 
-* :mod:`.nearest_neighbour` - nearest-neighbour ratio (Gu et al.), memorized fraction with a bootstrap interval,
-  template-verbatim masked distance (Webster; Kim & Lee), overshoot-aware direction check.
+* :mod:`.nearest_neighbour` - nearest-neighbour ratio (Gu et al.), exact-duplicate search.
+* :mod:`.bootstrap` - memorized fraction with a percentile-bootstrap interval (Bonnaire et al.).
+* :mod:`.template_verbatim` - template-verbatim masked distance (Webster; Kim & Lee).
+* :mod:`.overshoot` - overshoot-aware direction check (Kim, Kim & Lee).
 * :mod:`.detection` - ROC curve, ROC AUC, TPR at a fixed FPR (both literature conventions), balanced accuracy.
 * :mod:`.localization` - Kim & Lee's threshold sweep (global IoU, mIoU, pixel accuracy) and pixel AUROC.
 * :mod:`.fidelity` - prompt fidelity of class-captioned generations with a small pixel classifier.
@@ -9,6 +11,7 @@
 See ``docs/evaluation.md`` for definitions, sources and conventions.
 """
 
+from .bootstrap import BootstrapEstimate, bootstrap_mean, memorized_fraction
 from .detection import (
     RocCurve,
     TprConvention,
@@ -29,39 +32,35 @@ from .localization import (
 )
 from .nearest_neighbour import (
     GU_RATIO_THRESHOLD,
-    KIM_LEE_TV_THRESHOLD,
-    BootstrapEstimate,
     NearestNeighbourRatio,
-    OvershootAlignment,
-    bootstrap_mean,
     find_duplicates,
     is_memorized,
-    masked_sq_distance,
-    memorized_fraction,
     nearest_neighbour_distances,
     nearest_neighbour_ratio,
-    overshoot_alignment,
-    overshoot_memorized,
-    template_verbatim,
 )
+from .overshoot import OvershootAlignment, overshoot_alignment, overshoot_memorized
+from .template_verbatim import KIM_LEE_TV_THRESHOLD, masked_sq_distance, template_verbatim
 
 __all__ = [
     # nearest_neighbour
     "GU_RATIO_THRESHOLD",
-    "KIM_LEE_TV_THRESHOLD",
-    "BootstrapEstimate",
     "NearestNeighbourRatio",
-    "OvershootAlignment",
-    "bootstrap_mean",
     "find_duplicates",
     "is_memorized",
-    "masked_sq_distance",
-    "memorized_fraction",
     "nearest_neighbour_distances",
     "nearest_neighbour_ratio",
+    # bootstrap
+    "BootstrapEstimate",
+    "bootstrap_mean",
+    "memorized_fraction",
+    # template_verbatim
+    "KIM_LEE_TV_THRESHOLD",
+    "masked_sq_distance",
+    "template_verbatim",
+    # overshoot
+    "OvershootAlignment",
     "overshoot_alignment",
     "overshoot_memorized",
-    "template_verbatim",
     # detection
     "RocCurve",
     "TprConvention",

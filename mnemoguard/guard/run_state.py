@@ -15,8 +15,11 @@ Loading is tolerant of the run changing between checkpoints: a component without
 since) starts fresh, a key without a component (removed since) is reported and dropped, a checkpoint saved without the
 guard (no document) leaves the guard fresh and says so. What cannot carry over is an error naming the file and key.
 Accelerate itself still pickles the optimizer, the LR scheduler, the dataloader samplers, the gradient scaler and the
-RNG states (``optimizer.bin``, ``scheduler.bin``, ``random_states_<rank>.pkl``): it loads the ``.bin`` files with
-``torch.load(weights_only=True)`` and the RNG states with ``weights_only=False`` — load checkpoints you trust.
+RNG states (``optimizer.bin``, ``scheduler.bin``, ``random_states_<rank>.pkl``) and loads all of them with
+``torch.load(weights_only=True)``, a restricted unpickler that builds tensors, containers and numpy arrays but runs no
+code; only objects registered with ``accelerator.register_for_checkpointing`` are loaded with
+``weights_only=False`` (``custom_checkpoint_<i>.pkl``), and the guard registers none, so such a file in a checkpoint is
+never read.
 """
 
 from __future__ import annotations

@@ -1,41 +1,39 @@
 """Memorization signals: pure functions, tensors in and tensors out (formulas and costs in docs/signals.md).
 
-- curvature: Hutchinson diagonal / trace, curvature-difference and score-difference maps (Kim & Lee 2026)
-- danger_zone: posterior weights, max posterior weight W_σ, shell coverage C_σ, the band (Dodson et al. 2026)
+- hutchinson: batched Rademacher probes, Jacobian products, Hutchinson diagonal / trace
+- curvature: curvature-difference and score-difference maps (Kim & Lee 2026)
+- posterior: posterior weights, the empirical optimal denoiser, max posterior weight W_σ (Dodson et al. 2026)
+- shell_coverage: shell coverage C_σ (Dodson et al. 2026)
+- danger_zone: both curves in one pass, the band, σ ↔ timestep (Dodson et al. 2026)
 - laplace: the p-Laplace family of log p_t (Brokman et al. 2025)
 - score_gap: Wen et al.'s text-conditional gap (2024), live-vs-baseline gaps per band, Asthana & Belagiannis'
   norm + anisotropy detector (2026)
 - trajectory: early-denoising overshoot and first-step loss (Kim, Kim & Lee 2025)
 """
 
+from ._streaming import subsample_indices
 from .curvature import (
     conditional_curvature_map,
     curvature_diff_map,
     curvature_map,
-    hutchinson_diagonal,
-    hutchinson_samples,
-    hutchinson_trace,
-    jacobian_products,
-    make_generator,
-    rademacher_probes,
     score_diff_map,
     upsample_map,
 )
 from .danger_zone import (
     DangerZone,
     DangerZoneCurves,
-    chi_square_interval,
     danger_zone_band,
     danger_zone_curves,
-    empirical_optimal_denoiser,
-    max_posterior_weight_curve,
-    max_posterior_weights,
-    posterior_weights,
-    shell_coverage,
-    shell_coverage_curve,
     sigma_to_timestep,
     sigmas_from_alphas_cumprod,
-    subsample_indices,
+)
+from .hutchinson import (
+    hutchinson_diagonal,
+    hutchinson_samples,
+    hutchinson_trace,
+    jacobian_products,
+    make_generator,
+    rademacher_probes,
 )
 from .laplace import (
     SpherePoints,
@@ -46,6 +44,12 @@ from .laplace import (
     p_laplacian_sphere,
     sphere_flux,
     sphere_points,
+)
+from .posterior import (
+    empirical_optimal_denoiser,
+    max_posterior_weight_curve,
+    max_posterior_weights,
+    posterior_weights,
 )
 from .score_gap import (
     ASTHANA_PRESETS,
@@ -61,6 +65,7 @@ from .score_gap import (
     wen_score,
     wen_training_filter,
 )
+from .shell_coverage import chi_square_interval, shell_coverage, shell_coverage_curve
 from .trajectory import (
     LatentDecomposition,
     Projection,

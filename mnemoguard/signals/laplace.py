@@ -14,7 +14,7 @@ In terms of the eps field ``e`` (``J_e`` its Jacobian): ``tr J_s = −tr J_e/σ`
 Two estimators:
 
 1. **Hutchinson** (:func:`p_laplacian_hutchinson`): ``tr J_e`` from
-   :func:`mnemoguard.signals.curvature.hutchinson_trace` (K Rademacher probes, batched JVP / VJP / finite
+   :func:`mnemoguard.signals.hutchinson.hutchinson_trace` (K Rademacher probes, batched JVP / VJP / finite
    differences), plus one exact Jacobian product along ``e`` for the ``eᵀJ_e e`` term when ``p ≠ 2``.
    Cost: K + 1 JVPs (K for p = 2). :func:`infinity_laplacian` needs the directional term only: 1 JVP.
 2. **Sphere flux** (:func:`sphere_flux`), the estimator of both official repositories
@@ -57,7 +57,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .curvature import Method, hutchinson_trace, jacobian_products, make_generator
+from .hutchinson import Method, hutchinson_trace, jacobian_products, make_generator
 
 __all__ = [
     "SpherePoints",
@@ -141,7 +141,7 @@ def p_laplacian_hutchinson(
 ) -> Tensor:
     """Hutchinson estimate of ``Δ_p log p_t(x) = div(‖s‖^{p−2} s)``, ``s = −eps_fn(x)/σ``, per sample (B,).
 
-    ``tr J_e`` by :func:`~mnemoguard.signals.curvature.hutchinson_trace` (unbiased; std ∝ 1/sqrt(K)), the
+    ``tr J_e`` by :func:`~mnemoguard.signals.hutchinson.hutchinson_trace` (unbiased; std ∝ 1/sqrt(K)), the
     ``eᵀJ_e e`` term exactly by one extra Jacobian product along ``e`` (not needed for ``p = 2``); ``p = inf`` gives
     :func:`infinity_laplacian` (no probes). For p ≠ 2 the estimate is unbiased given the exact prefactor
     ``‖s‖^{p−2}``, which is computed once at x. ``sigma``: σ_t of the eps parameterisation, scalar or (B,).

@@ -9,9 +9,16 @@ from typing import Any
 import torch
 
 from ..evaluation import nearest_neighbour_ratio
-from ..signals import danger_zone_band, danger_zone_curves
+from ..signals import danger_zone_band, danger_zone_curves, sigmas_from_alphas_cumprod
 from .bench_config import BenchConfig
-from .bench_probes import ProbeModel, ddim_schedule, denoise_from, probe_latents, sample_with_trajectory, sigma_of
+from .bench_probes import (
+    ProbeModel,
+    ddim_schedule,
+    denoise_from,
+    probe_latents,
+    sample_with_trajectory,
+    template_verbatim_rate,
+)
 from .bench_signals import localization_maps, localization_metrics, nearest_step
 from .ground_truth import GroundTruth, TrainingImages
 
@@ -64,8 +71,6 @@ def caption_token_mask(tokenizer: Any, captions: list[str]) -> torch.Tensor:
 def localization_analysis(cfg: BenchConfig, gt: GroundTruth, model: ProbeModel, tokenizer: Any) -> dict[str, Any]:
     """Maps on template captions vs the template square and the constraint border, plus the template-verbatim rate
     of template and unseen template-style captions at every probe guidance."""
-    from .bench import template_verbatim_rate
-
     lc, pc = cfg.localization, cfg.probes
     captions = gt.captions("template")[: lc.num_captions]
     unseen = gt.captions("unseen", "template")[: lc.num_captions]
@@ -143,6 +148,7 @@ def danger_zone_analysis(cfg: BenchConfig, gt: GroundTruth, train: TrainingImage
             own = res.indices[:, 0] == torch.tensor(idx)
             rates.setdefault(kind, []).append(float(((res.ratio < pc.ratio_threshold) & own).float().mean()))
     start_t = [ts[s] for s in starts]
+    sigma_t = sigmas_from_alphas_cumprod(model.scheduler.alphas_cumprod)  # the danger-zone axis of each timestep
     return {
         "sigmas": curves.sigmas.tolist(),
         "max_posterior_weight": curves.max_posterior_weight.tolist(),
@@ -150,7 +156,7 @@ def danger_zone_analysis(cfg: BenchConfig, gt: GroundTruth, train: TrainingImage
         "band": {"sigma_lo": band.sigma_lo, "sigma_hi": band.sigma_hi, "t_lo": band.t_lo, "t_hi": band.t_hi,
                  "empty": band.empty},
         "start_timesteps": start_t,
-        "start_sigmas": [sigma_of(model.scheduler, t) for t in start_t],
+        "start_sigmas": [float(sigma_t[t]) for t in start_t],
         "memorization_rate": rates,
         "num_train_rows": len(files),
         "seconds": {"curves": curve_seconds, "total": time.perf_counter() - start},

@@ -1,5 +1,5 @@
-"""Model-side measurements of the benchmark: sampling with recorded trajectories, copy ground truth, per-band
-losses and denoising from noised training images.
+"""Model-side measurements of the benchmark: sampling with recorded trajectories, copy and template-verbatim ground
+truth, per-band losses and denoising from noised training images.
 
 Everything here is deterministic given its seeds and never touches the global RNG (initial noise comes from one
 ``torch.Generator`` per generated image, so a caption's noise does not depend on how captions are batched).
@@ -7,7 +7,6 @@ Everything here is deterministic given its seeds and never touches the global RN
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +16,16 @@ from torch import Tensor, nn
 
 from ..baselines import Baseline
 from ..denoiser import Denoiser
-from ..evaluation import GU_RATIO_THRESHOLD, bootstrap_mean, nearest_neighbour_ratio
+from ..evaluation import (
+    GU_RATIO_THRESHOLD,
+    KIM_LEE_TV_THRESHOLD,
+    bootstrap_mean,
+    nearest_neighbour_ratio,
+    template_verbatim,
+)
+from ..parameterisation import denoising_loss
 from ..sampling import generate
+from .ground_truth import GroundTruth
 
 __all__ = [
     "ProbeModel",
@@ -29,7 +36,8 @@ __all__ = [
     "denoise_from",
     "probe_latents",
     "sample_with_trajectory",
-    "sigma_of",
+    "template_threshold",
+    "template_verbatim_rate",
 ]
 
 
@@ -193,6 +201,17 @@ def copy_ground_truth(
     }
 
 
+def template_threshold(gt: GroundTruth) -> float:
+    """Kim & Lee's template-verbatim threshold at the testbed's size (masked MSE kept at 2500 / 196608)."""
+    return KIM_LEE_TV_THRESHOLD * gt.channels * gt.resolution**2 / 196_608
+
+
+def template_verbatim_rate(gt: GroundTruth, images01: Tensor) -> float:
+    """Fraction of generations that reproduce the template stamp under its mask."""
+    hits = template_verbatim(images01, gt.template_reference(), gt.template_mask()[None], template_threshold(gt))
+    return float(hits.float().mean())
+
+
 @torch.no_grad()
 def band_losses(
     model: ProbeModel,
@@ -207,7 +226,9 @@ def band_losses(
     """Denoising loss of the live model per noise band: ``[N, len(bands)]``, mean over ``draws`` fixed draws.
 
     For each image and band, timesteps are spread evenly over the band and noise comes from ``seed``; the loss is the
-    training MSE to the noise (epsilon models) averaged over pixels. Images are in [-1, 1] (what the trainer sees).
+    training loss (:func:`~mnemoguard.denoiser.denoising_loss` of the network output against
+    :meth:`~mnemoguard.denoiser.Denoiser.target`: the MSE to the noise for epsilon models) averaged over pixels.
+    Images are in [-1, 1] (what the trainer sees).
     """
     gen = torch.Generator().manual_seed(seed)
     n = images.shape[0]
@@ -221,8 +242,9 @@ def band_losses(
         x_t = model.scheduler.add_noise(x0, noise, t)
         errs = []
         for s in range(0, x_t.shape[0], batch_size):
-            eps = model.denoiser.eps(x_t[s : s + batch_size], t[s : s + batch_size], c[s : s + batch_size])
-            errs.append((eps - noise[s : s + batch_size]).pow(2).flatten(1).mean(1))
+            rows = slice(s, s + batch_size)
+            pred = model.denoiser.raw(x_t[rows], t[rows], c[rows])
+            errs.append(denoising_loss(pred, model.denoiser.target(x0[rows], noise[rows], t[rows])))
         out[:, j] = torch.cat(errs).reshape(draws, n).mean(0)
     return out
 
@@ -254,8 +276,3 @@ def denoise_from(
         x = ddim.step(eps, t, x).prev_sample
     return ((x + 1) / 2).clamp(0, 1), t0
 
-
-def sigma_of(scheduler: Any, t: int) -> float:
-    """VE-equivalent noise level sqrt((1 - ᾱ_t) / ᾱ_t) of a DDPM timestep (the danger-zone axis)."""
-    ab = float(scheduler.alphas_cumprod[int(t)])
-    return math.sqrt((1 - ab) / ab)

@@ -8,30 +8,29 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FIGURES", "markdown", "plot_danger_zone", "plot_localization", "plot_onset", "write_report"]
+from ..serialization import to_jsonable
 
+__all__ = [
+    "FIGURES",
+    "MARKDOWN_FILE",
+    "RESULTS_FILE",
+    "markdown",
+    "plot_danger_zone",
+    "plot_localization",
+    "plot_onset",
+    "write_report",
+]
+
+RESULTS_FILE, MARKDOWN_FILE = "bench.json", "bench.md"
 FIGURES = {"onset": "onset.png", "danger_zone": "danger_zone.png", "localization": "localization.png"}
 GROUP_STYLE = {"planted": "-", "unseen": "--", "held_out": ":"}
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN and infinities become ``None``; tuples become lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
 def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """``bench.json``, the figures and ``bench.md`` in ``out_dir``; returns the paths written by name."""
-    from .bench import MARKDOWN_FILE, RESULTS_FILE
-
     out = Path(out_dir)
     paths = {"json": out / RESULTS_FILE, "markdown": out / MARKDOWN_FILE}
-    paths["json"].write_text(json.dumps(_clean(results), indent=1) + "\n")
+    paths["json"].write_text(json.dumps(to_jsonable(results, finite=True), indent=1) + "\n")
     import matplotlib
 
     matplotlib.use("Agg", force=False)

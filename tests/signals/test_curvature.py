@@ -14,13 +14,15 @@ from mnemoguard.signals.curvature import (
     conditional_curvature_map,
     curvature_diff_map,
     curvature_map,
+    score_diff_map,
+    upsample_map,
+)
+from mnemoguard.signals.hutchinson import (
     hutchinson_diagonal,
     hutchinson_samples,
     hutchinson_trace,
     jacobian_products,
     rademacher_probes,
-    score_diff_map,
-    upsample_map,
 )
 from tests.conftest import make_tiny_unet
 from tests.gmm import GaussianMixture

@@ -7,17 +7,18 @@ import pytest
 import torch
 
 from mnemoguard.signals.danger_zone import (
-    chi_square_interval,
     danger_zone_band,
     danger_zone_curves,
+    sigma_to_timestep,
+    sigmas_from_alphas_cumprod,
+)
+from mnemoguard.signals.posterior import (
     empirical_optimal_denoiser,
     max_posterior_weight_curve,
     max_posterior_weights,
     posterior_weights,
-    shell_coverage_curve,
-    sigma_to_timestep,
-    sigmas_from_alphas_cumprod,
 )
+from mnemoguard.signals.shell_coverage import chi_square_interval, shell_coverage_curve
 from tests.gmm import point_masses
 
 

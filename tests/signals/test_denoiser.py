@@ -5,7 +5,8 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import AttnProcessor
 
-from mnemoguard.denoiser import Denoiser, ad_safe, eps_from_prediction, x0_from_prediction
+from mnemoguard.denoiser import Denoiser, ad_safe
+from mnemoguard.parameterisation import eps_from_prediction, x0_from_prediction
 from tests.conftest import make_tiny_unet
 
 PREDICTION_TYPES = ["epsilon", "v_prediction", "sample"]

@@ -7,10 +7,11 @@ import torch
 
 from mnemoguard.cli import main
 from mnemoguard.config import ConfigError
-from mnemoguard.testbed.bench import _recipe, run_bench
+from mnemoguard.testbed.bench import run_bench
 from mnemoguard.testbed.bench_config import BenchConfig, load_bench_config
 from mnemoguard.testbed.bench_final import phrase_token_mask
 from mnemoguard.testbed.bench_probes import probe_latents
+from mnemoguard.testbed.bench_recipe import bench_recipe
 from mnemoguard.testbed.ground_truth import load_ground_truth
 
 # Every stage of the runner, at a size that trains and evaluates in seconds.
@@ -142,7 +143,7 @@ def test_evaluation_leaves_training_untouched(bench_run, tmp_path):
     out, _ = bench_run
     cfg = load_bench_config(None, TINY)
     gt = load_ground_truth(out / "testbed")
-    recipe = _recipe(cfg, gt, tmp_path)
+    recipe = bench_recipe(cfg, gt, tmp_path)
     recipe.training.checkpointing_steps = 0
     trainer = Trainer(recipe)
     trainer.train()
