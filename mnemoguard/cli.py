@@ -14,16 +14,18 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from .config import ConfigError, load_config
+from .errors import DataError, OutputDirError, StateFormatError
 
 DEMO_DIR = "outputs/demo"
 
 
-def _train(recipe: str | None, overrides: list[str]) -> int:
+def _train(recipe: str | None, overrides: list[str], overwrite: bool = False) -> int:
     from .trainer import Trainer
 
-    cfg = load_config(recipe, overrides)
+    cfg = load_config(recipe, [*overrides, *(["training.overwrite_output_dir=true"] if overwrite else [])])
     trainer = Trainer(cfg)
     start = time.perf_counter()
     state = trainer.train()
@@ -34,11 +36,16 @@ def _train(recipe: str | None, overrides: list[str]) -> int:
         print(f"\nTrained {state.global_step} optimizer steps in {elapsed:.1f} s.")
         if state.stop_reason:
             print(f"Stopped early: {state.stop_reason}")
+        skipped = int(state.metrics.get("data/skipped_samples", 0))
+        if skipped:
+            print(f"Skipped {skipped} unreadable sample(s) (data.skip_bad_samples; counted across resumes).")
         print(f"Final weights: {trainer.final_dir}")
         print(f"Checkpoints:   {out}/checkpoint-*")
+        if (Path(out) / "report" / "report.md").is_file():
+            print(f"Report:        {out}/report/report.md")
         if cfg.logging.report_to == "tensorboard":
             print(f"TensorBoard:   tensorboard --logdir {logs} --host 127.0.0.1   (then open http://127.0.0.1:6006)")
-    return 0
+    return 1 if state.diverged_step is not None else 0
 
 
 def _bench(config: str | None, out: str, overrides: list[str], overwrite: bool) -> int:
@@ -65,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="fine-tune with a YAML recipe")
     p_train.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+    p_train.add_argument("--overwrite", action="store_true", help="replace an earlier run in training.output_dir")
     p_demo = sub.add_parser("demo", help="the guard's story: memorization, alarm, mitigation, stop")
     p_cfg = sub.add_parser("config", help="print the resolved recipe (defaults + file + overrides) as YAML")
     p_cfg.add_argument("recipe", nargs="?", default=None)
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
-            return _train(args.recipe, args.overrides)
+            return _train(args.recipe, args.overrides, args.overwrite)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -95,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except ConfigError as e:
         print(f"mnemoguard: recipe error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, StateFormatError, OutputDirError) as e:  # a row, a file, a checkpoint: one line says which
+        print(f"mnemoguard: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 1
 

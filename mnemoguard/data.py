@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 from .config import DataConfig
+from .errors import DataError
 
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-class DataError(ValueError):
-    """A dataset row or file that cannot be used; the message names the row and the file."""
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -65,8 +65,13 @@ def load_dataset_source(source: Any):
         raise DataError(f"data.source: no such directory {source!r}")
     if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
         return load_dataset_source(datasets.load_from_disk(str(path)))
-    ds = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
-    return ds
+    meta = path / "metadata.jsonl"
+    if meta.is_file() and not meta.read_text().strip():
+        raise DataError(f"{meta} is empty: expected one JSON line per image, e.g. "
+                        '{"file_name": "0001.png", "text": "a caption"}')
+    if not any(p.suffix.lower() in _IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
+        raise DataError(f"data.source: {source!r} holds no image file ({', '.join(sorted(_IMAGE_SUFFIXES))})")
+    return datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
 
 
 # ----------------------------------------------------------------------------------------------- transforms
@@ -157,6 +162,33 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def _where(self, index: int, cell: Any) -> str:
         path = cell.get("path") if isinstance(cell, dict) else getattr(cell, "filename", None)
         return f"row {index}" + (f" ({path})" if path else "")
+
+    def check_rows(self) -> list[int]:
+        """Every row's caption and image header, before training (a bad file found only when its batch comes up
+        would stop the run there, and again at the same place after a resume). Opening an image reads its header
+        only, not the pixels. Returns the bad rows when ``skip_bad_samples`` (they are skipped and counted in
+        training); raises a :class:`DataError` naming the first bad row and its file otherwise."""
+        bad = []
+        captions = self.ds[self.cfg.caption_column]
+        cells = self.ds[self.cfg.image_column]
+        for index, (cell, caption) in enumerate(zip(cells, captions)):
+            try:
+                if not isinstance(caption, str) or not caption.strip():
+                    raise DataError(f"{self._where(index, cell)}: missing caption in column "
+                                    f"{self.cfg.caption_column!r} (found {caption!r})")
+                if isinstance(cell, dict):
+                    data = cell.get("bytes")
+                    with Image.open(io.BytesIO(data) if data is not None else cell["path"]) as image:
+                        image.size  # noqa: B018 - the header is parsed on open; size proves it
+            except DataError:
+                if not self.cfg.skip_bad_samples:
+                    raise
+                bad.append(index)
+            except Exception as e:
+                if not self.cfg.skip_bad_samples:
+                    raise DataError(f"{self._where(index, cell)}: cannot read the image: {e}") from None
+                bad.append(index)
+        return bad
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         row = self.ds[int(index)]

@@ -271,7 +271,18 @@ class EMAModel:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; the tracked parameter names must match."""
+        """Restore from :meth:`state_dict`; the tracked parameter names must match, every value be of its kind."""
+        from .serialization import check_keys
+
+        num, opt_num = (int, float), (int, float, type(None))
+        kinds = {"decay": num, "lag": opt_num, "min_decay": num, "update_after_step": int, "use_ema_warmup": bool,
+                 "inv_gamma": num, "power": num, "snapshot_every": int, "num_snapshots": int, "optimization_step": int,
+                 "cur_decay_value": opt_num, "names": list, "shadow": dict, "snapshots": list}
+        check_keys(state, kinds, "EMAModel", required=tuple(kinds))
+        bad = [n for n, t in state["shadow"].items() if not isinstance(t, torch.Tensor)]
+        if bad:
+            raise ValueError(f"EMAModel.shadow: expected tensors, found {type(state['shadow'][bad[0]]).__name__} for "
+                             f"{bad[0]!r}")
         if list(state["names"]) != self.names:
             raise ValueError(
                 f"EMA state tracks {len(state['names'])} parameters that do not match the {len(self.names)} of this "

@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import StateFormatError
+
 __all__ = ["StateFormatError", "check_keys", "load_state_files", "save_state_files", "to_jsonable"]
 
 _TENSOR = "__tensor__"
 
 
-class StateFormatError(ValueError):
-    """A saved state that does not have the expected shape; the message names the file and the key."""
 
 
 def to_jsonable(obj: Any, finite: bool = True) -> Any:

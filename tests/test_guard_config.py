@@ -37,10 +37,10 @@ def test_guard_is_off_unless_enabled():
 def test_recipe_guard_builds_components_in_producer_consumer_order_and_wires_them():
     cfg = load_config({"guard": {
         "enabled": True,
-        "policy": [{"signal": "mem/x", "threshold": 1.0, "band": [300, 700]}],
+        "policy": [{"signal": "mem/probe_loss/band=mid/train", "threshold": 1.0, "band": [300, 700]}],
         "noise_gap": {"enabled": True},
         "regularizers": {"iet_agc": {"enabled": False}, "wen_filter": {"threshold": 4.0}},
-        "early_stopping": {"enabled": True, "monitor": "mem/x"},
+        "early_stopping": {"enabled": True, "monitor": "mem/probe_loss/band=mid/train"},
     }})
     mine = SeenTimesteps()
     parts = build_components(cfg.guard, [mine])
@@ -64,7 +64,7 @@ def test_bad_guard_settings_are_clear_errors():
     with pytest.raises(ConfigError, match="needs guard.early_stopping.monitor"):
         load_config(None, ["guard.enabled=true", "guard.early_stopping.enabled=true"])
     with pytest.raises(ConfigError, match=r"action 'wen_filter' is not configured, so the rule could never act"):
-        load_config(None, ["guard.enabled=true", "guard.policy=[{signal: mem/x, action: wen_filter, threshold: 1}]"])
+        load_config(None, ["guard.enabled=true", "guard.policy=[{signal: val/x, action: wen_filter, threshold: 1}]"])
 
 
 def test_recipe_noise_gap_and_early_stopping_act_on_a_real_run(tmp_path):

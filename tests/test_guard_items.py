@@ -86,7 +86,8 @@ def test_the_report_names_the_contrast_orientation(tmp_path):
     summary = {"run": {"global_step": 4, "max_steps": 4, "stopped": False, "stop_step": None, "stop_reason": None,
                        "best_step": None, "best_checkpoint": None, "exported": None},
                "verdict": "ok", "alarms": [], "actions": {}, "early_stopping": [], "verdicts": [], "callbacks": {},
-               "loss_flags": None,
+               "loss_flags": None, "status": "complete", "exported": {"source": "last", "step": 4, "verdict": "ok"},
+               "last_step": {"step": 4, "verdict": "ok"}, "warnings": [],
                "monitor": {"config": {"baseline": "ema", "every_n_steps": 2}, "checks": 1, "bands": {"low": [0, 5]},
                            "splits": ["train", "heldout"], "signals": ["probe_loss"], "last_check": None}}
     text = render_markdown(summary, {})

@@ -29,6 +29,7 @@ stopping, a policy) goes after the producer (the monitor). Stateful callbacks im
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -62,7 +63,17 @@ class TrainerState:
     best_step: int | None = None
     best_checkpoint: str | None = None
     stop_reason: str | None = None
+    nonfinite_steps: int = 0  # optimizer steps whose loss or gradients were NaN / infinite (never applied)
+    diverged_step: int | None = None  # the step a run stopped at for non-finite values
+    finite_checkpoint: str | None = None  # the last checkpoint saved before any non-finite step
+    warnings: list[str] = field(default_factory=list)  # what the run could not do (a rule never fed, no check ...)
     is_world_process_zero: bool = True
+
+    def warn(self, message: str) -> None:
+        """Record something the run could not do (also logged as a warning); the report lists them."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+            logging.getLogger("mnemoguard").warning(message)
 
     def update_metrics(self, values: dict[str, float]) -> None:
         """Set the latest value of metrics computed at this step (a monitor's output, the training loss ...)."""
@@ -89,7 +100,8 @@ class TrainerState:
         kinds = {"global_step": int, "epoch": int, "max_steps": int, "micro_step": int, "metrics": dict,
                  "metric_steps": dict, "log_history": list, "best_metric": (int, float, type(None)),
                  "best_step": (int, type(None)), "best_checkpoint": (str, type(None)),
-                 "stop_reason": (str, type(None))}
+                 "stop_reason": (str, type(None)), "nonfinite_steps": int, "diverged_step": (int, type(None)),
+                 "finite_checkpoint": (str, type(None)), "warnings": list}
         check_keys(state, kinds, "trainer_state", required=("global_step", "micro_step", "log_history"))
         for key, value in state.items():
             setattr(self, key, value)

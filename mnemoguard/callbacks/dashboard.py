@@ -234,6 +234,10 @@ class TensorBoardDashboard(Callback):
                 "visual_step": self._visual_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        from ..serialization import check_keys
+
+        check_keys(state, {"alarms_written": int, "check_step": (int, type(None)),
+                           "visual_step": (int, type(None))}, "TensorBoardDashboard")
         self.alarms_written = int(state.get("alarms_written", 0))
         self._check_step = state.get("check_step")
         self._visual_step = state.get("visual_step")

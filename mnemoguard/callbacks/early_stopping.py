@@ -151,8 +151,8 @@ class EarlyStopping(Callback):
 
     def on_train_end(self, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not self._seen and not self.disabled:
-            warnings.warn(f"EarlyStopping never saw its monitored metric {self.monitor!r} in this run; available "
-                          f"metrics: {sorted(state.metrics)}", RuntimeWarning, stacklevel=2)
+            state.warn(f"EarlyStopping never saw its monitored metric {self.monitor!r} in this run, so it could not "
+                       f"stop it; the metrics were {sorted(state.metrics)}")
 
     def _missing(self, state: TrainerState, why: str) -> None:
         available = sorted(state.metrics)
@@ -226,6 +226,13 @@ class EarlyStopping(Callback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        from ..serialization import check_keys
+
+        num, opt_int = (int, float), (int, type(None))
+        check_keys(state, {"monitor": str, "mode": str, "patience": int, "wait_count": int, "best_score": num,
+                           "best_step": opt_int, "stopped_step": opt_int, "stop_reason": (str, type(None)),
+                           "num_checks": int, "seen": bool, "last_checked_step": opt_int}, self.state_key,
+                   required=("monitor", "mode", "wait_count", "best_score", "best_step"))
         if state.get("monitor", self.monitor) != self.monitor or state.get("mode", self.mode) != self.mode:
             raise ValueError(
                 f"EarlyStopping state is for monitor={state.get('monitor')!r}, mode={state.get('mode')!r}; this "

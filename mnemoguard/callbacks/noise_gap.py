@@ -276,6 +276,11 @@ class NoiseGapScheduler(Callback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        from ..serialization import check_keys
+
+        check_keys(state, {"num_train_timesteps": int, "active": bool, "band": (list, type(None)),
+                           "strength": (int, float), "config": dict}, "NoiseGapScheduler",
+                   required=("active", "band", "strength"))
         saved = state.get("config", {})
         now = dataclasses.asdict(self.config)
         changed = {k: (saved[k], now[k]) for k in saved if k in now and saved[k] != now[k] and k != "adaptive_band"}

@@ -119,6 +119,13 @@ class MitigationPolicy(Callback):
                     logs: dict | None = None, **kwargs: Any) -> None:
         self.evaluate(state, control, logs)
 
+    def on_train_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
+                     **kwargs: Any) -> None:
+        for rule in self.rules:
+            if self.rule_states[rule.name].checks == 0:
+                state.warn(f"Policy rule {rule.name!r} never acted: its signal {rule.signal!r} was never produced "
+                           "in this run")
+
     def evaluate(self, state: TrainerState, control: TrainerControl, logs: dict | None = None) -> list[dict]:
         """Feed every fresh signal to its rules; apply the resulting action changes; return the new alarms."""
         step = state.global_step
@@ -230,6 +237,14 @@ class MitigationPolicy(Callback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        from ..serialization import check_keys
+
+        check_keys(state, {"rules": dict, "applied": dict, "alarms": list}, "MitigationPolicy",
+                   required=("rules", "applied", "alarms"))
+        fields = {"first": (int, float, type(None)), "on": bool, "count": int, "last_value": (int, float, type(None)),
+                  "last_step": (int, type(None)), "checks": int}
+        for name, saved in state["rules"].items():
+            check_keys(saved, fields, f"MitigationPolicy.rules[{name!r}]", required=tuple(fields))
         unknown = sorted(set(state["rules"]) - set(self.rule_states))
         if unknown:
             logger.warning("MitigationPolicy: the checkpoint has state for rules that are not configured now: %s",

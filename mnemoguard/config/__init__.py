@@ -1,6 +1,7 @@
 """Typed configuration (no torch): the recipe (:mod:`.recipe`), its ``guard:`` section (:mod:`.guard`), the
 regularizers' settings (:mod:`.regularizers`) and the strict YAML / dict loader (:mod:`.schema`)."""
 
+from .checks import check_guard_config
 from .guard import (
     DashboardConfig,
     DefaultPolicy,
@@ -11,7 +12,6 @@ from .guard import (
     NoiseGapConfig,
     ReportConfig,
     Rule,
-    check_guard_config,
     default_policy,
 )
 from .recipe import (

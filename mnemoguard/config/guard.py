@@ -2,9 +2,9 @@
 
 Components are built from it by :func:`mnemoguard.guard.build.build_components`, in producer -> consumer order:
 the low-loss flags and the monitor first, then the policy and the actions it drives (noise gap, regularizers), early
-stopping, and the dashboard and report, which read what all the others produced. :func:`check_guard_config` checks
-every name (regularizers, actions, signals, bands) before anything loads; :func:`default_policy` is the default rule
-chosen on the testbed.
+stopping, and the dashboard and report, which read what all the others produced.
+:func:`mnemoguard.config.checks.check_guard_config` checks every name (regularizers, actions, signals, bands) before
+anything loads; :func:`default_policy` is the default rule chosen on the testbed.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .regularizers import REGULARIZER_CONFIGS, check_regularizer_settings
 from .schema import ConfigError
 
 __all__ = ["BASELINES", "SIGNALS", "STRATEGIES", "DashboardConfig", "DefaultPolicy", "EarlyStoppingSettings",
-           "GuardConfig", "LossFlagsConfig", "MonitorConfig", "NoiseGapConfig", "ReportConfig", "Rule",
-           "band_names", "check_guard_config", "default_policy"]
+           "GuardConfig", "LossFlagsConfig", "MonitorConfig", "NoiseGapConfig", "NonFiniteConfig", "ReportConfig",
+           "Rule", "band_names", "default_policy"]
 
 SIGNALS = ("live_vs_baseline", "wen_gap", "anisotropy", "probe_loss")
 BASELINES = ("ema", "snapshot", "lora_off", "uncond", "checkpoint")
@@ -216,8 +215,22 @@ class EarlyStoppingSettings:
     min_delta: float = 0.0
     stopping_threshold: float | None = None
     divergence_threshold: float | None = None  # stop at once when the metric is this bad
-    check_finite: bool = True
+    check_finite: bool = True  # stop when the metric is NaN or infinite
     start_from_step: int = 0  # no stopping before this optimizer step
+    strict: bool = True  # a metric that does not appear is an error (else one warning, and early stopping is off)
+    expect_by_step: int | None = None  # the step by which the metric must have appeared; None: no deadline
+
+
+@dataclass
+class NonFiniteConfig:
+    """What happens when the loss or a gradient is NaN or infinite (``guard.non_finite``). It protects the run, not a
+    memorization signal, so it applies even with ``enabled: false``. The step is never applied (with
+    ``Guard(optimizer=...)``: the optimizer skips it, so weights and Adam's moments stay as they were)."""
+
+    max_skipped_steps: int = 0  # consecutive non-finite steps skipped before the run stops (0: stop at the first)
+
+    def __post_init__(self) -> None:
+        _at_least("guard.non_finite", {"max_skipped_steps": self.max_skipped_steps}, 0)
 
 
 @dataclass
@@ -270,6 +283,7 @@ class GuardConfig:
     # mnemoguard.config.regularizers.REGULARIZER_CONFIGS, settings the fields of each one's config class.
     regularizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     early_stopping: EarlyStoppingSettings = field(default_factory=EarlyStoppingSettings)
+    non_finite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
@@ -292,31 +306,3 @@ def default_policy() -> DefaultPolicy:
     rule = Rule(signal="mem/probe_loss/band=low/contrast", action="iet_agc", threshold=0.1, patience=2,
                         release_patience=2)
     return DefaultPolicy(rules=[rule], regularizers={"iet_agc": {"enabled": False}}, needs_noise_gap=False)
-
-
-def check_guard_config(cfg: GuardConfig, where: str = "guard") -> None:
-    """Every name and value of the section that can be checked without a model: regularizer names and settings,
-    rule actions, the default policy's needs. Raises :class:`ConfigError` naming the key and the valid names."""
-    if not cfg.enabled:
-        return
-    for name, settings in cfg.regularizers.items():
-        check_regularizer_settings(name, settings, where=f"{where}.regularizers.{name}")
-    configured = {"noise_gap", *cfg.regularizers, *(default_policy().regularizers if cfg.default_policy else {})}
-    for i, rule in enumerate(cfg.policy):
-        if not rule.signal:
-            raise ConfigError(f"{where}.policy[{i}].signal: expected a metric key (e.g. "
-                              "'mem/probe_loss/band=low/contrast'), found ''")
-        if rule.action not in {"noise_gap", *REGULARIZER_CONFIGS}:
-            raise ConfigError(f"{where}.policy[{i}].action: expected 'noise_gap' or a regularizer "
-                              f"({sorted(REGULARIZER_CONFIGS)}), found {rule.action!r}")
-        if rule.action not in configured:
-            raise ConfigError(f"{where}.policy[{i}].action {rule.action!r} is not configured, so the rule could never "
-                              f"act: add {where}.regularizers.{rule.action}: {{enabled: false}} (the rule turns it "
-                              "on)")
-    if cfg.default_policy and not (cfg.monitor.enabled and cfg.monitor.heldout_data):
-        raise ConfigError(f"{where}.default_policy reads mem/probe_loss/band=low/contrast, the loss gap between "
-                          "held-out (image, caption) pairs and training pairs: it needs guard.monitor.enabled and "
-                          f"guard.monitor.heldout_data, found enabled={cfg.monitor.enabled} and heldout_data="
-                          f"{cfg.monitor.heldout_data!r}")
-    if cfg.early_stopping.enabled and not cfg.early_stopping.monitor:
-        raise ConfigError(f"{where}.early_stopping.enabled needs {where}.early_stopping.monitor (a metric key)")

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .guard import GuardConfig, check_guard_config
+from .checks import check_guard_config
+from .guard import GuardConfig
 from .schema import load_dataclass
 
 __all__ = ["DataConfig", "EMASettings", "LoggingConfig", "LoraSettings", "ModelConfig", "RecipeConfig",
@@ -93,6 +94,7 @@ class TrainingConfig:
     checkpointing_steps: int = 200
     checkpoints_total_limit: int | None = 3
     resume_from_checkpoint: str | None = None  # a checkpoint dir or "latest"
+    overwrite_output_dir: bool = False  # replace an earlier run in output_dir (otherwise that is an error)
     log_every: int = 10  # optimizer steps between scalar logs
     export: Literal["last", "best", "ema"] = "last"  # final weights: last, best (early stopping's best
     # checkpoint) or ema

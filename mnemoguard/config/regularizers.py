@@ -5,7 +5,7 @@ with :func:`~mnemoguard.callbacks.regularizers.register_regularizer` registers i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from .schema import ConfigError, from_dict
 
@@ -21,6 +21,8 @@ __all__ = [
 class RegularizerConfig:
     """Settings every regularizer has."""
 
+    metrics: ClassVar[tuple[str, ...]] = ()  # reg/<name>/<metric> it writes besides reg/<name>/strength
+
     enabled: bool = True  # on from the start; False: off until activate() (e.g. by the policy)
     strength: float = 1.0  # run-time multiplier of the main parameter (see each regularizer); 0 = no effect
     seed: int = 0  # seed of the regularizer's own generator (mixed with its name and the rank)
@@ -33,6 +35,8 @@ class RegularizerConfig:
 @dataclass
 class WenFilterConfig(RegularizerConfig):
     """Wen et al.'s filter. ``strength`` divides the threshold (2 = twice as strict)."""
+
+    metrics: ClassVar[tuple[str, ...]] = ("kept_fraction", "gap_mean")
 
     threshold: float = 2.0  # τ on ||eps_c - eps_u||_2 per sample (--hard_threshold, SD 1.4 at 512 px); 0 drops all
     reference_dim: int | None = None  # None: τ as given; D0: τ·sqrt(D/D0) for D values per sample (16384 = SD 1.4)
@@ -52,11 +56,15 @@ class AntiGradientControlConfig(RegularizerConfig):
     running-mean table and its ``mem_ratio`` / ``beta`` / ``num_buckets`` are the guard's ``loss_flags`` section, so
     the flag rates on the dashboard are what the gate drops."""
 
+    metrics: ClassVar[tuple[str, ...]] = ("kept_fraction",)
+
     renormalize: bool = True  # loss = mean(l·keep)·B/max(sum(keep), 1), as in the code
 
 
 @dataclass
 class CaptionOpConfig(RegularizerConfig):
+    metrics: ClassVar[tuple[str, ...]] = ("changed_fraction",)
+
     prob: float = 0.1  # per-sample probability (DCR trainspecial_prob); strength multiplies it (capped at 1)
 
     def __post_init__(self) -> None:
@@ -95,6 +103,8 @@ class CaptionDropoutConfig(CaptionOpConfig):
 
 @dataclass
 class GaussianEmbeddingNoiseConfig(RegularizerConfig):
+    metrics: ClassVar[tuple[str, ...]] = ("lam", "noised_fraction")
+
     lam: float = 0.1  # λ, std of the noise added to the text embeddings (DCR --rand_noise_lam 0.1); strength scales it
 
     def __post_init__(self) -> None:
@@ -106,6 +116,8 @@ class GaussianEmbeddingNoiseConfig(RegularizerConfig):
 @dataclass
 class BaselinePreservationConfig(RegularizerConfig):
     """Output preservation. ``strength`` multiplies ``weight``."""
+
+    metrics: ClassVar[tuple[str, ...]] = ("mse", "flagged_fraction")
 
     weight: float = 1.0  # λ of the preservation MSE (ai-toolkit's diff_output_preservation_multiplier default 1.0)
     baseline: Literal["auto", "ema", "adapters_disabled"] = "auto"  # auto: adapters_disabled for a LoRA, else ema

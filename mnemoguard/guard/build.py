@@ -27,12 +27,12 @@ from ..callbacks.policy import MitigationPolicy
 from ..callbacks.regularizers import Regularizer, build_regularizers
 from ..callbacks.report import MemorizationReport
 from ..config import ConfigError, EMASettings, GuardConfig, RecipeConfig, default_policy, load_dataclass, read_mapping
-from ..config.guard import check_guard_config
+from ..config.checks import check_guard_config
 
 __all__ = ["Components", "build_components", "check_needs", "hparams_of", "load_guard_config", "make_ema"]
 
 
-def load_guard_config(source: Any = None) -> tuple[GuardConfig, dict[str, Any] | None]:
+def load_guard_config(source: Any = None, heldout_given: bool = False) -> tuple[GuardConfig, dict[str, Any] | None]:
     """``(GuardConfig, EMA settings or None)`` from a :class:`GuardConfig`, a :class:`~mnemoguard.config.RecipeConfig`,
     a mapping or a YAML path.
 
@@ -59,7 +59,7 @@ def load_guard_config(source: Any = None) -> tuple[GuardConfig, dict[str, Any] |
             data = dict(data.get("guard") or {})
         data.setdefault("enabled", True)
         cfg = load_dataclass(GuardConfig, data, what="guard config")
-    check_guard_config(cfg)
+    check_guard_config(cfg, heldout_given=heldout_given)
     return cfg, ema
 
 

@@ -41,6 +41,7 @@ class GuardContext:
         hparams: the run's settings, for the dashboard's hparams summary.
         final_dir: the exported weights (set by ``Guard.end(final_dir=...)``).
         exported: what the exported weights are (``{"source": "last" | "best" | "ema", "step": int}``), if known.
+        error: why the run failed, when ``Guard.end(error=...)`` reports a failed run.
     """
 
     accelerator: Any
@@ -58,6 +59,7 @@ class GuardContext:
     hparams: dict[str, Any] = field(default_factory=dict)
     final_dir: Path | None = None
     exported: dict[str, Any] | None = None
+    error: str | None = None
 
     @property
     def unwrapped_unet(self) -> nn.Module:

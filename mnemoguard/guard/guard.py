@@ -114,7 +114,7 @@ class Guard:
         max_steps: int = 0,
         hparams: Mapping[str, Any] | None = None,
     ) -> None:
-        self.config, recipe_ema = load_guard_config(config)
+        self.config, recipe_ema = load_guard_config(config, heldout_given=heldout is not None)
         check_parts(accelerator, unet, noise_scheduler, text_encoder, tokenizer, encode_prompt, log_every)
         self.accelerator, self.unet, self.log_every = accelerator, unet, int(log_every)
         self.state = TrainerState(max_steps=int(max_steps))
@@ -150,7 +150,8 @@ class Guard:
                              "with a project_dir); found neither. Or turn it off: report: {enabled: false}")
         self._drops = [cb.state_key for cb in self.callbacks if getattr(cb, "drops_samples", False)]
         self.totals = StepTotals(accelerator, count_kept=bool(self._drops))
-        self._optimizer_hook = register_step_veto(optimizer, self.totals.nothing_kept) if optimizer else None
+        self._nonfinite_run = 0
+        self._optimizer_hook = register_step_veto(optimizer, self.totals.veto) if optimizer else None
         if self._drops and optimizer is None:
             warnings.warn(f"Guard: {who(self._drops, 'drops', 'drop')} samples; pass optimizer= so that a step where "
                           "every sample was dropped is skipped (otherwise Adam's momentum still moves the weights)",
@@ -334,10 +335,15 @@ class Guard:
         state.global_step = step
         if epoch is not None:
             state.epoch = int(epoch)
-        if self._owns_ema:
+        nonfinite = self.totals.step_nonfinite()
+        if nonfinite:
+            self._nonfinite(step)
+        else:
+            self._nonfinite_run = 0
+        if self._owns_ema and not nonfinite:
             self.ema.step(_unwrap(self.unet))
         values = float_logs(logs)
-        if (self.log_every and step % self.log_every == 0) or step == state.max_steps:
+        if (self.log_every and step % self.log_every == 0) or step == state.max_steps or nonfinite:
             self.control.should_log = True
             values.update(self.totals.train_loss())
         state.update_metrics(values)
@@ -353,6 +359,26 @@ class Guard:
         self._step_open = False
         self.seconds += time.perf_counter() - start
         return values
+
+    def _nonfinite(self, step: int) -> None:
+        """A step whose loss or gradients were NaN / infinite: never applied when the guard has the optimizer; the run
+        stops after ``non_finite.max_skipped_steps`` of them in a row, with the step in the stop reason."""
+        state = self.state
+        state.nonfinite_steps += 1
+        self._nonfinite_run += 1
+        done = ("skipped (the optimizer did not apply it)" if self._optimizer_hook is not None else
+                "applied: pass optimizer= to Guard so that such a step is skipped")
+        limit = self.config.non_finite.max_skipped_steps
+        if self._nonfinite_run > limit:
+            state.diverged_step = step
+            state.stop_reason = (f"Diverged: the loss or a gradient was not finite at step {step} "
+                                 f"({self._nonfinite_run} step(s) in a row, guard.non_finite.max_skipped_steps="
+                                 f"{limit}); the step was {done}.")
+            self.control.should_training_stop = True
+            logger.error("Guard: %s", state.stop_reason)
+        else:
+            logger.warning("Guard: step %d: the loss or a gradient is not finite; the step was %s (%d in a row, at "
+                           "most %d)", step, done, self._nonfinite_run, limit)
 
     def _sync_stop(self) -> None:
         """A stop asked for on any rank stops every rank (every rank calls step() at every optimizer step): one
@@ -372,12 +398,13 @@ class Guard:
         temporary folder first, as the reference trainer does); the best checkpoint is recorded under that name."""
         self.run_state.pending_path = Path(path)
 
-    def end(self, final_dir: str | os.PathLike | None = None, exported: Mapping[str, Any] | None = None
-            ) -> TrainerState:
-        """``on_train_end``: a last monitor check (when the last step was not one), the report
-        (``<output_dir>/report/``; with ``final_dir``, the exported ``*.safetensors`` there get the ``mnemoguard_*``
-        metadata: call it after exporting) and the dashboard's hparams. ``exported``: what was exported
-        (``{"source": "last" | "best" | "ema", "step": N}``). Call it once, after the loop."""
+    def end(self, final_dir: str | os.PathLike | None = None, exported: Mapping[str, Any] | None = None,
+            error: BaseException | str | None = None) -> TrainerState:
+        """``on_train_end``: a last monitor check of the weights the UNet holds now (call it after the export, with
+        the exported weights still in the UNet: the report is about them), the report (``<output_dir>/report/``;
+        with ``final_dir``, the exported ``*.safetensors`` there get the ``mnemoguard_*`` metadata) and the
+        dashboard's hparams. ``exported``: what was exported (``{"source": "last" | "best" | "ema", "step": N}``;
+        default the last weights). ``error``: the run failed (the report says so). Call it once, after the loop."""
         if self._ended:
             raise RuntimeError("Guard.end() was already called")
         if not self._begun:
@@ -387,6 +414,8 @@ class Guard:
         self._ended = True
         self.context.final_dir = Path(final_dir) if final_dir is not None else None
         self.context.exported = dict(exported) if exported is not None else None
+        self.context.error = None if error is None else f"{type(error).__name__}: {error}" \
+            if isinstance(error, BaseException) else str(error)
         logs: dict[str, float] = {}
         self.callbacks.call("on_train_end", self.state, self.control, logs=logs, **self._kw())
         if logs:

@@ -125,6 +125,8 @@ class RunStateHooks:
         self.pending_path = None
         if g.state.best_step is not None and g.state.best_step == g.state.global_step:
             g.state.best_checkpoint = str(path)  # before writing: the checkpoint knows it is the rollback target
+        if g.state.nonfinite_steps == 0:
+            g.state.finite_checkpoint = str(path)  # saved before anything non-finite happened: kept by rotation
         if g.accelerator.is_main_process:
             save_state_files(self.state_dict(), output_dir, FILE_NAME)
         g.callbacks.call("on_save", g.state, g.control, checkpoint=path, context=g.context)

@@ -10,9 +10,10 @@ import torch
 __all__ = ["register_step_veto"]
 
 
-def register_step_veto(optimizer: Any, veto: Callable[[], bool]) -> Any:
+def register_step_veto(optimizer: Any, veto: Callable[[torch.optim.Optimizer], bool]) -> Any:
     """A pre-step hook on the innermost torch optimizer (through accelerate's and DeepSpeed's wrappers): when
-    ``veto()`` says so, every gradient is set to None, so the optimizer skips every parameter this step."""
+    ``veto(optimizer)`` says so, every gradient is set to None, so the optimizer skips every parameter this step
+    (weights, Adam's moments and step counts stay as they were)."""
     inner = optimizer
     while hasattr(inner, "optimizer"):  # AcceleratedOptimizer, DeepSpeed's ZeRO optimizers
         inner = inner.optimizer
@@ -21,7 +22,7 @@ def register_step_veto(optimizer: Any, veto: Callable[[], bool]) -> Any:
                         f"{type(optimizer).__name__}")
 
     def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if veto():
+        if veto(opt):
             for group in opt.param_groups:
                 for p in group["params"]:
                     p.grad = None

@@ -7,6 +7,8 @@ import re
 import shutil
 from pathlib import Path
 
+from ..errors import OutputDirError
+
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -63,3 +65,20 @@ def rotate(output_dir: str | os.PathLike, total_limit: int | None, keep: set[Pat
     for path in removed:
         shutil.rmtree(path)
     return removed
+
+
+def claim_output_dir(output_dir: str | os.PathLike, resume: bool, overwrite: bool) -> None:
+    """Refuse an output directory that holds an earlier run (checkpoints, ``final/``, ``report/``) unless this run
+    resumes it, or ``overwrite`` (then the earlier run's files are removed first)."""
+    root = Path(output_dir)
+    earlier = sorted(p.name for p in [*list_checkpoints(root), root / "final", root / "report"] if p.exists())
+    if not earlier or resume:
+        return
+    if not overwrite:
+        raise OutputDirError(f"training.output_dir={str(root)!r} holds an earlier run ({', '.join(earlier[:4])}); "
+                             "resume it (training.resume_from_checkpoint=latest), choose another output_dir, or "
+                             "replace it (--overwrite, training.overwrite_output_dir=true)")
+    for name in [*earlier, "logs"]:
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)

@@ -11,9 +11,11 @@ curves, all come from the Guard. DeepSpeed ZeRO-2/3 comes from the Accelerate co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,10 @@ from .weights import load_unet, register_model_hooks, save_unet
 logger = logging.getLogger("mnemoguard")
 
 TRACKER_PROJECT = "mnemoguard"
+
+
+def _finite(module: Any) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -106,6 +112,8 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         cfg, t = self.config, self.config.training
+        checkpoints.claim_output_dir(self.output_dir, resume=bool(t.resume_from_checkpoint),
+                                     overwrite=t.overwrite_output_dir)
         self.accelerator = acc = self._make_accelerator()
         set_seed(t.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +141,10 @@ class Trainer:
             )
         hf = load_dataset_source(self._dataset_override if self._dataset_override is not None else cfg.data.source)
         self.dataset = ImageCaptionDataset(hf, cfg.data, parts.image_channels)
+        bad = self.dataset.check_rows()  # every caption and image header, before step 1
+        if bad:
+            acc.print(f"data: {len(bad)} unreadable row(s) will be skipped (data.skip_bad_samples), e.g. rows "
+                      f"{bad[:5]}")
         self.train_dataloader = make_dataloader(self.dataset, t.train_batch_size, t.seed, cfg.data.num_workers)
         self.sampler = self.train_dataloader.sampler
         params = [p for p in parts.unet.parameters() if p.requires_grad]
@@ -222,6 +234,20 @@ class Trainer:
         num_epochs = math.ceil(t.max_train_steps / steps_per_epoch)
         progress = tqdm(total=t.max_train_steps, initial=global_step, desc="train",
                         disable=not (acc.is_local_main_process and self.config.logging.progress_bar))
+        try:
+            self._loop(progress, first_epoch, num_epochs, skip_batches)
+        except BaseException as err:  # the report says the run failed, and where; the error goes on
+            progress.close()
+            if guard._begun and not guard._ended:
+                guard.end(error=err)
+            raise
+        progress.close()
+        self._finish()
+        return self.state
+
+    def _loop(self, progress: Any, first_epoch: int, num_epochs: int, skip_batches: int) -> None:
+        acc, t, guard = self.accelerator, self.config.training, self.guard
+        global_step = guard.global_step
         skipped = int(guard.metrics.get("data/skipped_samples", 0))  # cumulative, kept across a resume
         self.unet.train()
         done = global_step >= t.max_train_steps
@@ -258,9 +284,6 @@ class Trainer:
                 if global_step >= t.max_train_steps or guard.should_stop:
                     done = True
                     break
-        progress.close()
-        self._finish()
-        return self.state
 
     def _after_step(self, step: int) -> None:
         t, v = self.config.training, self.config.validation
@@ -273,8 +296,9 @@ class Trainer:
         v = self.config.validation
         if v.prompts and (not v.every_n_steps or self.state.global_step % v.every_n_steps):
             self.log_validation()
-        self.final_dir, exported = self.export()
-        self.guard.end(final_dir=self.final_dir, exported=exported)
+        with self.exported_weights() as exported:  # the guard's last check and report describe these weights
+            self.final_dir = self._write(self.output_dir / "final", self.config.model.lora.enabled)
+            self.guard.end(final_dir=self.final_dir, exported=exported)
         self.accelerator.end_training()
 
     # ------------------------------------------------------------------------------------------------ side work
@@ -309,44 +333,50 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             checkpoints.commit(self.output_dir, step)
-            keep = {Path(self.state.best_checkpoint)} if self.state.best_checkpoint else set()
+            keep = {Path(p) for p in (self.state.best_checkpoint, self.state.finite_checkpoint) if p}
             checkpoints.rotate(self.output_dir, self.config.training.checkpoints_total_limit, keep | {path})
         acc.wait_for_everyone()
         return path
 
-    def restore_best(self) -> bool:
-        """Roll the UNet back to ``state.best_checkpoint`` (the run's counters and curves stay as they are)."""
-        best = self.state.best_checkpoint
-        if not best or not Path(best).is_dir():
+    def _load_weights(self, checkpoint: str | None, what: str) -> bool:
+        """Put a checkpoint's UNet weights into the live UNet (the run's counters and curves stay as they are)."""
+        if not checkpoint or not Path(checkpoint).is_dir():
             return False
         acc = self.accelerator
         if acc.distributed_type.name == "DEEPSPEED":
             with self.guard.run_state.paused():
-                acc.load_state(best)
+                acc.load_state(checkpoint)
         else:
-            load_unet(acc.unwrap_model(self.unet), Path(best), self.config.model.lora.enabled)
-        acc.print(f"exporting the best checkpoint: {best} (step {self.state.best_step})")
+            load_unet(acc.unwrap_model(self.unet), Path(checkpoint), self.config.model.lora.enabled)
+        acc.print(f"exporting {what}: {checkpoint}")
         return True
 
-    def export(self, directory: Path | None = None) -> tuple[Path, dict[str, Any]]:
-        """The final weights (``training.export``: last, best or ema) into ``final/`` (a LoRA file, or a full diffusers
-        model directory); returns the directory and what was exported (``{"source", "step"}``)."""
-        acc = self.accelerator
-        directory = directory or self.output_dir / "final"
-        lora = self.config.model.lora.enabled
-        source = self.config.training.export
-        exported = {"source": "last", "step": self.state.global_step}
+    @contextlib.contextmanager
+    def exported_weights(self) -> Iterator[dict[str, Any]]:
+        """The UNet holds the weights to export for the block (``training.export``: the last, the best checkpoint's,
+        or the EMA's; after a divergence with non-finite weights, the last finite checkpoint's); yields what they are
+        (``{"source", "step"}``)."""
+        state, source = self.state, self.config.training.export
+        if state.diverged_step is not None and not _finite(self.accelerator.unwrap_model(self.unet)):
+            step = checkpoints.checkpoint_step(state.finite_checkpoint) if state.finite_checkpoint else None
+            if self._load_weights(state.finite_checkpoint, "the last checkpoint before the divergence"):
+                yield {"source": "last finite checkpoint", "step": step}
+                return
+            self.accelerator.print("the weights are not finite and no checkpoint before the divergence exists: "
+                                   "exporting them as they are")
         if source == "best":
-            if self.restore_best():
-                exported = {"source": "best", "step": self.state.best_step}
-            else:
-                acc.print("training.export=best but no best checkpoint was recorded: exporting the last weights")
+            if self._load_weights(state.best_checkpoint, f"the best checkpoint (step {state.best_step})"):
+                yield {"source": "best", "step": state.best_step}
+                return
+            self.accelerator.print("training.export=best but no best checkpoint was recorded: exporting the last "
+                                   "weights")
         if source == "ema":
             if self.ema is None:
                 raise ValueError("training.export=ema needs ema.enabled=true")
-            with self.ema.average_parameters(acc.unwrap_model(self.unet)):
-                return self._write(directory, lora), {"source": "ema", "step": self.state.global_step}
-        return self._write(directory, lora), exported
+            with self.ema.average_parameters(self.accelerator.unwrap_model(self.unet)):
+                yield {"source": "ema", "step": state.global_step}
+            return
+        yield {"source": "last", "step": state.global_step}
 
     def _write(self, directory: Path, lora: bool) -> Path:
         acc = self.accelerator

@@ -11,7 +11,7 @@ from mnemoguard.trainer import Trainer
 from ..trainer_utils import tiny_recipe
 
 GUARD = ("guard.enabled=true", "guard.monitor.enabled=false",
-         "guard.policy=[{signal: 'mem/fake/t=500', action: noise_gap, threshold: 0.5, band: [300, 700]}]",
+         "guard.policy=[{signal: 'val/fake_gap', action: noise_gap, threshold: 0.5, band: [300, 700]}]",
          "guard.early_stopping.enabled=true", "guard.early_stopping.monitor=val/fake",
          "guard.early_stopping.patience=1")
 
@@ -20,7 +20,7 @@ class Producer(Callback):
     """Plays a monitor: a memorization signal and a held-out loss, fresh every step."""
 
     def on_step_end(self, state, control, logs, **kwargs):
-        values = {"mem/fake/t=500": 0.9, "val/fake": [1.0, 0.5, 0.6, 0.7][state.global_step - 1]}
+        values = {"val/fake_gap": 0.9, "val/fake": [1.0, 0.5, 0.6, 0.7][state.global_step - 1]}
         state.update_metrics(values)
         logs.update(values)
         control.should_log = True

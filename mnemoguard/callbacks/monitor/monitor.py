@@ -138,7 +138,8 @@ class MemorizationMonitor(Callback):
 
     @property
     def last_check_step(self) -> int | None:
-        return self.history[-1]["step"] if self.history else None
+        live = self.training_history
+        return live[-1]["step"] if live else None
 
     # ------------------------------------------------------------------------------------------------ set-up
     def on_train_begin(self, state: TrainerState, control: TrainerControl, context: Any = None,
@@ -216,27 +217,45 @@ class MemorizationMonitor(Callback):
 
     def on_train_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
                      logs: dict | None = None, **kwargs: Any) -> None:
-        """The last check, at the last step, unless that step was already checked."""
-        if self._tensors is not None and state.global_step > 0 and self.last_check_step != state.global_step:
-            self._record(state, control, logs)
+        """A last check, of the weights the UNet holds now (``Guard.end`` is called with the exported ones): at the
+        last step unless it was checked, and whenever the export is not the last weights (the best checkpoint's, the
+        EMA's); such a check is kept in the history (labelled) but not logged as a point of the curves."""
+        exported = (getattr(context, "exported", None) or {}) if context is not None else {}
+        source = exported.get("source", "last")
+        if self._tensors is None or state.global_step == 0:
+            state.warn("The memorization monitor made no check in this run (no optimizer step was taken)")
+            return
+        if source != "last" or self.last_check_step != state.global_step:
+            visual = bool(self.config.curvature_every_k_checks and self.config.curvature_num_probes)
+            self._record(state, control, logs, weights=exported if source != "last" else None, visual=visual)
 
-    def _record(self, state: TrainerState, control: TrainerControl, logs: dict | None) -> None:
+    def _record(self, state: TrainerState, control: TrainerControl, logs: dict | None,
+                weights: dict[str, Any] | None = None, visual: bool | None = None) -> None:
         start = time.perf_counter()
         self.num_checks += 1
-        k = self.config.curvature_every_k_checks
-        visual = bool(k) and self.num_checks % k == 0 and self.config.curvature_num_probes > 0
+        if visual is None:
+            k = self.config.curvature_every_k_checks
+            visual = bool(k) and self.num_checks % k == 0 and self.config.curvature_num_probes > 0
         metrics, per_probe, vis = self.measure(visual=visual)
         entry: dict[str, Any] = {"step": state.global_step, "probe_set": len(self.probe_sets) - 1,
                                  "metrics": dict(metrics), "per_probe": per_probe}
+        if weights is not None:  # the exported weights, not the live ones of this step
+            entry["weights"] = {"source": weights.get("source"), "step": weights.get("step")}
         if vis is not None:
             entry["visual"] = {key: vis[key] for key in ("probe_ids", "nn_ratio", "nearest_is_own", "curvature")}
             self.latest_visuals = {**vis, "step": state.global_step}
         self.history.append(entry)
-        state.update_metrics(metrics)
-        if logs is not None:
-            logs.update(metrics)
-        control.should_log = True
+        if weights is None:
+            state.update_metrics(metrics)
+            if logs is not None:
+                logs.update(metrics)
+            control.should_log = True
         self.seconds["checks"] += time.perf_counter() - start
+
+    @property
+    def training_history(self) -> list[dict[str, Any]]:
+        """The checks of the live weights at their steps (without an end check of exported weights)."""
+        return [h for h in self.history if "weights" not in h]
 
     def measure(self, visual: bool = False) -> tuple[dict[str, float], dict[str, Any], dict[str, Any] | None]:
         """One check on the current weights, without recording it: ``(metrics, per_probe, visuals)``.

@@ -18,17 +18,41 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def render_markdown(summary: dict[str, Any], plots: dict[str, str]) -> str:
-    """``report.md`` from the summary."""
-    run = summary["run"]
+VERDICTS = {
+    "memorized": "a probe generation copies its own training image (nearest-neighbour ratio d1/d2 below the "
+                 "threshold, Gu et al.)",
+    "suspect": "no copy seen, but a training probe stands out: its gap or loss is beyond every held-out probe's by "
+               "the report's factor, or the low-loss flags flagged its row repeatedly; look at it before you ship",
+    "ok": "no probe copies its image and none stands out from the held-out probes",
+    "unknown": "no check ran, so there is nothing to judge",
+    "diverged": "the loss or a gradient became NaN / infinite and the run stopped; the export is the last checkpoint "
+                "saved before it",
+}
+
+
+def _header(summary: dict[str, Any]) -> list[str]:
+    run, exported, last = summary["run"], summary["exported"], summary["last_step"]
     lines = ["# Memorization report", ""]
-    lines += [f"**Verdict: {summary['verdict']}**", ""]
+    if summary["status"] != "complete":
+        lines += [f"> **This report is incomplete: the run is {summary['status']}.**", ""]
+    what = f"{exported.get('source', 'last')} weights" + (f", step {exported['step']}" if exported.get("step") else "")
+    lines += [f"**Verdict: {summary['verdict']}** (about the exported {what}): {VERDICTS[summary['verdict']]}.", ""]
+    if exported.get("source", "last") != "last" or last["verdict"] != exported["verdict"]:
+        lines += [f"At its last step ({last['step']}) the run saw: **{last['verdict']}**.", ""]
     lines += ["| | |", "|---|---|", f"| optimizer steps | {run['global_step']} / {run['max_steps']} |"]
     lines += [f"| stopped | {'at step ' + str(run['stop_step']) if run['stopped'] else 'no'} |"]
     if run["stop_reason"]:
         lines += [f"| stop reason | {run['stop_reason']} |"]
     lines += [f"| best step | {_fmt(run['best_step'])} ({_fmt(run['best_checkpoint'])}) |",
-              f"| exported | {_fmt(run['exported'])} |", ""]
+              f"| exported | {_fmt(run['exported'])} ({what}) |", ""]
+    if summary["warnings"]:
+        lines += ["## Warnings", "", *[f"- {w}" for w in summary["warnings"]], ""]
+    return lines
+
+
+def render_markdown(summary: dict[str, Any], plots: dict[str, str]) -> str:
+    """``report.md`` from the summary."""
+    lines = _header(summary)
     lines += ["## Alarms and actions", ""]
     if summary["alarms"]:
         lines += ["| step | action | on | strength | message |", "|---|---|---|---|---|"]

@@ -15,13 +15,18 @@ __all__ = ["exported_weight_files", "memorization_metadata", "stamp_safetensors"
 
 
 def memorization_metadata(state: TrainerState, monitor: Any = None, policy: Any = None,
-                          verdicts: list[dict[str, Any]] | None = None, loss_flags: Any = None) -> dict[str, str]:
-    """``mnemoguard_*`` metadata for the exported safetensors (every value a string, kohya's ``ss_*`` style).
+                          verdicts: list[dict[str, Any]] | None = None, loss_flags: Any = None,
+                          summary: dict[str, Any] | None = None) -> dict[str, str]:
+    """``mnemoguard_*`` metadata for the exported safetensors (every value a string, kohya's ``ss_*`` style): which
+    weights they are (``mnemoguard_exported_source`` / ``_step``) and the verdict about them, next to the run's last
+    step.
 
     Args:
         state: the run's state (steps, stop, best step).
         monitor, policy, loss_flags: the guard's components (None when absent).
-        verdicts: from :func:`~.verdicts.probe_verdicts` (computed from the monitor when omitted).
+        verdicts: from :func:`~.verdicts.probe_verdicts` of the exported weights (computed when omitted).
+        summary: the report's summary (status, exported weights, last step); without it the export is taken to be
+            the last weights.
     """
     from ... import __version__
 
@@ -38,7 +43,11 @@ def memorization_metadata(state: TrainerState, monitor: Any = None, policy: Any 
         "mnemoguard_stop_step": str(int(state.global_step)) if stopped else "none",
         "mnemoguard_stop_reason": str(state.stop_reason or "none"),
         "mnemoguard_best_step": "none" if state.best_step is None else str(int(state.best_step)),
-        "mnemoguard_verdict": overall_verdict(verdicts),
+        "mnemoguard_verdict": summary["verdict"] if summary else overall_verdict(verdicts),
+        "mnemoguard_exported_source": str((summary or {}).get("exported", {}).get("source", "last")),
+        "mnemoguard_exported_step": str((summary or {}).get("exported", {}).get("step", int(state.global_step))),
+        "mnemoguard_last_step_verdict": str((summary or {}).get("last_step", {}).get("verdict",
+                                                                                      overall_verdict(verdicts))),
         "mnemoguard_probe_verdicts": json.dumps(counts, sort_keys=True),
         "mnemoguard_alarms": str(len(alarms)),
         "mnemoguard_actions": json.dumps([{"step": a.get("step"), "action": a.get("action"), "on": a.get("on")}
@@ -47,9 +56,9 @@ def memorization_metadata(state: TrainerState, monitor: Any = None, policy: Any 
     if monitor is not None:
         meta["mnemoguard_baseline"] = str(monitor.config.baseline)
         meta["mnemoguard_bands"] = json.dumps({k: list(v) for k, v in monitor.bands.items()})
-        meta["mnemoguard_checks"] = str(len(monitor.history))
+        meta["mnemoguard_checks"] = str(len(monitor.training_history))
         if monitor.history:
-            last = monitor.history[-1]
+            last = monitor.history[-1]  # the check of the exported weights when there was one
             meta["mnemoguard_last_check_step"] = str(int(last["step"]))
             meta["mnemoguard_signals"] = json.dumps(
                 {k: round(float(v), 6) for k, v in last["metrics"].items() if not k.endswith("_std")}, sort_keys=True)

@@ -47,34 +47,51 @@ class MemorizationReport(Callback):
         self.directory: Path | None = None
         self.summary: dict[str, Any] | None = None
 
+    def on_step_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
+                    **kwargs: Any) -> None:
+        """After each check, an interim report (no plots, marked in progress): a run that crashes or is killed still
+        leaves one."""
+        mon = self.monitor
+        if mon is not None and mon.last_check_step == state.global_step and context is not None \
+                and context.is_main_process and context.output_dir is not None:
+            self.write(state, context.output_dir, status=f"in progress (step {state.global_step})", plots=False)
+
     def on_train_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
                      **kwargs: Any) -> None:
         if context is None or not context.is_main_process:
             return
         if context.output_dir is None:
             raise ValueError("MemorizationReport: the run has no output directory (Guard(output_dir=...))")
-        self.write(state, context.output_dir, final_dir=context.final_dir)
+        error = getattr(context, "error", None)
+        status = f"failed at step {state.global_step}: {error}" if error else "complete"
+        self.write(state, context.output_dir, final_dir=context.final_dir, exported=context.exported, status=status)
 
-    def write(self, state: TrainerState, output_dir: str | Path, final_dir: str | Path | None = None) -> Path:
-        """Write the report into ``output_dir/<directory>``; returns that folder."""
+    def write(self, state: TrainerState, output_dir: str | Path, final_dir: str | Path | None = None,
+              exported: dict[str, Any] | None = None, status: str = "complete", plots: bool = True) -> Path:
+        """Write the report into ``output_dir/<directory>``; returns that folder. The verdict is about the exported
+        weights (the monitor's check of them, when ``Guard.end`` ran one), next to what the run saw at its last
+        step."""
         directory = Path(output_dir) / self.config.directory
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        verdicts = probe_verdicts(self.monitor, self.config, self.loss_flags)
+        end = self.monitor.history[-1] if self.monitor is not None and self.monitor.history else None
+        end = end if end is not None and "weights" in end else None
+        verdicts = probe_verdicts(self.monitor, self.config, self.loss_flags, entry=end)
+        last = probe_verdicts(self.monitor, self.config, self.loss_flags) if end is not None else verdicts
         summary = build_summary(state, verdicts, self.monitor, self.policy, self.stoppers, self.loss_flags,
-                                self.extras, final_dir)
-        plots: dict[str, str] = {}
-        if self.config.plots:
+                                self.extras, final_dir, exported, last, status)
+        figures: dict[str, str] = {}
+        if self.config.plots and plots:
             try:
-                plots = write_plots(directory, summary, self.monitor)
+                figures = write_plots(directory, summary, self.monitor)
             except Exception as err:  # a plot must never lose the report
                 logger.warning("MemorizationReport: plotting failed (%s); writing the report without plots", err)
-        summary["plots"] = sorted(plots.values())
+        summary["plots"] = sorted(figures.values())
         (directory / "summary.json").write_text(json.dumps(summary, indent=2))
-        (directory / "report.md").write_text(render_markdown(summary, plots))
+        (directory / "report.md").write_text(render_markdown(summary, figures))
         self.summary = summary
         if self.config.stamp_export and final_dir is not None:
-            meta = memorization_metadata(state, self.monitor, self.policy, verdicts, self.loss_flags)
+            meta = memorization_metadata(state, self.monitor, self.policy, verdicts, self.loss_flags, summary)
             meta["mnemoguard_report"] = str(Path(self.config.directory) / "report.md")
             for path in exported_weight_files(final_dir):
                 stamp_safetensors(path, meta)

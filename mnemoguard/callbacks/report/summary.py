@@ -16,11 +16,13 @@ __all__ = ["build_summary"]
 
 
 def build_summary(state: TrainerState, verdicts: list[dict[str, Any]], monitor: Any = None, policy: Any = None,
-                  stoppers: Any = (), loss_flags: Any = None, extras: Any = (), final_dir: Any = None
-                  ) -> dict[str, Any]:
-    """The JSON summary of a run (curves, alarms, actions, early stopping, probes and verdicts, the monitor's settings
-    and last check, the low-loss flags, the last probe generations, and ``report_summary()`` of ``extras``); plain
-    types only (non-finite numbers as None)."""
+                  stoppers: Any = (), loss_flags: Any = None, extras: Any = (), final_dir: Any = None,
+                  exported: dict[str, Any] | None = None, last_verdicts: list[dict[str, Any]] | None = None,
+                  status: str = "complete") -> dict[str, Any]:
+    """The JSON summary of a run: its status, the verdict about the exported weights (``verdicts``: per probe, from
+    the check of those weights) next to what the run saw at its last step (``last_verdicts``), curves, alarms,
+    actions, early stopping, the monitor's settings and checks, the low-loss flags, the probe generations, warnings,
+    and ``report_summary()`` of ``extras``; plain types only (non-finite numbers as None)."""
     curves: dict[str, list[list[float]]] = {}
     for row in state.log_history:
         step = row.get("step")
@@ -44,8 +46,16 @@ def build_summary(state: TrainerState, verdicts: list[dict[str, Any]], monitor: 
             "stopped": bool(state.stop_reason), "stop_step": int(state.global_step) if state.stop_reason else None,
             "stop_reason": state.stop_reason, "best_step": state.best_step, "best_metric": state.best_metric,
             "best_checkpoint": state.best_checkpoint, "exported": None if final_dir is None else str(final_dir),
+            "nonfinite_steps": state.nonfinite_steps, "diverged_step": state.diverged_step,
+            "finite_checkpoint": state.finite_checkpoint,
         },
-        "verdict": overall_verdict(verdicts),
+        "status": status,
+        "verdict": "diverged" if state.diverged_step is not None else overall_verdict(verdicts),
+        "exported": {**(exported or {"source": "last", "step": int(state.global_step)}),
+                     "verdict": overall_verdict(verdicts)},
+        "last_step": {"step": int(state.global_step),
+                      "verdict": overall_verdict(verdicts if last_verdicts is None else last_verdicts)},
+        "warnings": list(state.warnings),
         "curves": curves,
         "alarms": alarms,
         "actions": actions,
@@ -58,12 +68,15 @@ def build_summary(state: TrainerState, verdicts: list[dict[str, Any]], monitor: 
             "flagged_rows": len(loss_flags.flagged_rows()), "top": loss_flags.flagged_rows(top=20)},
     }
     if monitor is not None:
-        last = monitor.history[-1] if monitor.history else None
+        live = monitor.training_history
+        last = live[-1] if live else None
+        end = monitor.history[-1] if monitor.history and "weights" in monitor.history[-1] else None
         summary["monitor"] = {
             "config": asdict(monitor.config), "bands": {k: list(v) for k, v in monitor.bands.items()},
-            "signals": monitor.signal_names, "splits": monitor.splits, "checks": len(monitor.history),
+            "signals": monitor.signal_names, "splits": monitor.splits, "checks": len(live),
             "probes": monitor.probes(), "probe_sets": monitor.probe_sets,
             "last_check": None if last is None else {"step": last["step"], "metrics": dict(last["metrics"])},
+            "exported_check": None if end is None else {"weights": end["weights"], "metrics": dict(end["metrics"])},
         }
         vis = monitor.latest_visuals
         if vis is not None:

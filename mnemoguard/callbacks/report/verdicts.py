@@ -7,7 +7,8 @@ Per training probe (held-out probes are the reference):
 - ``suspect``: the per-step low-loss flags flagged its row at least ``min_flags`` times, or at the last check, in
   some band, its live-vs-baseline or Wen gap exceeds ``heldout_factor`` × the largest held-out value, or its probe
   loss is below the smallest held-out loss / ``heldout_factor``;
-- ``ok`` otherwise. The run's verdict is the worst probe verdict (``unknown`` without a check).
+- ``ok`` otherwise. The run's verdict is the worst probe verdict (``unknown`` without a check), or ``diverged`` when
+  the run stopped on a non-finite loss or gradient.
 """
 
 from __future__ import annotations
@@ -19,21 +20,25 @@ from ...config.guard import ReportConfig
 
 __all__ = ["VERDICT_RANK", "overall_verdict", "probe_verdicts"]
 
-VERDICT_RANK = {"unknown": -1, "ok": 0, "suspect": 1, "memorized": 2}
+VERDICT_RANK = {"unknown": -1, "ok": 0, "suspect": 1, "memorized": 2, "diverged": 3}
 
 
-def probe_verdicts(monitor: Any, config: ReportConfig | None = None, loss_flags: Any = None) -> list[dict[str, Any]]:
+def probe_verdicts(monitor: Any, config: ReportConfig | None = None, loss_flags: Any = None,
+                   entry: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Per probe: ``{"id", "split", "kind", "index", "caption", "verdict", "reasons", "flags", "seen", "nn_ratio",
-    "values": {signal: {band: value}}}`` (see the module docstring for the rules); ``flags`` / ``seen``: how often
-    the per-step low-loss flags flagged the probe's row, out of how often it was trained on (None without the
-    rows: ``before_forward`` got no ``indices``)."""
+    "values": {signal: {band: value}}}`` (see the module docstring for the rules), from the check ``entry`` (default:
+    the last check of the live weights; an end check of exported weights gives their verdicts, with their own
+    generations); ``flags`` / ``seen``: how often the per-step low-loss flags flagged the probe's row, out of how
+    often it was trained on (None without the rows: ``before_forward`` got no ``indices``)."""
     config = config or ReportConfig()
     if monitor is None or not monitor.probes():
         return []
-    last = monitor.history[-1] if monitor.history else None
+    live = [h for h in monitor.history if "weights" not in h]
+    last = entry if entry is not None else (live[-1] if live else None)
     visual: dict[int, tuple[float, bool]] = {}
-    for entry in monitor.history:
-        v = entry.get("visual")
+    sources = [last] if last is not None and "weights" in last else live
+    for check in sources:
+        v = check.get("visual")
         if v:
             for pid, ratio, own in zip(v["probe_ids"], v["nn_ratio"], v["nearest_is_own"]):
                 visual[pid] = (float(ratio), bool(own))
