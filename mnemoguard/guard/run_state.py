@@ -89,14 +89,14 @@ class RunStateHooks:
         if state["format"] != FORMAT or state["version"] != VERSION:
             raise StateFormatError(f"{where}: expected format {FORMAT!r} version {VERSION}, found "
                                    f"{state['format']!r} version {state['version']}")
-        _load(g.state.load_state_dict, state["trainer_state"], f"{where}: trainer_state")
+        _load(g.state.load_state_dict, state["trainer_state"], where, "trainer_state")
         own = state.get("guard") or {}
         g.totals.skipped_steps = int(own.get("skipped_steps", 0))
         g.seconds = float(own.get("seconds", 0.0))
         g.callbacks.seconds.update({str(k): float(v) for k, v in own.get("component_seconds", {}).items()})
         if state.get("ema") is not None:
             if g._owns_ema:
-                _load(g.ema.load_state_dict, state["ema"], f"{where}: ema")
+                _load(g.ema.load_state_dict, state["ema"], where, "ema")
             else:
                 logger.warning("Guard: the checkpoint holds the EMA the guard built, but this guard uses none of its "
                                "own (ema= given, or not needed): not restored")
@@ -106,7 +106,7 @@ class RunStateHooks:
         saved = state["components"]
         for key, cb in components.items():
             if key in saved:
-                _load(cb.load_state_dict, saved[key], f"{where}: components.{key}")
+                _load(cb.load_state_dict, saved[key], where, f"components.{key}")
             else:
                 logger.warning("Guard: the checkpoint has no state for %s (added since it was saved): it starts fresh",
                                key)
@@ -143,11 +143,12 @@ class RunStateHooks:
         self.loaded_from = Path(input_dir)
 
 
-def _load(fn: Any, value: Any, where: str) -> None:
-    """``fn(value)``, with any schema error re-raised naming the file and key."""
+def _load(fn: Any, value: Any, where: str, key: str) -> None:
+    """``fn(value)``, with any schema error re-raised naming the file (``where``) and the key."""
     try:
         fn(value)
     except StateFormatError as e:
-        raise StateFormatError(f"{where}: {e}") from None
+        message = str(e)
+        raise StateFormatError(f"{where}: {message if message.startswith(key) else f'{key}: {message}'}") from None
     except (KeyError, TypeError, ValueError) as e:
-        raise StateFormatError(f"{where}: cannot be restored ({type(e).__name__}: {e})") from None
+        raise StateFormatError(f"{where}: {key}: cannot be restored ({type(e).__name__}: {e})") from None
