@@ -1,4 +1,4 @@
-"""``mnemoguard demo``: the whole story on a small planted-memorization testbed, in a few minutes on 2 CPU cores.
+"""``mnemoguard demo``: the whole story on a small planted-memorization testbed, in about a minute on 2 CPU cores.
 
 1. builds a testbed (:mod:`mnemoguard.testbed`): plain digits with class captions plus two digits duplicated many
    times, each with its own caption — the duplication + specific-caption recipe for memorization;
@@ -175,4 +175,4 @@ def _print_story(story: dict[str, Any], cfg: RecipeConfig, out: Path) -> None:
              if best is not None else ""))
     logs = out / "train" / cfg.logging.logging_dir
     print(f"  report:      {out / 'train' / 'report' / 'report.md'}")
-    print(f"  TensorBoard: tensorboard --logdir {logs} --host 127.0.0.1   (mem/ scalars, alarms, probe panels)")
+    print(f"  TensorBoard: tensorboard --logdir {logs} --host 127.0.0.1   (opens on guard/: the verdict)")

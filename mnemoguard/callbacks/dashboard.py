@@ -1,46 +1,49 @@
-"""TensorBoardDashboard: the memorization monitor's signals laid out in TensorBoard.
+"""TensorBoardDashboard: a TensorBoard view that opens on the verdict.
 
 It writes with the raw ``SummaryWriter`` of accelerate's TensorBoard tracker
 (``accelerator.get_tracker("tensorboard", unwrap=True)``), on the main process only, and does nothing when TensorBoard
-is off (``logging.report_to: none``). The scalars themselves are written by the trainer (flat ``mem/...`` tags, the
-metrics contract); the dashboard adds what a flat scalar cannot carry:
+is off (``logging.report_to: none``). The flat ``mem/...`` scalars are logged by the Guard (the metrics contract);
+the dashboard arranges them so that a user looks rather than reads:
 
-- **one custom-scalars layout** (``add_custom_scalars`` may be called once per writer), written at the first step:
-  per signal, a multiline chart across bands for the training probes, the held-out probes and their contrast; per
-  signal, band and split a margin chart ``mean ± std`` over probes (the ``..._lo`` / ``..._hi`` bound tags are
-  written here, at every check); the per-step loss flags by band; the generations' nearest-neighbour ratio and
-  curvature; the policy's alarm count and action strengths; noise-gap and danger-zone tags when present; the
-  training loss;
-- **histograms** of the per-probe values of every signal, band and split at each check
-  (``mem/<signal>/band=<b>/<split>/per_probe``) and of the per-sample loss-flag counts;
-- **images** at curvature checks: per generated probe, ``generation | nearest training image | curvature-difference
-  map`` side by side (``mem/probes/generation_nearest_curvature``), with the captions and ratios as text;
-- **alarm text** (``mem/alarms``): every decision of a policy callback (any callback with an ``alarms`` list of
-  dicts with ``step`` and ``message``, e.g. :class:`~mnemoguard.callbacks.policy.MitigationPolicy`), at its step;
-- an **hparams summary** at the end: the monitor's and the recipe's main settings against the final value of every
-  monitor signal, the stop step and the alarm count (values cast with ``float()``), written into the run directory
-  itself (``run_name="."``).
+- **the verdict first** (the ``guard/`` group, first in TensorBoard's Time Series and in Custom Scalars): every signal
+  a policy rule or early stopping watches, as ``guard/<signal>``, with its on-level, release level and early
+  stopping's best value and thresholds drawn beside it as lines of their own (the sub-runs ``threshold``, ``release``,
+  ``best`` and ``divergence``: TensorBoard colours and names lines by run); ``guard/alarm`` (1 while a rule is on), ``guard/action/<name>``
+  (the strength applied) and ``guard/stop`` (1 from the step the run stops), written at every optimizer step so
+  they draw as steps, not ramps between checks;
+- **bands told apart**: every logged ``.../band=<b>/...`` scalar is also written without the band into the sub-run
+  ``band=<b>`` (``mem/probe_loss/contrast`` shows one coloured line per band, named in the legend), next to the
+  per-band cards;
+- **one custom-scalars layout**: the verdict, then each signal by band (watched signals first; the contrasts known to
+  run negative are named so in their chart titles), the loss flags, the generations, the schedule, the loss;
+- **probe panels**: at curvature checks, a labelled figure (caption, d1/d2 and whether it is a copy, step) of
+  ``generation | nearest training image | curvature-difference map`` per generated probe, small images enlarged;
+- **histograms** of the per-probe values at each check and of the per-sample loss-flag counts; **alarm text**;
+- **hparams** in the training run itself (no extra run): written at the first step with the watched tags as its
+  metrics, its end status at the end. Nothing is written as ``hparam/*`` scalars.
 
-Register it after the monitor and the policy so that it shows their values at the step they are computed (registered
-before them, it shows them one step later, still at their own step). Its counters of what it has written are in
-``state_dict``, so a resumed run neither repeats nor skips anything.
+A resumed run appends to the same runs (the sub-runs purge what the checkpoint had not reached, as the trainer's
+tracker does). Register it after the monitor, the policy and early stopping. Its counters are in ``state_dict``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..config.guard import DashboardConfig
 from .base import Callback, TrainerControl, TrainerState
+from .panels import figure_to_array, probe_figure
+from .watched import signal_levels, watched_signals
 
 logger = logging.getLogger("mnemoguard")
+
+_BAND = re.compile(r"/band=([^/]+)")
 
 
 def _exact(tag: str) -> str:
@@ -48,27 +51,42 @@ def _exact(tag: str) -> str:
     return f"^{re.escape(tag)}$"
 
 
+def verdict_tag(signal: str) -> str:
+    """The ``guard/`` copy of a watched signal: ``mem/probe_loss/band=low/contrast`` -> ``guard/probe_loss/...``."""
+    return "guard/" + (signal[4:] if signal.startswith("mem/") else signal)
+
+
 class TensorBoardDashboard(Callback):
-    """Custom-scalar layout, histograms, probe images, alarm text and an hparams summary (module docstring).
+    """The verdict, bands by colour, probe panels, histograms, alarm text and hparams (module docstring).
 
     Args:
         config: the settings; keyword arguments override its fields.
         monitor: the :class:`~mnemoguard.callbacks.monitor.MemorizationMonitor` to show, or None.
-        policy: the :class:`~mnemoguard.callbacks.policy.MitigationPolicy` whose alarms to show, or None.
-        loss_flags: the :class:`~mnemoguard.callbacks.loss_flags.LowLossFlags` (per-step flag counts), or None.
+        policy: the :class:`~mnemoguard.callbacks.policy.MitigationPolicy` (rules, alarms, actions), or None.
+        loss_flags: the :class:`~mnemoguard.callbacks.loss_flags.LowLossFlags` (per-sample flag counts), or None.
+        early_stopping: the :class:`~mnemoguard.callbacks.early_stopping.EarlyStopping` callbacks whose monitored
+            metric and best value to show.
+        copy_ratio: the nearest-neighbour ratio below which a generation counts as a copy (the report's
+            ``nn_ratio_threshold``), printed on the probe panels.
     """
 
     def __init__(self, config: DashboardConfig | None = None, monitor: Any = None, policy: Any = None,
-                 loss_flags: Any = None, **overrides: Any) -> None:
+                 loss_flags: Any = None, early_stopping: list[Any] | None = None, copy_ratio: float = 1.0 / 3.0,
+                 **overrides: Any) -> None:
         self.config = replace(config or DashboardConfig(), **overrides)
         self.monitor = monitor
         self.policy = policy
         self.loss_flags = loss_flags
+        self.early_stopping = list(early_stopping or [])
+        self.copy_ratio = float(copy_ratio)
         self.alarms_written = 0
         self._context: Any = None
-        self._layout_written = False
+        self._started = False
+        self._runs: dict[str, Any] = {}
+        self._purge: int | None = None
         self._visual_step: int | None = None
         self._check_step: int | None = None  # last check written
+        self._stopped = False  # not in the state: a resumed run is running again
 
     # ------------------------------------------------------------------------------------------------ plumbing
     def _writer(self, context: Any) -> Any:
@@ -81,28 +99,67 @@ class TensorBoardDashboard(Callback):
         writer = accelerator.get_tracker("tensorboard", unwrap=True)
         return writer if hasattr(writer, "add_scalar") else None
 
+    def _run(self, writer: Any, name: str) -> Any:
+        """The sub-run ``name`` next to the training run's scalars (a directory below its log dir)."""
+        run = self._runs.get(name)
+        if run is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            run = SummaryWriter(os.path.join(writer.log_dir, name), purge_step=self._purge)
+            self._runs[name] = run
+        return run
+
+    def watched(self) -> list[tuple[str, str]]:
+        """``[(signal, who)]``: what the policy's rules and early stopping watch."""
+        return watched_signals(self.policy, self.early_stopping)
+
     def on_train_begin(self, state: TrainerState, control: TrainerControl, context: Any = None,
                        **kwargs: Any) -> None:
         self._context = context
+        self._purge = state.global_step + 1 if state.global_step > 0 else None
 
     def on_step_begin(self, state: TrainerState, control: TrainerControl, context: Any = None,
                       **kwargs: Any) -> None:
-        # Trackers start after the guard is built: the layout goes out with the first step.
-        if not self._layout_written:
-            writer = self._writer(context)
-            if writer is not None and self.config.layout:
-                writer.add_custom_scalars(self.layout())
-                self._layout_written = True
+        # Trackers start after the guard is built: the layout and the hparams go out with the first step.
+        if self._started:
+            return
+        writer = self._writer(context)
+        if writer is None:
+            return
+        self._started = True
+        if self.config.layout:
+            writer.add_custom_scalars(self.layout())
+        if self.config.hparams:
+            from torch.utils.tensorboard.summary import hparams
+
+            exp, ssi, _ = hparams(*self.hparams_summary())
+            for summary in (exp, ssi):
+                writer.file_writer.add_summary(summary, state.global_step)
 
     def layout(self) -> dict[str, dict[str, list]]:
-        """The custom-scalars layout: ``{category: {chart title: ["Multiline", [regex]] | ["Margin", [tags]]}}``."""
-        layout: dict[str, dict[str, list]] = {}
+        """The custom-scalars layout: ``{category: {chart title: ["Multiline", [regex]] | ["Margin", [tags]]}}``,
+        the verdict first (TensorBoard keeps the order)."""
+        verdict: dict[str, list] = {}
+        for signal, who in self.watched():
+            verdict[f"{signal} ({who}) with its levels"] = ["Multiline", [_exact(verdict_tag(signal))]]
+        if self.policy is not None:
+            verdict["alarm (1 while a rule is on)"] = ["Multiline", [_exact("guard/alarm")]]
+            verdict["actions (strength applied)"] = ["Multiline", [r"^guard/action/.*$"]]
+        verdict["stop (1 from the stop step)"] = ["Multiline", [_exact("guard/stop")]]
+        layout: dict[str, dict[str, list]] = {"guard: verdict": verdict}
         mon = self.monitor
         if mon is not None:
-            for sig, parts in mon.metric_tags().items():
+            watched = [s for s, _ in self.watched()]
+            order = sorted(mon.metric_tags().items(),
+                           key=lambda kv: not any(s.startswith(f"mem/{kv[0]}/") for s in watched))
+            caveats = mon.contrast_caveats()
+            for sig, parts in order:
                 charts: dict[str, list] = {}
-                for split, tags in parts.items():
-                    charts[f"{sig} / {split} / by band"] = ["Multiline", [_exact(t) for t in tags]]
+                for split in parts:
+                    title = f"{sig} / {split} (one line per band)"
+                    if split == "contrast" and sig in caveats:
+                        title += f" [{caveats[sig].split(':')[0]}]"
+                    charts[title] = ["Multiline", [_exact(f"mem/{sig}/{split}")]]
                 if self.config.margin_charts:
                     for split in mon.splits:
                         for band, tag in zip(mon.bands, parts[split]):
@@ -110,18 +167,13 @@ class TensorBoardDashboard(Callback):
                                 "Margin", [tag, f"{tag}_lo", f"{tag}_hi"]]
                 layout[f"mem: {sig}"] = charts
             layout["mem: per-step loss flags"] = {
-                "flag rate by band": ["Multiline", [_exact(f"mem/agc/flag_rate/band={b}") for b in mon.bands]],
+                "flag rate (one line per band)": ["Multiline", [_exact("mem/agc/flag_rate")]],
                 "flagged samples": ["Multiline", [_exact("mem/agc/flagged_samples")]],
             }
             t = mon.config.curvature_timestep
             layout["mem: probe generations"] = {
-                "nearest-neighbour ratio d1/d2": ["Multiline", [_exact("mem/nn_ratio/train")]],
+                "nearest-neighbour ratio d1/d2 (< 1/3: a copy)": ["Multiline", [_exact("mem/nn_ratio/train")]],
                 "curvature difference": ["Multiline", [_exact(f"mem/curvature_diff/t={t}/train")]],
-            }
-        if self.policy is not None:
-            layout["mem: policy"] = {
-                "alarms": ["Multiline", [_exact("mem/alarm")]],
-                "action strengths": ["Multiline", [r"^mem/policy/.*$"]],
             }
         layout["mem: schedule"] = {
             "noise gap": ["Multiline", [r"^mem/noise_gap/.*$"]],
@@ -132,28 +184,50 @@ class TensorBoardDashboard(Callback):
 
     # ------------------------------------------------------------------------------------------------ per step
     def on_step_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
-                    **kwargs: Any) -> None:
+                    logs: dict | None = None, **kwargs: Any) -> None:
         writer = self._writer(context)
         if writer is None:
             return
+        step = state.global_step
+        self._write_verdict(writer, state, control, step)
+        for tag, value in (logs or {}).items():
+            match = _BAND.search(tag)
+            if match is not None:
+                self._run(writer, f"band={match.group(1)}").add_scalar(_BAND.sub("", tag, count=1), value, step)
         mon = self.monitor
         if mon is not None:
-            # Every check not shown yet, at its own step (also when registered before the monitor: one step late).
+            # Every check not shown yet, at its own step.
             for entry in mon.history:
-                if self._check_step is not None and entry["step"] <= self._check_step:
+                if "weights" in entry or (self._check_step is not None and entry["step"] <= self._check_step):
                     continue
                 if self.config.margin_charts:
                     self._write_bounds(writer, entry["metrics"], entry["step"])
                 if self.config.histograms:
                     self._write_histograms(writer, entry, entry["step"])
                 self._check_step = entry["step"]
-            vis = mon.latest_visuals
-            new_visual = vis is not None and (self._visual_step is None or vis["step"] > self._visual_step)
-            if self.config.images and new_visual:
-                self._write_images(writer, vis, vis["step"])
-                self._visual_step = vis["step"]
+            self._write_visuals(writer)
         if self.config.alarms:
             self._write_alarms(writer)
+        if logs:
+            for run in self._runs.values():
+                run.flush()
+
+    def _write_verdict(self, writer: Any, state: TrainerState, control: TrainerControl, step: int) -> None:
+        """The ``guard/`` group: watched signals with their levels when fresh; switches at every step."""
+        levels = signal_levels(self.policy, self.early_stopping)
+        for signal, _ in self.watched():
+            if state.is_fresh(signal):
+                tag = verdict_tag(signal)
+                writer.add_scalar(tag, float(state.metrics[signal]), step)
+                for run, value in levels.get(signal, []):
+                    self._run(writer, run).add_scalar(tag, float(value), step)
+        if self.policy is not None:
+            writer.add_scalar("guard/alarm", float(any(rs.on for rs in self.policy.rule_states.values())), step)
+            for name in sorted({r.action for r in self.policy.rules}):
+                writer.add_scalar(f"guard/action/{name}",
+                                  float(self.policy.applied.get(name, {}).get("strength", 0.0)), step)
+        self._stopped = self._stopped or bool(control.should_training_stop)
+        writer.add_scalar("guard/stop", float(self._stopped), step)
 
     def _write_bounds(self, writer: Any, metrics: dict[str, float], step: int) -> None:
         for tag, value in metrics.items():
@@ -174,18 +248,19 @@ class TensorBoardDashboard(Callback):
             if counts.size:
                 writer.add_histogram("mem/agc/flag_counts", counts, step)
 
-    def _write_images(self, writer: Any, vis: dict[str, Any], step: int) -> None:
-        panels = probe_panels(vis, min_size=self.config.image_size, colormap=self.config.colormap)
-        if panels is None:
+    def _write_visuals(self, writer: Any) -> None:
+        vis = self.monitor.latest_visuals
+        seen = self._visual_step is not None and vis is not None and vis["step"] <= self._visual_step
+        if not self.config.images or vis is None or seen:
             return
-        writer.add_images("mem/probes/generation_nearest_curvature", panels, step, dataformats="NCHW")
-        lines = []
-        for i, caption in enumerate(vis["captions"]):
-            ratio = vis["nn_ratio"][i] if i < len(vis["nn_ratio"]) else float("nan")
-            own = vis["nearest_is_own"][i] if i < len(vis["nearest_is_own"]) else None
-            lines.append(f"| {i} | {caption} | {ratio:.3f} | {own} | {vis['curvature'][i]:.4g} |")
-        table = "| probe | caption | d1/d2 | nearest is its own image | mean Δh |\n|---|---|---|---|---|\n"
-        writer.add_text("mem/probes/captions", table + "\n".join(lines), step)
+        self._visual_step = vis["step"]
+        exported = vis.get("weights")
+        label = None if not exported else f"of the exported weights ({exported['source']}, step {exported['step']})"
+        fig = probe_figure(vis, step=vis["step"], label=label, colormap=self.config.colormap,
+                           copy_ratio=self.copy_ratio)
+        if fig is not None:
+            writer.add_image("mem/probes/generation_nearest_curvature", figure_to_array(fig), vis["step"],
+                             dataformats="HWC")
 
     def _write_alarms(self, writer: Any) -> None:
         alarms = self.policy.alarms if self.policy is not None else []
@@ -197,35 +272,36 @@ class TensorBoardDashboard(Callback):
     def on_train_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
                      **kwargs: Any) -> None:
         writer = self._writer(context)
-        if writer is None or not self.config.hparams:
+        if writer is None:
             return
-        hparams, metrics = self.hparams_summary(state)
-        writer.add_hparams(hparams, metrics, run_name=".", global_step=state.global_step)
-        writer.flush()
+        if self.monitor is not None:
+            self._write_visuals(writer)  # the end check's panels (of the exported weights)
+        if self.config.hparams and self._started:
+            from torch.utils.tensorboard.summary import hparams
 
-    def hparams_summary(self, state: TrainerState) -> tuple[dict[str, Any], dict[str, float]]:
-        """``(hparam_dict, metric_dict)`` for ``add_hparams``: scalars only, metrics cast with ``float()``."""
+            _, _, sei = hparams(*self.hparams_summary())
+            writer.file_writer.add_summary(sei, state.global_step)
+        writer.flush()
+        for run in self._runs.values():
+            run.close()
+        self._runs.clear()
+
+    def hparams_summary(self) -> tuple[dict[str, Any], dict[str, float]]:
+        """``(hparam_dict, metric_dict)`` for TensorBoard's HParams: the run's settings (scalars only) and the tags
+        whose last value the table shows (the verdict's; the metric values here are placeholders)."""
         hp: dict[str, Any] = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
                               for k, v in (getattr(self._context, "hparams", None) or {}).items()}
         mon = self.monitor
         if mon is not None:
             c = mon.config
-            hp.update({
-                "monitor/baseline": str(c.baseline), "monitor/every_n_steps": int(c.every_n_steps),
-                "monitor/bands": str({k: list(v) for k, v in mon.bands.items()}),
-                "monitor/train_probes": len([p for p in mon.probes() if p["split"] == "train"]),
-                "monitor/heldout_probes": len([p for p in mon.probes() if p["split"] == "heldout"]),
-            })
-        metrics: dict[str, float] = {"hparam/global_step": float(state.global_step),
-                                     "hparam/stopped": float(bool(state.stop_reason))}
-        if state.best_step is not None:
-            metrics["hparam/best_step"] = float(state.best_step)
+            hp.update({"monitor/baseline": str(c.baseline), "monitor/every_n_steps": int(c.every_n_steps),
+                       "monitor/bands": str({k: list(v) for k, v in mon.bands.items()})})
+        metrics = {verdict_tag(signal): 0.0 for signal, _ in self.watched()}
         if self.policy is not None:
-            metrics["hparam/alarms"] = float(len(self.policy.alarms))
-        if mon is not None and mon.history:
-            for tag, value in mon.history[-1]["metrics"].items():
-                if not tag.endswith("_std") and np.isfinite(value):
-                    metrics[f"hparam/{tag}"] = float(value)
+            metrics["guard/alarm"] = 0.0
+        metrics["guard/stop"] = 0.0
+        if mon is not None and mon.config.curvature_every_k_checks and mon.config.curvature_num_probes:
+            metrics["mem/nn_ratio/train"] = 0.0
         return hp, metrics
 
     # ------------------------------------------------------------------------------------------------ state
@@ -241,46 +317,3 @@ class TensorBoardDashboard(Callback):
         self.alarms_written = int(state.get("alarms_written", 0))
         self._check_step = state.get("check_step")
         self._visual_step = state.get("visual_step")
-
-
-def _rgb(images: torch.Tensor) -> torch.Tensor:
-    """``[N, C, H, W]`` in [0, 1] -> 3 channels (grey repeated; extra channels dropped)."""
-    if images.shape[1] == 1:
-        return images.repeat(1, 3, 1, 1)
-    return images[:, :3]
-
-
-def colorize(maps: torch.Tensor, colormap: str = "inferno") -> torch.Tensor:
-    """``[N, H, W]`` non-negative maps -> ``[N, 3, H, W]`` colours: ``log1p``, then one min-max over all maps (as
-    Kim & Lee normalise a whole evaluated set, so the panels are comparable), then a matplotlib colormap."""
-    import matplotlib
-
-    m = torch.log1p(maps.float().clamp_min(0))
-    lo, hi = float(m.min()), float(m.max())
-    m = (m - lo) / (hi - lo) if hi > lo else torch.zeros_like(m)
-    rgba = matplotlib.colormaps[colormap](m.numpy())
-    return torch.from_numpy(np.ascontiguousarray(rgba[..., :3])).permute(0, 3, 1, 2).float()
-
-
-def probe_panels(vis: dict[str, Any], min_size: int = 96, colormap: str = "inferno") -> torch.Tensor | None:
-    """``[G, 3, H, 3W]``: generation | nearest training image | curvature-difference map, per generated probe."""
-    from ..signals import upsample_map
-
-    gen = vis.get("generations")
-    if gen is None or gen.numel() == 0:
-        return None
-    gen = _rgb(gen.float().clamp(0, 1))
-    H, W = gen.shape[-2:]
-    nearest = vis.get("nearest")
-    nearest = _rgb(nearest.float().clamp(0, 1)) if nearest is not None else torch.zeros_like(gen)
-    maps = vis.get("maps")
-    if maps is not None:
-        maps = maps.float()
-        heat = colorize(upsample_map(maps, (H, W)) if tuple(maps.shape[-2:]) != (H, W) else maps, colormap)
-    else:
-        heat = torch.zeros_like(gen)
-    panel = torch.cat([gen, nearest, heat], dim=-1)
-    scale = max(1, -(-min_size // max(H, 1)))
-    if scale > 1:
-        panel = F.interpolate(panel, scale_factor=scale, mode="nearest")
-    return panel.clamp(0, 1)

@@ -237,13 +237,13 @@ class NonFiniteConfig:
 class DashboardConfig:
     """The TensorBoard dashboard (``guard.dashboard``)."""
 
-    enabled: bool = True  # custom scalars, histograms, images, alarms, hparams
+    enabled: bool = True  # guard/ verdict group, per-band runs, custom scalars, histograms, images, alarms, hparams
     layout: bool = True  # write the custom-scalars layout
-    margin_charts: bool = True  # mean ± std margin charts (and their _lo/_hi tags)
+    margin_charts: bool = False  # mean ± std margin charts over probes (and their _lo/_hi tags)
     histograms: bool = True  # per-probe histograms at every check
     images: bool = True  # generation | nearest | curvature map panels at curvature checks
     alarms: bool = True  # alarm text from the policy
-    hparams: bool = True  # hparams summary at the end of training
+    hparams: bool = True  # the run's settings in TensorBoard's HParams (in the training run; no hparam/* scalars)
     image_size: int = 96  # minimum displayed tile size in pixels (small images are enlarged, nearest neighbour)
     colormap: str = "inferno"  # matplotlib colormap of the curvature maps
 

@@ -112,8 +112,10 @@ def build_components(cfg: GuardConfig, callbacks: Sequence[Callback] = (), heldo
     if es.enabled:
         out.early_stopping = EarlyStopping(**{k: v for k, v in vars(es).items() if k != "enabled"})
     if cfg.dashboard.enabled:
-        out.dashboard = TensorBoardDashboard(cfg.dashboard, monitor=out.monitor, policy=out.policy,
-                                             loss_flags=out.loss_flags)
+        out.dashboard = TensorBoardDashboard(
+            cfg.dashboard, monitor=out.monitor, policy=out.policy, loss_flags=out.loss_flags,
+            early_stopping=[out.early_stopping] if out.early_stopping is not None else [],
+            copy_ratio=cfg.report.nn_ratio_threshold)
     if cfg.report.enabled:
         extras = [cb for cb in out.user if callable(getattr(cb, "report_summary", None))]
         stoppers = [out.early_stopping] if out.early_stopping is not None else []

@@ -43,18 +43,6 @@ def _finite(module: Any) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config -> flat ``a/b`` keys with TensorBoard-hparams-safe values (lists become strings)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "/"))
-        else:
-            out[key] = v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
-    return out
-
-
 class Trainer:
     """Fine-tune the recipe's model on the recipe's data, with the recipe's guard.
 
@@ -179,7 +167,9 @@ class Trainer:
                 acc.print(f"resumed from {path} at step {self.state.global_step}")
         if acc.is_main_process and cfg.logging.report_to == "tensorboard":
             purge = {"purge_step": self.state.global_step + 1} if self.resumed_from else {}
-            acc.init_trackers(TRACKER_PROJECT, config=_flat(cfg.to_dict()), init_kwargs={"tensorboard": purge})
+            # No config=: accelerate would write it as hparams into a new timestamped run at every launch; the
+            # guard's dashboard writes the hparams into the training run itself.
+            acc.init_trackers(TRACKER_PROJECT, init_kwargs={"tensorboard": purge})
 
     def _hparams(self) -> dict[str, Any]:
         cfg = self.config

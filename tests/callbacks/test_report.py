@@ -11,7 +11,7 @@ from mnemoguard.callbacks import TrainerState, memorization_metadata
 from mnemoguard.callbacks.report import overall_verdict, probe_verdicts
 from mnemoguard.config import ConfigError, ReportConfig
 
-from ._guard_run import guarded_run
+from ._guard_run import SIGNAL, guarded_run
 
 
 def test_report_files_after_a_tiny_run():
@@ -30,6 +30,13 @@ def test_report_files_after_a_tiny_run():
     assert summary["monitor"]["bands"] == {"low": [0, 333], "mid": [333, 666], "high": [666, 1000]}
     text = (report / "report.md").read_text()
     assert "# Memorization report" in text and "![live_vs_ema](signal_live_vs_ema.png)" in text
+    # What the decisions watched, with the rule's levels recomputed from its settings (release = 80 % of the
+    # on-level by default), drawn first; the contrasts expected to run negative say so.
+    assert summary["watched"] == [{"signal": SIGNAL, "by": f"rule gaussian_embedding_noise<-{SIGNAL}",
+                                   "levels": {"threshold": 1e-9, "release": pytest.approx(0.8e-9)}}]
+    assert "watched.png" in summary["plots"] and text.index("![watched](watched.png)") < text.index("## Alarms")
+    assert set(summary["monitor"]["caveats"]) == {"live_vs_ema", "wen_gap"}
+    assert "Note: the `wen_gap` contrast is expected negative with held-out image probes" in text
 
     meta = memorization_metadata(run.state, run.monitor, run.policy, loss_flags=run.loss_flags)
     assert meta and all(k.startswith("mnemoguard_") and isinstance(v, str) for k, v in meta.items())

@@ -19,10 +19,15 @@ import torch
 from ...signals import band_mean
 from .measure import COLUMNS
 
-__all__ = ["ORIENTATION", "aggregate"]
+__all__ = ["CONTRAST_CAVEATS", "ORIENTATION", "aggregate"]
 
 #: +1: larger on training probes = more memorized; -1: smaller (the loss)
 ORIENTATION = {"live_vs_baseline": 1.0, "wen_gap": 1.0, "anisotropy": 1.0, "probe_loss": -1.0}
+
+_CAPTION_SHIFT = ("expected negative with held-out image probes: held-out specific captions move the conditional "
+                  "prediction more than trained ones (BENCHMARKS.md, issue 6); not a memorization signal there")
+#: contrasts measured to run the wrong way, with why: shown next to their plots and charts
+CONTRAST_CAVEATS = {"live_vs_baseline": _CAPTION_SHIFT, "wen_gap": _CAPTION_SHIFT}
 
 
 def aggregate(values: torch.Tensor, t: torch.Tensor, probe: torch.Tensor, bands: dict[str, tuple[int, int]],

@@ -30,7 +30,7 @@ from ...config.guard import MonitorConfig
 from ...isolation import eval_mode, preserved_rng_state
 from ...serialization import check_keys
 from ..base import Callback, TrainerControl, TrainerState
-from .aggregate import aggregate
+from .aggregate import CONTRAST_CAVEATS, aggregate
 from .measure import measure_all
 from .probes import SPEC_VERSION, choose_probes, probe_fingerprint
 from .tensors import build_probe_tensors
@@ -99,6 +99,13 @@ class MemorizationMonitor(Callback):
     def signal_names(self) -> list[str]:
         """Tag names of the configured signals, in order."""
         return [self.signal_tag(s) for s in self.config.signals]
+
+    def contrast_caveats(self) -> dict[str, str]:
+        """``{signal tag name: why its contrast is expected to run negative}`` for the configured signals that have
+        one (:data:`~mnemoguard.callbacks.monitor.aggregate.CONTRAST_CAVEATS`); empty without held-out probes."""
+        if not self.has_heldout:
+            return {}
+        return {self.signal_tag(s): CONTRAST_CAVEATS[s] for s in self.config.signals if s in CONTRAST_CAVEATS}
 
     @property
     def has_heldout(self) -> bool:
@@ -243,12 +250,12 @@ class MemorizationMonitor(Callback):
             entry["weights"] = {"source": weights.get("source"), "step": weights.get("step")}
         if vis is not None:
             entry["visual"] = {key: vis[key] for key in ("probe_ids", "nn_ratio", "nearest_is_own", "curvature")}
-            self.latest_visuals = {**vis, "step": state.global_step}
+            self.latest_visuals = {**vis, "step": state.global_step, "weights": entry.get("weights")}
         self.history.append(entry)
         if weights is None:
             state.update_metrics(metrics)
-            if logs is not None:
-                logs.update(metrics)
+            if logs is not None:  # the spreads stay in the history (histograms, margin charts), off the trackers
+                logs.update({k: v for k, v in metrics.items() if not k.endswith("_std")})
             control.should_log = True
         self.seconds["checks"] += time.perf_counter() - start
 

@@ -53,6 +53,14 @@ def _header(summary: dict[str, Any]) -> list[str]:
 def render_markdown(summary: dict[str, Any], plots: dict[str, str]) -> str:
     """``report.md`` from the summary."""
     lines = _header(summary)
+    if summary.get("watched"):
+        lines += ["## What the decisions watched", ""]
+        for w in summary["watched"]:
+            levels = ", ".join(f"{k} {_fmt(v)}" for k, v in w["levels"].items()) or "no level yet"
+            lines.append(f"- `{w['signal']}`, by {w['by']}: {levels}")
+        if "watched" in plots:
+            lines += ["", f"![watched]({plots['watched']})"]
+        lines += [""]
     lines += ["## Alarms and actions", ""]
     if summary["alarms"]:
         lines += ["| step | action | on | strength | message |", "|---|---|---|---|---|"]
@@ -84,6 +92,8 @@ def render_markdown(summary: dict[str, Any], plots: dict[str, str]) -> str:
                 for band in mon["bands"]:
                     vals = [_fmt(last["metrics"].get(f"mem/{sig}/band={band}/{s}")) for s in splits]
                     lines.append(f"| {sig} | {band} | " + " | ".join(vals) + " |")
+        for sig, why in mon.get("caveats", {}).items():
+            lines += ["", f"Note: the `{sig}` contrast is {why}."]
         for sig in mon["signals"]:
             if sig in plots:
                 lines += ["", f"![{sig}]({plots[sig]})"]

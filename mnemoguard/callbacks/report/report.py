@@ -83,7 +83,7 @@ class MemorizationReport(Callback):
         figures: dict[str, str] = {}
         if self.config.plots and plots:
             try:
-                figures = write_plots(directory, summary, self.monitor)
+                figures = write_plots(directory, summary, self.monitor, self.config.nn_ratio_threshold)
             except Exception as err:  # a plot must never lose the report
                 logger.warning("MemorizationReport: plotting failed (%s); writing the report without plots", err)
         summary["plots"] = sorted(figures.values())

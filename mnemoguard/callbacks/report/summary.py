@@ -8,6 +8,7 @@ from typing import Any
 
 from ...serialization import to_jsonable
 from ..base import TrainerState
+from ..watched import signal_levels, watched_signals
 from .verdicts import overall_verdict
 
 logger = logging.getLogger("mnemoguard")
@@ -22,7 +23,8 @@ def build_summary(state: TrainerState, verdicts: list[dict[str, Any]], monitor: 
     """The JSON summary of a run: its status, the verdict about the exported weights (``verdicts``: per probe, from
     the check of those weights) next to what the run saw at its last step (``last_verdicts``), curves, alarms,
     actions, early stopping, the monitor's settings and checks, the low-loss flags, the probe generations, warnings,
-    and ``report_summary()`` of ``extras``; plain types only (non-finite numbers as None)."""
+    the watched signals with their levels, and ``report_summary()`` of ``extras``; plain types only (non-finite
+    numbers as None)."""
     curves: dict[str, list[list[float]]] = {}
     for row in state.log_history:
         step = row.get("step")
@@ -34,6 +36,7 @@ def build_summary(state: TrainerState, verdicts: list[dict[str, Any]], monitor: 
     actions = {k: dict(v) for k, v in policy.applied.items()} if policy is not None else {}
     stopping = [{"monitor": es.monitor, "stopped_step": es.stopped_step, "best_step": es.best_step,
                  "best_score": es.best_score, "stop_reason": es.stop_reason} for es in stoppers]
+    watched, levels = watched_signals(policy, list(stoppers)), signal_levels(policy, list(stoppers))
     callbacks = {}
     for cb in extras:
         try:
@@ -57,6 +60,7 @@ def build_summary(state: TrainerState, verdicts: list[dict[str, Any]], monitor: 
                       "verdict": overall_verdict(verdicts if last_verdicts is None else last_verdicts)},
         "warnings": list(state.warnings),
         "curves": curves,
+        "watched": [{"signal": sig, "by": who, "levels": dict(levels.get(sig, []))} for sig, who in watched],
         "alarms": alarms,
         "actions": actions,
         "early_stopping": stopping,
@@ -74,6 +78,7 @@ def build_summary(state: TrainerState, verdicts: list[dict[str, Any]], monitor: 
         summary["monitor"] = {
             "config": asdict(monitor.config), "bands": {k: list(v) for k, v in monitor.bands.items()},
             "signals": monitor.signal_names, "splits": monitor.splits, "checks": len(live),
+            "caveats": monitor.contrast_caveats(),
             "probes": monitor.probes(), "probe_sets": monitor.probe_sets,
             "last_check": None if last is None else {"step": last["step"], "metrics": dict(last["metrics"])},
             "exported_check": None if end is None else {"weights": end["weights"], "metrics": dict(end["metrics"])},
