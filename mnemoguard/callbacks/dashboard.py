@@ -8,9 +8,9 @@ the dashboard arranges them so that a user looks rather than reads:
 - **the verdict first** (the ``guard/`` group, first in TensorBoard's Time Series and in Custom Scalars): every signal
   a policy rule or early stopping watches, as ``guard/<signal>``, with its on-level, release level and early
   stopping's best value and thresholds drawn beside it as lines of their own (the sub-runs ``threshold``, ``release``,
-  ``best`` and ``divergence``: TensorBoard colours and names lines by run); ``guard/alarm`` (1 while a rule is on), ``guard/action/<name>``
-  (the strength applied) and ``guard/stop`` (1 from the step the run stops), written at every optimizer step so
-  they draw as steps, not ramps between checks;
+  ``best`` and ``divergence``: TensorBoard colours and names lines by run); ``guard/alarm`` (1 while a rule is
+  on), ``guard/action/<name>`` (the strength applied) and ``guard/stop`` (1 from the step the run stops), written at
+  every optimizer step so they draw as steps, not ramps between checks;
 - **bands told apart**: every logged ``.../band=<b>/...`` scalar is also written without the band into the sub-run
   ``band=<b>`` (``mem/probe_loss/contrast`` shows one coloured line per band, named in the legend), next to the
   per-band cards;

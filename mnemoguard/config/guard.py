@@ -35,7 +35,9 @@ class MonitorConfig:
 
     enabled: bool = True  # the memorization monitor (probe set, per-band signals every N steps)
     every_n_steps: int = 100  # optimizer steps between checks (a last check also runs at the end of training)
-    num_duplicate_probes: int = 4  # training rows with verbatim-repeated captions, most repeated first
+    num_duplicate_probes: int = 4  # at-risk rows: duplicated images (exact or near) or captions, most repeated first
+    near_duplicate_ratio: float = 1.0 / 3.0  # near-duplicate images: thumbnail distance < ratio x median NN distance
+    duplicate_scan_rows: int | None = 20000  # rows scanned for duplicate images (a uniform subsample; None: all)
     num_random_probes: int = 4  # further training rows drawn uniformly (never the content of another probe)
     num_heldout_probes: int = 4  # from heldout_captions, else from the held-out samples
     heldout_captions: list[str] = field(default_factory=list)  # unseen captions in the training style
@@ -71,6 +73,12 @@ class MonitorConfig:
         if self.num_duplicate_probes + self.num_random_probes < 1:
             raise ConfigError(f"{w}: num_duplicate_probes + num_random_probes must be >= 1 (no training probe to "
                               "watch); found 0")
+        if not 0.0 <= self.near_duplicate_ratio < 1.0:
+            raise ConfigError(f"{w}.near_duplicate_ratio must be in [0, 1) (0: exact duplicates only); found "
+                              f"{self.near_duplicate_ratio}")
+        if self.duplicate_scan_rows is not None and self.duplicate_scan_rows < 2:
+            raise ConfigError(f"{w}.duplicate_scan_rows must be >= 2 or null (all rows); found "
+                              f"{self.duplicate_scan_rows}")
         if not self.signals:
             raise ConfigError(f"{w}.signals: expected a non-empty subset of {list(SIGNALS)}, found []")
         if self.baseline == "checkpoint" and not self.baseline_checkpoint:

@@ -11,7 +11,7 @@
 - trajectory: early-denoising overshoot and first-step loss (Kim, Kim & Lee 2025)
 """
 
-from ._streaming import subsample_indices
+from ._streaming import distinct_rows, subsample_indices
 from .curvature import (
     conditional_curvature_map,
     curvature_diff_map,
@@ -65,7 +65,7 @@ from .score_gap import (
     wen_score,
     wen_training_filter,
 )
-from .shell_coverage import chi_square_interval, shell_coverage, shell_coverage_curve
+from .shell_coverage import chi_square_interval, shell_coverage, shell_coverage_curve, shell_interval
 from .trajectory import (
     LatentDecomposition,
     Projection,
@@ -87,6 +87,7 @@ __all__ = [
     "AsthanaPreset",
     "band_mean",
     "chi_square_interval",
+    "distinct_rows",
     "conditional_curvature_map",
     "curvature_diff_map",
     "curvature_map",
@@ -123,6 +124,7 @@ __all__ = [
     "score_diff_map",
     "shell_coverage",
     "shell_coverage_curve",
+    "shell_interval",
     "sigma_to_timestep",
     "sigmas_from_alphas_cumprod",
     "sphere_flux",

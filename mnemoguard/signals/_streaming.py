@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TrainingData", "subsample_indices"]
+__all__ = ["TrainingData", "distinct_rows", "subsample_indices"]
 
 TrainingData = torch.Tensor | Sequence[Any] | Any  # tensor, numpy array / memmap: len() + row indexing
 
@@ -96,6 +96,34 @@ class _Probes:
     noise: torch.Tensor
 
 
+def _multiplicity(multiplicity: torch.Tensor | Sequence[int] | None, n: int) -> torch.Tensor | None:
+    """Copies per training row (float64, (n,)), or None: every row once."""
+    if multiplicity is None:
+        return None
+    m = torch.as_tensor(multiplicity, dtype=torch.float64).reshape(-1)
+    if m.numel() != n or (m < 1).any() or (m != m.round()).any():
+        raise ValueError(f"multiplicity must hold one integer >= 1 per training row ({n}); found {m.numel()} values "
+                         f"with min {float(m.min()) if m.numel() else None}")
+    return m
+
+
+def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact duplicates merged: ``(distinct rows, multiplicity, inverse)`` with ``x == distinct[inverse]`` and
+    ``multiplicity[k]`` the number of rows equal to ``distinct[k]`` (bitwise), in order of first appearance."""
+    flat = x.reshape(x.shape[0], -1)
+    first: dict[bytes, int] = {}
+    inverse = torch.empty(x.shape[0], dtype=torch.long)
+    keep: list[int] = []
+    for i, row in enumerate(flat):
+        key = row.cpu().numpy().tobytes()
+        if key not in first:
+            first[key] = len(keep)
+            keep.append(i)
+        inverse[i] = first[key]
+    counts = torch.bincount(inverse, minlength=len(keep))
+    return x[torch.tensor(keep, dtype=torch.long, device=x.device)], counts, inverse
+
+
 def _make_probes(
     train: TrainingData,
     population: torch.Tensor | None,
@@ -104,12 +132,18 @@ def _make_probes(
     generator: torch.Generator,
     dtype: torch.dtype,
     device: torch.device,
+    multiplicity: torch.Tensor | None = None,
 ) -> _Probes:
     if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1; found {num_probes}")
     if population is None:
         n = _num_rows(train) if indices is None else indices.numel()
-        pick = torch.randint(n, (num_probes,), generator=generator, device=generator.device).cpu()
+        if multiplicity is None:
+            pick = torch.randint(n, (num_probes,), generator=generator, device=generator.device).cpu()
+        else:  # the empirical law of the rows as trained: a row with k copies is drawn k times as often
+            weights = multiplicity if indices is None else multiplicity[indices]
+            pick = torch.multinomial(weights.to(generator.device), num_probes, replacement=True,
+                                     generator=generator).cpu()
         # probe positions inside the (sub)sample: the training row itself is excluded where leave-one-out applies
         clean = _rows(train, pick if indices is None else indices[pick], dtype, device)
         train_index = pick
@@ -141,12 +175,17 @@ def _stream_pair_terms(train, indices, probes: _Probes, chunk_size: int, dtype):
         yield dist, z_term, positions
 
 
-def _setup(train, sigmas, population, num_probes, subsample, generator, dtype, device):
+def _setup(train, sigmas, population, num_probes, subsample, generator, dtype, device, multiplicity=None):
+    """``(σ grid, subsample indices, probes, log-multiplicity of the scanned rows or None)``."""
     sig = _sigma_vector(torch.as_tensor(sigmas), "sigmas")
     dev = torch.device(device) if device is not None else _default_device(train)
+    mult = _multiplicity(multiplicity, _num_rows(train))
     indices = subsample_indices(_num_rows(train), subsample, generator)
-    probes = _make_probes(train, population, num_probes, indices, generator, dtype, dev)
-    return sig.to(device=dev, dtype=dtype), indices, probes
+    probes = _make_probes(train, population, num_probes, indices, generator, dtype, dev, mult)
+    log_mult = None
+    if mult is not None:
+        log_mult = (mult if indices is None else mult[indices]).log().to(device=dev, dtype=dtype)
+    return sig.to(device=dev, dtype=dtype), indices, probes, log_mult
 
 
 def _scan(
@@ -159,11 +198,13 @@ def _scan(
     *,
     want_weights: bool,
     shell: tuple[float, float] | None,
+    log_mult: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One pass over the data: per-probe max posterior weight and/or shell indicator, each (M, S) or None.
 
     ``shell``: the interval ``[q_lo, q_hi]`` that ``‖y_j − x_i‖² / σ²`` must fall in for ``x_i`` to cover probe j
-    (:func:`~mnemoguard.signals.shell_coverage.chi_square_interval`), or ``None`` for no coverage.
+    (:func:`~mnemoguard.signals.shell_coverage.shell_interval`), or ``None`` for no coverage. ``log_mult``: log of
+    each scanned row's multiplicity (the posterior's prior is proportional to it: a row with k copies weighs k).
     """
     m, n_sig, dev = probes.clean.shape[0], sig.numel(), probes.clean.device
     run_max = torch.full((m, n_sig), -math.inf, dtype=dtype, device=dev)
@@ -174,9 +215,12 @@ def _scan(
         z_sq = (probes.noise * probes.noise).sum(1, keepdim=True)
     for dist, z_term, positions in _stream_pair_terms(train, indices, probes, chunk_size, dtype):
         own = positions[None, :] == probes.train_index[:, None]  # leave-one-out: a point never covers itself
+        prior = None if log_mult is None else log_mult[positions][None, :]
         for k, s in enumerate(sig):
             if want_weights:
                 logits = -(dist + 2 * s * z_term) / (2 * s * s)  # the common σ²‖z‖² term cancels in the softmax
+                if prior is not None:
+                    logits = logits + prior
                 new_max = torch.maximum(run_max[:, k], logits.max(1).values)
                 scale = torch.exp(run_max[:, k] - new_max)
                 run_sum[:, k] = run_sum[:, k] * scale + torch.exp(logits - new_max[:, None]).sum(1)
@@ -184,6 +228,6 @@ def _scan(
             if shell is not None:
                 stat = dist / (s * s) + 2 * z_term / s + z_sq  # ‖y_j − x_i‖² / σ²
                 covered[:, k] |= ((stat >= q_lo) & (stat <= q_hi) & ~own).any(1)
-    # max_i w_i = exp(max logit − logsumexp) = 1 / Σ_i exp(logit_i − max logit)
+    # max_i w_i = exp(max logit − logsumexp) = 1 / Σ_i exp(logit_i − max logit)  (the prior is inside the logits)
     weights = 1.0 / run_sum if want_weights else None
     return weights, (covered.to(dtype) if shell is not None else None)

@@ -10,8 +10,17 @@ Models" (arXiv 2602.17846, 2026) split the noise levels into three regimes using
   ``σ√d`` around each ``x_i``) cover almost none of the inputs the sampler visits; at larger σ they do.
 
 Memorization is induced where inputs are covered (``C_σ`` high: the sampler lands where training happened) while the
-posterior is still concentrated (``W_σ`` high: the target there is one training image). No public code exists for the
-paper; the formulas are our reconstruction from the empirical-optimal-denoiser algebra (research notes §4.2).
+posterior is still concentrated (``W_σ`` high: the target there is one training image). ``W_σ`` is the paper's
+Definition 4.1 over the *distinct* training images (pass copies as a ``multiplicity``), ``C_σ`` its Definition 4.6
+with the shell of Lemma 4.5 (c = 5), estimated with held-out images (``population``); both as documented by a
+co-author's reproduction (the authors' code is not public). The paper gives no numeric band rule: the thresholds of
+:func:`danger_zone_band` are ours (a co-author's reproduction used 0.8 on both curves).
+
+Why the band came out empty on the planted testbed before this correction: the training rows were passed with their
+copies, and k identical copies split the posterior, capping ``max_i w_i`` at 1/k at every σ (there: ``W_σ ≤ 0.39``
+< 0.5 everywhere); and coverage was estimated leave-one-out on training rows, where a duplicated image's own copies
+cover it at every σ. Feeding distinct images with their multiplicity, and held-out images as the population, gives
+a band (docs/guard.md, "The danger zone").
 
 Modules: :mod:`.posterior` (posterior weights, ``W_σ``), :mod:`.shell_coverage` (``C_σ``), :mod:`._streaming` (the
 one pass over the data both share); this module holds both curves from one pass, the band and the σ ↔ timestep
@@ -38,9 +47,9 @@ from typing import NamedTuple
 
 import torch
 
-from ._streaming import TrainingData, _scan, _setup, _sigma_vector, subsample_indices
+from ._streaming import TrainingData, _scan, _setup, _sigma_vector, distinct_rows, subsample_indices
 from .posterior import empirical_optimal_denoiser, max_posterior_weight_curve, max_posterior_weights, posterior_weights
-from .shell_coverage import chi_square_interval, shell_coverage, shell_coverage_curve
+from .shell_coverage import chi_square_interval, shell_coverage, shell_coverage_curve, shell_interval
 
 __all__ = [
     "DangerZone",
@@ -48,12 +57,14 @@ __all__ = [
     "chi_square_interval",
     "danger_zone_band",
     "danger_zone_curves",
+    "distinct_rows",
     "empirical_optimal_denoiser",
     "max_posterior_weight_curve",
     "max_posterior_weights",
     "posterior_weights",
     "shell_coverage",
     "shell_coverage_curve",
+    "shell_interval",
     "sigmas_from_alphas_cumprod",
     "sigma_to_timestep",
     "subsample_indices",
@@ -75,18 +86,28 @@ def danger_zone_curves(
     *,
     num_probes: int = 256,
     generator: torch.Generator,
-    level: float = 0.99,
+    population: torch.Tensor | None = None,
+    multiplicity: torch.Tensor | Sequence[int] | None = None,
+    shell_constant: float = 5.0,
     subsample: int | None = None,
     chunk_size: int = 1024,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> DangerZoneCurves:
-    """Both curves in ONE pass over the data: :func:`max_posterior_weight_curve` and the leave-one-out
-    :func:`shell_coverage_curve` share their probes (noised training points) and their distance terms, so this
-    costs what either curve costs alone. Feed the result to :func:`danger_zone_band`."""
-    sig, indices, probes = _setup(train, sigmas, None, num_probes, subsample, generator, dtype, device)
-    shell = chi_square_interval(probes.clean.shape[1], level)
-    weights, covered = _scan(train, indices, probes, sig, chunk_size, dtype, want_weights=True, shell=shell)
+    """``W_σ`` and ``C_σ`` of a training set on one σ grid. ``train``: the distinct training images (latents as the
+    UNet sees them) with ``multiplicity`` their copies (:func:`distinct_rows`); ``population``: held-out images for
+    the coverage (the paper's estimator; without them the training rows stand in, leave-one-out). Without a
+    population both curves come from ONE pass over the data (shared probes and distance terms); with one, the
+    coverage takes a second pass. Feed the result to :func:`danger_zone_band`."""
+    sig, indices, probes, log_mult = _setup(train, sigmas, None, num_probes, subsample, generator, dtype, device,
+                                            multiplicity)
+    shell = shell_interval(probes.clean.shape[1], shell_constant)
+    weights, covered = _scan(train, indices, probes, sig, chunk_size, dtype, want_weights=True,
+                             shell=None if population is not None else shell, log_mult=log_mult)
+    if population is not None:
+        covered = shell_coverage(train, sig, num_probes=num_probes, generator=generator, population=population,
+                                 shell_constant=shell_constant, subsample=subsample, chunk_size=chunk_size,
+                                 dtype=dtype, device=device, multiplicity=multiplicity)
     return DangerZoneCurves(sig, weights.mean(0), covered.mean(0))
 
 

@@ -99,15 +99,23 @@ def max_posterior_weights(
     chunk_size: int = 1024,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
+    multiplicity: torch.Tensor | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Per-probe max posterior weight ``max_i w_i(x_j + σ z_j; σ)`` for every σ, shape (num_probes, S).
 
     Probes: ``j`` uniform over the (sub-sampled) training set, ``z_j ~ N(0, I)``; the same (j, z_j) for every σ.
     ``subsample`` draws that many training rows (without replacement) and uses them both as probes and as the
-    posterior's support, as the paper does with a data subset. See :func:`max_posterior_weight_curve`.
+    posterior's support, as the paper does with a data subset. ``multiplicity``: when ``train`` holds *distinct*
+    images and image ``i`` was trained ``m_i`` times (:func:`~mnemoguard.signals.distinct_rows`), probes are drawn
+    ∝ ``m_i`` and the posterior is over distinct images with prior ∝ ``m_i`` (``w_i ∝ m_i exp(−‖y − x_i‖²/2σ²)``):
+    the weights of identical copies summed. Dodson et al.'s D is a set of distinct images; fed the copies as
+    separate rows, k identical copies split the posterior and cap ``max_i w_i`` at 1/k at every σ. See
+    :func:`max_posterior_weight_curve`.
     """
-    sig, indices, probes = _setup(train, sigmas, None, num_probes, subsample, generator, dtype, device)
-    weights, _ = _scan(train, indices, probes, sig, chunk_size, dtype, want_weights=True, shell=None)
+    sig, indices, probes, log_mult = _setup(train, sigmas, None, num_probes, subsample, generator, dtype, device,
+                                            multiplicity)
+    weights, _ = _scan(train, indices, probes, sig, chunk_size, dtype, want_weights=True, shell=None,
+                       log_mult=log_mult)
     return weights
 
 
@@ -121,12 +129,14 @@ def max_posterior_weight_curve(
     chunk_size: int = 1024,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
+    multiplicity: torch.Tensor | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Max posterior weight curve ``W_σ(D) = E_{j, z}[max_i w_i(x_j + σ z; σ)]`` (Dodson et al., 2026), shape (S,).
 
-    ``W_σ → 1`` as ``σ → 0`` (the posterior of a noised training point collapses onto it; exact duplicates share it,
-    so a set of k-fold duplicates tends to 1/k) and ``W_σ → 1/N`` as ``σ → ∞`` (uniform posterior). A high value
-    means the ideal denoiser at that σ returns one training image: the model *can* memorize there.
+    ``W_σ → 1`` as ``σ → 0`` (the posterior of a noised training point collapses onto it; exact duplicates passed
+    as separate rows share it, so a set of k-fold duplicates tends to 1/k: pass distinct rows and ``multiplicity``)
+    and ``W_σ → 1/N`` as ``σ → ∞`` (uniform posterior). A high value means the ideal denoiser at that σ returns one
+    training image: the model *can* memorize there.
     Monte Carlo with ``num_probes`` probes; cost O(num_probes · N · d) for the whole σ grid.
     """
     return max_posterior_weights(
@@ -138,4 +148,5 @@ def max_posterior_weight_curve(
         chunk_size=chunk_size,
         dtype=dtype,
         device=device,
+        multiplicity=multiplicity,
     ).mean(0)

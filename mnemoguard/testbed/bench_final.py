@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..evaluation import nearest_neighbour_ratio
-from ..signals import danger_zone_band, danger_zone_curves, sigmas_from_alphas_cumprod
+from ..signals import danger_zone_band, danger_zone_curves, distinct_rows, sigmas_from_alphas_cumprod
 from .bench_config import BenchConfig
 from .bench_probes import (
     ProbeModel,
@@ -118,17 +118,19 @@ def localization_analysis(cfg: BenchConfig, gt: GroundTruth, model: ProbeModel, 
 
 
 def danger_zone_analysis(cfg: BenchConfig, gt: GroundTruth, train: TrainingImages, model: ProbeModel) -> dict:
-    """W_σ and C_σ of the training rows (duplicates included, as trained) and the memorization rate of training
-    images noised to several σ and denoised back (Dodson et al.), per kind (global, plain)."""
+    """W_σ of the distinct training images (copies as their multiplicity) and C_σ of the held-out images against
+    them (Dodson et al.'s estimators), the band they imply, and the memorization rate of training images noised to
+    several σ and denoised back (our per-noise-level protocol), per kind (global, plain)."""
     dz, pc = cfg.danger_zone, cfg.probes
     start = time.perf_counter()
     files = [f for r in gt.records if r.trained for f in r.files]
-    rows = gt.load_images(files)  # [-1, 1], what the UNet is trained on
+    rows, multiplicity, _ = distinct_rows(gt.load_images(files))  # [-1, 1], what the UNet is trained on
+    held_out = gt.held_out_images()[0] if gt.by_kind("held_out") else None
     lo, hi = dz.sigma_range
     sigmas = torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), dz.num_sigmas,
                             dtype=torch.float64)
     curves = danger_zone_curves(rows, sigmas, num_probes=dz.num_probes, generator=torch.Generator().manual_seed(
-        cfg.seed))
+        cfg.seed), multiplicity=multiplicity, population=held_out)
     band = danger_zone_band(curves.sigmas, curves.max_posterior_weight, curves.coverage,
                             alphas_cumprod=model.scheduler.alphas_cumprod)
     curve_seconds = time.perf_counter() - start
@@ -159,5 +161,6 @@ def danger_zone_analysis(cfg: BenchConfig, gt: GroundTruth, train: TrainingImage
         "start_sigmas": [float(sigma_t[t]) for t in start_t],
         "memorization_rate": rates,
         "num_train_rows": len(files),
+        "num_distinct_images": int(rows.shape[0]),
         "seconds": {"curves": curve_seconds, "total": time.perf_counter() - start},
     }

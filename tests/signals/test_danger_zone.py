@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from mnemoguard.signals import distinct_rows
 from mnemoguard.signals.danger_zone import (
     danger_zone_band,
     danger_zone_curves,
@@ -18,7 +19,7 @@ from mnemoguard.signals.posterior import (
     max_posterior_weights,
     posterior_weights,
 )
-from mnemoguard.signals.shell_coverage import chi_square_interval, shell_coverage_curve
+from mnemoguard.signals.shell_coverage import chi_square_interval, shell_coverage_curve, shell_interval
 from tests.gmm import point_masses
 
 
@@ -130,14 +131,17 @@ def test_numpy_memmap_training_set(tmp_path):
     torch.testing.assert_close(a, b)
 
 
-def test_shell_coverage_zero_at_small_sigma_and_level_at_large_sigma():
+def test_shell_coverage_zero_at_small_sigma_and_the_shell_mass_at_large_sigma():
     x = _data(40, shape=(64,))
     held_out = _data(30, shape=(64,), seed=9)
     g = torch.Generator().manual_seed(0)
-    c = shell_coverage_curve(x, [1e-3, 1e3], num_probes=200, generator=g, population=held_out, level=0.9)
+    c = shell_coverage_curve(x, [1e-3, 1e3], num_probes=400, generator=g, population=held_out, shell_constant=1.0)
     assert c[0] == 0.0
-    # at large σ every shell test reduces to ‖z‖² ∈ [q_lo, q_hi], which holds with probability `level`
-    assert c[1] == pytest.approx(0.9, abs=0.05)
+    # at large σ every shell test reduces to ‖z‖² ∈ [d − 2√(cd), d + 2√(cd) + 2c]: its χ²_64 mass (scipy, c = 1)
+    lo, hi = shell_interval(64, 1.0)
+    assert (lo, hi) == (48.0, 82.0)
+    stats = pytest.importorskip("scipy.stats")
+    assert c[1] == pytest.approx(stats.chi2.cdf(hi, 64) - stats.chi2.cdf(lo, 64), abs=0.05)
 
 
 def test_shell_coverage_leave_one_out_ignores_own_point_but_counts_duplicates():
@@ -145,8 +149,14 @@ def test_shell_coverage_leave_one_out_ignores_own_point_but_counts_duplicates():
     g = torch.Generator().manual_seed(0)
     assert shell_coverage_curve(x, [1e-3], num_probes=50, generator=g)[0] == 0.0
     dup = torch.cat([x, x[:1]])
-    c = shell_coverage_curve(dup, [1e-3], num_probes=400, generator=torch.Generator().manual_seed(0), level=0.999)
+    c = shell_coverage_curve(dup, [1e-3], num_probes=400, generator=torch.Generator().manual_seed(0))
     assert c[0] == pytest.approx(2 / 11, abs=0.06)  # probes on either copy are covered by the other
+    # Distinct rows with their multiplicity: a duplicated image's own copy no longer covers it.
+    rows, mult, inverse = distinct_rows(dup)
+    assert rows.shape[0] == 10 and mult.tolist() == [2] + [1] * 9 and torch.equal(rows[inverse], dup)
+    c = shell_coverage_curve(rows, [1e-3], num_probes=400, generator=torch.Generator().manual_seed(0),
+                             multiplicity=mult)
+    assert c[0] == 0.0
 
 
 def test_one_pass_curves_equal_the_separate_curves_and_give_a_band(ddpm_scheduler):
@@ -216,3 +226,45 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="alphas_cumprod"):
         sigmas_from_alphas_cumprod(torch.tensor([0.5, 0.0]))
     assert math.isfinite(chi_square_interval(3, 0.5)[1])
+
+
+def test_multiplicity_is_the_posterior_over_distinct_images_with_the_copies_weights_summed():
+    base = _data(12, shape=(16,))
+    trained = torch.cat([base, base[:1].repeat(5, 1), base[1:2].repeat(2, 1)])  # image 0 six times, image 1 three
+    rows, mult, inverse = distinct_rows(trained)
+    assert mult.tolist() == [6, 3] + [1] * 10
+    sigmas = torch.tensor([0.05, 0.5, 5.0], dtype=torch.float64)
+    out = max_posterior_weights(rows, sigmas, num_probes=40, generator=torch.Generator().manual_seed(3),
+                                multiplicity=mult)
+    # Independently: the same probes (drawn as the rows were trained, copies included) against every trained row,
+    # each copy its own point mass, then the weights of identical copies summed.
+    g = torch.Generator().manual_seed(3)
+    pick = torch.multinomial(mult.double(), 40, replacement=True, generator=g)
+    z = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    for k, s in enumerate(sigmas):
+        w = point_masses(trained.double()).ve(float(s)).posterior_weights(rows[pick].double() + s * z)
+        per_image = torch.zeros(40, rows.shape[0], dtype=torch.float64).index_add_(1, inverse, w)
+        torch.testing.assert_close(out[:, k], per_image.max(1).values)
+    # Copies as separate rows cap W at small σ (a probe on image 0 has max weight 1/6); grouped, W -> 1.
+    small = [1e-3]
+    as_rows = max_posterior_weight_curve(trained, small, num_probes=400, generator=torch.Generator().manual_seed(0))
+    grouped = max_posterior_weight_curve(rows, small, num_probes=400, generator=torch.Generator().manual_seed(0),
+                                         multiplicity=mult)
+    assert float(as_rows[0]) == pytest.approx((10 + 1 + 1) / 20, abs=0.08) and float(grouped[0]) == 1.0
+
+
+def test_a_duplicated_testbed_has_a_band_once_copies_are_grouped_and_coverage_uses_held_out_points():
+    # 200 distinct points in 64-d + 4 of them copied 60 times: copies are 55 % of the rows, as on the planted testbed.
+    gen = torch.Generator().manual_seed(0)
+    distinct = torch.randn(200, 64, generator=gen)
+    trained = torch.cat([distinct, distinct[:4].repeat_interleave(60, 0)])
+    held_out = torch.randn(100, 64, generator=gen)
+    sigmas = torch.logspace(-1.5, 1.5, 31, dtype=torch.float64)
+    naive = danger_zone_curves(trained, sigmas, num_probes=256, generator=torch.Generator().manual_seed(1))
+    assert float(naive.max_posterior_weight.max()) < 0.5 and danger_zone_band(
+        naive.sigmas, naive.max_posterior_weight, naive.coverage).empty
+    rows, mult, _ = distinct_rows(trained)
+    fixed = danger_zone_curves(rows, sigmas, num_probes=256, generator=torch.Generator().manual_seed(1),
+                               multiplicity=mult, population=held_out)
+    band = danger_zone_band(fixed.sigmas, fixed.max_posterior_weight, fixed.coverage)
+    assert not band.empty and 0.1 < band.sigma_lo < band.sigma_hi < 10

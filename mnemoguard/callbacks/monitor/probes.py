@@ -1,7 +1,9 @@
 """The monitor's probe set: a plain, JSON-able spec chosen once from the training rows (and held-out samples).
 
-- *duplicate* probes: training rows whose caption is repeated verbatim elsewhere (the pairs most at risk of being
-  memorized, Somepalli et al. 2023, Carlini et al. 2023), one row per duplicated caption, most repeated first;
+- *at-risk* probes, most repeated first, one row per group: groups of exact and near-duplicate training images,
+  whatever their captions (kind ``image_duplicate``, :mod:`mnemoguard.image_groups`), and training rows whose caption
+  is repeated verbatim elsewhere (kind ``duplicate``) — the pairs most at risk of being memorized (Somepalli et al.
+  2023, Carlini et al. 2023);
 - *random* probes: further training rows drawn uniformly, never with the content (canonical image and caption) of a
   probe already chosen;
 - *held-out* probes: unseen captions (``heldout_captions``; evaluated at the inputs of training probe ``h mod P``) or
@@ -23,12 +25,14 @@ import torch
 
 from ...config.guard import MonitorConfig
 from ...data import DataError
+from ...image_groups import ImageGroups, find_image_groups
 
 logger = logging.getLogger("mnemoguard")
 
-__all__ = ["SPEC_VERSION", "choose_probes", "duplicated_caption_rows", "heldout_item", "probe_fingerprint"]
+__all__ = ["SPEC_VERSION", "choose_probes", "duplicated_caption_rows", "heldout_item", "image_groups",
+           "probe_fingerprint"]
 
-SPEC_VERSION = 2
+SPEC_VERSION = 3
 
 
 def duplicated_caption_rows(captions: Sequence[str]) -> list[tuple[int, int]]:
@@ -65,6 +69,7 @@ def probe_fingerprint(config: MonitorConfig, num_rows: int, num_heldout: int,
         "num_heldout_probes": config.num_heldout_probes, "heldout_captions": list(config.heldout_captions),
         "heldout_data": config.heldout_data, "draws_per_band": config.draws_per_band, "seed": config.seed,
         "nearest_pool_size": config.nearest_pool_size, "bands": {k: list(v) for k, v in bands.items()},
+        "near_duplicate_ratio": config.near_duplicate_ratio, "duplicate_scan_rows": config.duplicate_scan_rows,
         "num_rows": int(num_rows), "num_heldout": int(num_heldout),
     }
 
@@ -87,14 +92,18 @@ def choose_probes(dataset: Any, config: MonitorConfig, bands: dict[str, tuple[in
     captions = dataset.captions
     n = len(captions)
     g = torch.Generator().manual_seed(c.seed)
+    groups = image_groups(dataset, c)
+    at_risk = [(grp[0], len(grp), "image_duplicate") for grp in groups.groups]
+    at_risk += [(row, count, "duplicate") for row, count in duplicated_caption_rows(captions)]
+    at_risk.sort(key=lambda rck: -rck[1])  # stable: an image group before a caption group of the same size
     rows, kinds, seen = [], [], set()
-    for row, _count in duplicated_caption_rows(captions):
+    for row, _count, kind in at_risk:
         if len(rows) == c.num_duplicate_probes:
             break
         key = _content(dataset, row, captions)
         if key is not None and key not in seen:
             rows.append(row)
-            kinds.append("duplicate")
+            kinds.append(kind)
             seen.add(key)
     chosen = set(rows)
     rest = [i for i in range(n) if i not in chosen]
@@ -153,4 +162,19 @@ def choose_probes(dataset: Any, config: MonitorConfig, bands: dict[str, tuple[in
         "heldout_captions": h_captions,
         "timesteps": timesteps,
         "pool_rows": sorted(pool_rest[k] for k in pool_perm),
+        "image_groups": groups.to_dict(),
     }
+
+
+def image_groups(dataset: Any, config: MonitorConfig) -> ImageGroups:
+    """Exact and near-duplicate image groups of the training rows (:func:`~mnemoguard.image_groups.find_image_groups`
+    on their canonical images; unreadable rows are skipped here and reported by the probe choice)."""
+
+    def load(row: int) -> torch.Tensor | None:
+        try:
+            return dataset.canonical_image(row)
+        except DataError:
+            return None
+
+    return find_image_groups(len(dataset), load, near_ratio=config.near_duplicate_ratio,
+                             max_rows=config.duplicate_scan_rows, seed=config.seed)
