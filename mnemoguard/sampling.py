@@ -61,3 +61,71 @@ def generate(
         x = scheduler.step(out, t, x).prev_sample
     images = decode(x) if decode is not None else x
     return ((images.float() + 1) / 2).clamp(0, 1).cpu()
+
+
+def ddim_scheduler(noise_scheduler, num_inference_steps: int):
+    """The DDIM scheduler every sampler here uses (eta 0, no clipping), with its timesteps set."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    scheduler.set_timesteps(num_inference_steps)
+    return scheduler
+
+
+@torch.no_grad()
+def denoise_from(
+    unet: nn.Module,
+    noise_scheduler,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    start_indices: list[int],
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    num_inference_steps: int = 10,
+    decode=None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Noise clean samples to DDIM step ``s`` and denoise them back, for every ``s`` of ``start_indices``: the
+    per-noise-level probe of Dodson et al.'s picture (does a training image come back as itself from σ?).
+
+    Row ``b`` of ``x0`` (``[B, C, H, W]``, the UNet's sample space) is noised with its own ``noise[b]`` to
+    ``x_s = add_noise(x0, noise, t_s)`` (``t_s = timesteps[s]`` of a ``num_inference_steps`` DDIM schedule) and run
+    through the remaining DDIM steps with caption ``cond[b]``. All starts run as one batch per DDIM step (a
+    trajectory joins when the schedule reaches its start), ``batch_size`` rows per UNet call.
+
+    Returns:
+        images in [0, 1], ``[len(start_indices), B, C', H', W']`` (after ``decode``, on the CPU).
+    """
+    scheduler = ddim_scheduler(noise_scheduler, num_inference_steps)
+    timesteps = scheduler.timesteps
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    S, B = len(start_indices), x0.shape[0]
+    starts = torch.tensor(start_indices, dtype=torch.long).repeat_interleave(B)  # [S*B], start of each trajectory
+    x = torch.zeros((S * B, *x0.shape[1:]), dtype=torch.float32, device=device)
+    x0_all, noise_all = x0.float().to(device).repeat(S, 1, 1, 1), noise.float().to(device).repeat(S, 1, 1, 1)
+    cond_all = cond.to(device=device, dtype=dtype).repeat(S, 1, 1)
+    guided = guidance_scale != 1.0
+    if guided:
+        if uncond is None:
+            raise ValueError(f"guidance_scale={guidance_scale} needs the unconditional embedding `uncond`")
+        uncond = uncond.to(device=device, dtype=dtype)
+    for k, t in enumerate(timesteps):
+        joining = torch.nonzero(starts == k).reshape(-1).to(device)
+        if joining.numel():
+            t_b = torch.full((joining.numel(),), int(t), dtype=torch.long, device=device)
+            x[joining] = noise_scheduler.add_noise(x0_all[joining], noise_all[joining], t_b).float()
+        active = torch.nonzero(starts <= k).reshape(-1).to(device)
+        for chunk in active.split(batch_size):
+            xc, cc = x[chunk], cond_all[chunk]
+            if guided:
+                u = uncond.expand(chunk.numel(), -1, -1)
+                out = unet(torch.cat([xc, xc]).to(dtype), t, encoder_hidden_states=torch.cat([u, cc])).sample.float()
+                out_u, out_c = out.chunk(2)
+                out = out_u + guidance_scale * (out_c - out_u)
+            else:
+                out = unet(xc.to(dtype), t, encoder_hidden_states=cc).sample.float()
+            x[chunk] = scheduler.step(out, t, xc).prev_sample
+    images = torch.cat([decode(c) if decode is not None else c for c in x.split(batch_size)])
+    return ((images.float() + 1) / 2).clamp(0, 1).cpu().reshape(S, B, *images.shape[1:])

@@ -68,17 +68,20 @@ class TensorBoardDashboard(Callback):
             metric and best value to show.
         copy_ratio: the nearest-neighbour ratio below which a generation counts as a copy (the report's
             ``nn_ratio_threshold``), printed on the probe panels.
+        danger_zone: the :class:`~mnemoguard.callbacks.danger_zone.DangerZoneTracker` whose figure to show, or None.
     """
 
     def __init__(self, config: DashboardConfig | None = None, monitor: Any = None, policy: Any = None,
                  loss_flags: Any = None, early_stopping: list[Any] | None = None, copy_ratio: float = 1.0 / 3.0,
-                 **overrides: Any) -> None:
+                 danger_zone: Any = None, **overrides: Any) -> None:
         self.config = replace(config or DashboardConfig(), **overrides)
         self.monitor = monitor
         self.policy = policy
         self.loss_flags = loss_flags
         self.early_stopping = list(early_stopping or [])
         self.copy_ratio = float(copy_ratio)
+        self.danger_zone = danger_zone
+        self._zone_written = 0  # tracker measurements shown (the prior with the first)
         self.alarms_written = 0
         self._context: Any = None
         self._started = False
@@ -177,7 +180,9 @@ class TensorBoardDashboard(Callback):
             }
         layout["mem: schedule"] = {
             "noise gap": ["Multiline", [r"^mem/noise_gap/.*$"]],
-            "danger zone": ["Multiline", [r"^mem/danger_zone/.*$"]],
+            "danger zone: rates (excess, copy rate, held-out copy rate)": [
+                "Multiline", [r"^mem/danger_zone/(excess|copy_rate|heldout_copy_rate|active|strength)$"]],
+            "danger zone: live band (timesteps)": ["Multiline", [r"^mem/danger_zone/t_(begin|end)$"]],
         }
         layout["train"] = {"loss": ["Multiline", [_exact("train/loss")]], "lr": ["Multiline", [_exact("train/lr")]]}
         return layout
@@ -206,6 +211,8 @@ class TensorBoardDashboard(Callback):
                     self._write_histograms(writer, entry, entry["step"])
                 self._check_step = entry["step"]
             self._write_visuals(writer)
+        if self.danger_zone is not None and self.config.images:
+            self._write_danger_zone(writer, step)
         if self.config.alarms:
             self._write_alarms(writer)
         if logs:
@@ -262,6 +269,21 @@ class TensorBoardDashboard(Callback):
             writer.add_image("mem/probes/generation_nearest_curvature", figure_to_array(fig), vis["step"],
                              dataformats="HWC")
 
+    def _write_danger_zone(self, writer: Any, step: int) -> None:
+        """The prior beside each new live measurement (``mem/danger_zone/profile``), at the measurement's step."""
+        from .danger_zone.plot import danger_zone_figure
+
+        tracker = self.danger_zone
+        history = tracker.history
+        if self._zone_written == 0 and not history and tracker.prior is not None:
+            fig = danger_zone_figure(tracker.prior, None)
+            writer.add_image("mem/danger_zone/profile", figure_to_array(fig), step, dataformats="HWC")
+            self._zone_written = -1  # the prior alone is shown; measurements follow
+        for entry in history[max(self._zone_written, 0):]:
+            fig = danger_zone_figure(tracker.prior, entry)
+            writer.add_image("mem/danger_zone/profile", figure_to_array(fig), entry["step"], dataformats="HWC")
+        self._zone_written = max(self._zone_written, len(history)) if history else self._zone_written
+
     def _write_alarms(self, writer: Any) -> None:
         alarms = self.policy.alarms if self.policy is not None else []
         for alarm in alarms[self.alarms_written:]:
@@ -307,13 +329,14 @@ class TensorBoardDashboard(Callback):
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"alarms_written": int(self.alarms_written), "check_step": self._check_step,
-                "visual_step": self._visual_step}
+                "visual_step": self._visual_step, "zone_written": self._zone_written}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from ..serialization import check_keys
 
         check_keys(state, {"alarms_written": int, "check_step": (int, type(None)),
-                           "visual_step": (int, type(None))}, "TensorBoardDashboard")
+                           "visual_step": (int, type(None)), "zone_written": int}, "TensorBoardDashboard")
         self.alarms_written = int(state.get("alarms_written", 0))
         self._check_step = state.get("check_step")
         self._visual_step = state.get("visual_step")
+        self._zone_written = int(state.get("zone_written", 0))

@@ -22,6 +22,12 @@ agree anyway), ``state.stop_reason`` (one sentence with the metric, the best val
 ``stopped_step``. All of it is in ``state_dict`` (keyed by ``(monitor, mode)``); a run resumed from the checkpoint
 written at a stop keeps its wait count, so the next check without improvement stops it again.
 
+Two additions for a stop at the onset of memorization (both off by default, Lightning's behaviour):
+``divergence_patience`` checks in a row beyond ``divergence_threshold`` before stopping (Lightning: 1), and
+``rollback="last_good"``: every check that does not stop becomes the rollback target (a checkpoint is saved at it),
+so ``training.export=best`` exports the last weights before the onset instead of the best-scoring ones;
+``patience=None`` turns the no-improvement rule off.
+
 A missing metric: ``strict`` raises a ``RuntimeError`` listing the available metrics, otherwise one warning is
 emitted and the callback disables itself. Monitors run every N steps, so absence at step 1 proves nothing; the metric
 is declared missing when it has never been produced and either (a) a sibling metric — same key up to the last ``/``,
@@ -59,13 +65,16 @@ class EarlyStopping(Callback):
         start_from_step: checks before this optimizer step are ignored (no best, no wait count, no stop).
         expect_by_step: the step by which the metric must have appeared (see the module docstring); None: no
             deadline, only the sibling-metric rule.
+        divergence_patience: consecutive checks beyond ``divergence_threshold`` before stopping (Lightning: 1).
+        rollback: ``"best"`` (Lightning: the best-scoring check is the rollback target) or ``"last_good"`` (every
+            check that does not stop is).
     """
 
     def __init__(
         self,
         monitor: str,
         mode: Literal["min", "max"] = "min",
-        patience: int = 3,
+        patience: int | None = 3,
         min_delta: float = 0.0,
         stopping_threshold: float | None = None,
         divergence_threshold: float | None = None,
@@ -74,11 +83,17 @@ class EarlyStopping(Callback):
         verbose: bool = False,
         start_from_step: int = 0,
         expect_by_step: int | None = None,
+        divergence_patience: int = 1,
+        rollback: Literal["best", "last_good"] = "best",
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', found {mode!r}")
-        if int(patience) < 1:
-            raise ValueError(f"patience counts checks and must be >= 1, found {patience}")
+        if patience is not None and int(patience) < 1:
+            raise ValueError(f"patience counts checks and must be >= 1 (or None: off), found {patience}")
+        if int(divergence_patience) < 1:
+            raise ValueError(f"divergence_patience counts checks and must be >= 1, found {divergence_patience}")
+        if rollback not in ("best", "last_good"):
+            raise ValueError(f"rollback must be 'best' or 'last_good', found {rollback!r}")
         if min_delta < 0:
             raise ValueError(f"min_delta is an absolute margin and must be >= 0, found {min_delta}")
         if start_from_step < 0:
@@ -91,7 +106,10 @@ class EarlyStopping(Callback):
                 )
         self.monitor = monitor
         self.mode = mode
-        self.patience = int(patience)
+        self.patience = int(patience) if patience is not None else None
+        self.divergence_patience = int(divergence_patience)
+        self.rollback = rollback
+        self.divergence_count = 0
         self.min_delta = float(min_delta)
         self.stopping_threshold = stopping_threshold
         self.divergence_threshold = divergence_threshold
@@ -182,16 +200,22 @@ class EarlyStopping(Callback):
             reason = (f"Stopping threshold reached at step {step}: {name} = {value:.6g} {op} "
                       f"{self.stopping_threshold}; best value {self.best_score:.6g} at step {self.best_step}.")
         elif self.divergence_threshold is not None and self._better(self.divergence_threshold, value):
-            op = ">" if self.mode == "min" else "<"
-            reason = (f"Divergence threshold reached at step {step}: {name} = {value:.6g} {op} "
-                      f"{self.divergence_threshold}; best value was {best}.")
-        elif self._improves(value):
+            self.divergence_count += 1
+            if self.divergence_count >= self.divergence_patience:
+                op = ">" if self.mode == "min" else "<"
+                checks = f" for {self.divergence_count} checks" if self.divergence_patience > 1 else ""
+                target = (f"rolling back to step {self.best_step}" if self.rollback == "last_good"
+                          else f"best value was {best}")
+                reason = (f"Divergence threshold reached at step {step}: {name} = {value:.6g} {op} "
+                          f"{self.divergence_threshold}{checks}; {target}.")
+        elif self._improves(value) or self.rollback == "last_good":
             if self.verbose:
-                logger.info("EarlyStopping: %s improved to %.6g at step %d (was %s)", name, value, step, best)
+                logger.info("EarlyStopping: %s = %.6g at step %d is the rollback target (was %s)", name, value,
+                            step, best)
             self._record_best(value, state, control)
         else:
             self.wait_count += 1
-            if self.wait_count >= self.patience:
+            if self.patience is not None and self.wait_count >= self.patience:
                 reason = (f"Monitored metric {name} did not improve in the last {self.wait_count} checks "
                           f"(min_delta {self.min_delta}); best value {best}; stopped at step {step}.")
         if reason is None:
@@ -205,6 +229,7 @@ class EarlyStopping(Callback):
         return True
 
     def _record_best(self, value: float, state: TrainerState, control: TrainerControl) -> None:
+        self.divergence_count = 0
         self.best_score, self.best_step, self.wait_count = float(value), state.global_step, 0
         state.best_metric, state.best_step = float(value), state.global_step
         control.should_save = True  # the trainer writes checkpoint-{step} and records it as state.best_checkpoint
@@ -216,6 +241,7 @@ class EarlyStopping(Callback):
             "mode": self.mode,
             "patience": self.patience,
             "wait_count": self.wait_count,
+            "divergence_count": self.divergence_count,
             "best_score": self.best_score,
             "best_step": self.best_step,
             "stopped_step": self.stopped_step,
@@ -229,7 +255,8 @@ class EarlyStopping(Callback):
         from ..serialization import check_keys
 
         num, opt_int = (int, float), (int, type(None))
-        check_keys(state, {"monitor": str, "mode": str, "patience": int, "wait_count": int, "best_score": num,
+        check_keys(state, {"monitor": str, "mode": str, "patience": opt_int, "wait_count": int,
+                           "divergence_count": int, "best_score": num,
                            "best_step": opt_int, "stopped_step": opt_int, "stop_reason": (str, type(None)),
                            "num_checks": int, "seen": bool, "last_checked_step": opt_int}, self.state_key,
                    required=("monitor", "mode", "wait_count", "best_score", "best_step"))
@@ -242,6 +269,7 @@ class EarlyStopping(Callback):
             logger.warning("EarlyStopping: patience changed from %s (checkpoint) to %s", state["patience"],
                            self.patience)
         self.wait_count = int(state["wait_count"])
+        self.divergence_count = int(state.get("divergence_count", 0))
         self.best_score = float(state["best_score"])
         self.best_step = state["best_step"]
         self.stopped_step = state.get("stopped_step")

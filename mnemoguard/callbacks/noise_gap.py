@@ -17,7 +17,9 @@ gap        ``multiplier`` ∈ [0, 1) on ``[begin, end)`` (0 excludes the band), 
 =========  ==========================================================================================================
 
 Adaptive mode: the policy calls :meth:`NoiseGapScheduler.activate` ``(band, strength)`` and
-:meth:`~NoiseGapScheduler.deactivate`. While active, the weights inside ``band`` are multiplied by
+:meth:`~NoiseGapScheduler.deactivate`; with ``follow_danger_zone`` the scheduler follows the danger-zone tracker
+instead (:meth:`~NoiseGapScheduler.follow`: its live band and strength while on, released when it turns off).
+While active, the weights inside ``band`` are multiplied by
 ``1 − strength`` on top of the static ones (strength 1 excludes the band, 0.5 halves its share). Timesteps are drawn
 with ``torch.multinomial`` over ``q(t) = m(t) / Σ m``.
 
@@ -69,9 +71,12 @@ class NoiseGapScheduler(Callback):
     """
 
     def __init__(self, config: NoiseGapConfig | None = None, num_train_timesteps: int | None = None,
-                 **overrides: Any) -> None:
+                 zone: Any = None, **overrides: Any) -> None:
         self.config = dataclasses.replace(config or NoiseGapConfig(), **overrides)
         c = self.config
+        if c.follow_danger_zone and zone is None:
+            raise ValueError("NoiseGapScheduler(follow_danger_zone=True) needs the tracker to follow: zone=")
+        self.zone = zone if c.follow_danger_zone else None
         if c.timestep_bias_strategy not in STRATEGIES:
             raise ValueError(f"timestep_bias_strategy must be one of {STRATEGIES}, found {c.timestep_bias_strategy!r}")
         self.active = False
@@ -253,10 +258,28 @@ class NoiseGapScheduler(Callback):
             "mem/noise_gap/band_mass": self.band_mass(),
         }
 
+    def follow(self) -> None:
+        """With ``follow_danger_zone``: gap the tracker's live band at its strength while it is on, release it when
+        the tracker turns the band off (the tracker's hysteresis decides both)."""
+        tracker = self.zone
+        zone = getattr(tracker, "zone", None)
+        if tracker.active and zone is not None and zone.t_lo is not None and tracker.strength > 0:
+            band = (int(zone.t_lo), min(int(zone.t_hi) + 1, self.num_train_timesteps))
+            if not self.active or self.band != band or self.strength != tracker.strength:
+                self.activate(band, tracker.strength)
+                logger.info("NoiseGapScheduler: following the danger zone: t in [%d, %d) at strength %.2f", *band,
+                            tracker.strength)
+        elif self.active:
+            self.deactivate()
+            self._changed = True
+            logger.info("NoiseGapScheduler: the danger zone is off: back to the static distribution")
+
     def on_step_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
                     logs: dict | None = None, **kwargs: Any) -> None:
         if not self.num_train_timesteps:
             return
+        if self.zone is not None:
+            self.follow()
         values = self.metrics()
         state.update_metrics(values)
         if logs is not None:

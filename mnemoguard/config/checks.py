@@ -9,11 +9,13 @@ tag is wrong (the signal, the band, the split) and lists the valid ones. Tags ou
 
 from __future__ import annotations
 
-from .guard import GuardConfig, band_names, default_policy
+from .danger_zone import DANGER_ZONE_TAGS, default_stop
+from .guard import EarlyStoppingSettings, GuardConfig, band_names, default_policy
 from .regularizers import REGULARIZER_CONFIGS, check_regularizer_settings
 from .schema import ConfigError
 
-__all__ = ["GUARD_NAMESPACES", "check_guard_config", "check_metric_name", "guard_tags"]
+__all__ = ["GUARD_NAMESPACES", "check_guard_config", "check_metric_name", "early_stopping_settings", "guard_tags",
+           "tracker_enabled"]
 
 GUARD_NAMESPACES = ("mem/", "reg/", "train/")
 _NOISE_GAP = ("strength", "band_begin", "band_end", "band_mass")
@@ -51,9 +53,23 @@ def guard_tags(cfg: GuardConfig, heldout_given: bool = False) -> set[str]:
         tags |= {f"mem/noise_gap/{k}" for k in _NOISE_GAP}
     if rules:
         tags |= {"mem/alarm"} | {f"mem/policy/{r.action}" for r in rules}
+    if tracker_enabled(cfg):
+        tags |= {f"mem/danger_zone/{k}" for k in DANGER_ZONE_TAGS}
     for name in regularizers:
         tags |= {f"reg/{name}/{k}" for k in ("strength", *REGULARIZER_CONFIGS[name].metrics)}
     return tags
+
+
+def tracker_enabled(cfg: GuardConfig) -> bool:
+    """Whether the danger-zone tracker runs: asked for, or needed by the default stop rule."""
+    return cfg.enabled and cfg.monitor.enabled and (cfg.danger_zone.enabled or cfg.default_stop)
+
+
+def early_stopping_settings(cfg: GuardConfig) -> EarlyStoppingSettings:
+    """The early stopping that runs: ``early_stopping``, or the default stop rule with ``default_stop``."""
+    if cfg.default_stop:
+        return EarlyStoppingSettings(**default_stop())
+    return cfg.early_stopping
 
 
 def _explain(tag: str, cfg: GuardConfig, tags: set[str]) -> str:
@@ -117,10 +133,23 @@ def check_guard_config(cfg: GuardConfig, where: str = "guard", heldout_given: bo
                           f"{cfg.monitor.heldout_data!r}")
     if cfg.early_stopping.enabled and not cfg.early_stopping.monitor:
         raise ConfigError(f"{where}.early_stopping.enabled needs {where}.early_stopping.monitor (a metric key)")
+    if cfg.default_stop and cfg.early_stopping.enabled:
+        raise ConfigError(f"{where}: give one stop rule, default_stop or early_stopping; found both")
+    if (cfg.danger_zone.enabled or cfg.default_stop) and not cfg.monitor.enabled:
+        raise ConfigError(f"{where}.danger_zone measures the monitor's probes: it needs {where}.monitor.enabled, "
+                          "found false")
+    if cfg.noise_gap.follow_danger_zone:
+        if not tracker_enabled(cfg):
+            raise ConfigError(f"{where}.noise_gap.follow_danger_zone needs the tracker ({where}.danger_zone.enabled)")
+        if any(r.action == "noise_gap" for r in cfg.policy):
+            raise ConfigError(f"{where}: the noise gap follows the danger zone (noise_gap.follow_danger_zone) and a "
+                              "policy rule drives it too; give it one driver")
     for i, rule in enumerate(cfg.policy):
         check_metric_name(rule.signal, cfg, f"{where}.policy[{i}].signal", heldout_given)
     if cfg.default_policy:
         for rule in default_policy().rules:
             check_metric_name(rule.signal, cfg, f"{where}.default_policy (its rule on {rule.signal})", heldout_given)
-    if cfg.early_stopping.enabled:
-        check_metric_name(cfg.early_stopping.monitor, cfg, f"{where}.early_stopping.monitor", heldout_given)
+    stopping = early_stopping_settings(cfg)
+    if stopping.enabled:
+        what = "default_stop" if cfg.default_stop else "early_stopping.monitor"
+        check_metric_name(stopping.monitor, cfg, f"{where}.{what}", heldout_given)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .danger_zone import DangerZoneConfig
 from .schema import ConfigError
 
 __all__ = ["BASELINES", "SIGNALS", "STRATEGIES", "DashboardConfig", "DefaultPolicy", "EarlyStoppingSettings",
@@ -137,6 +138,7 @@ class NoiseGapConfig:
     timestep_bias_portion: float = 0.25  # fraction of timesteps biased by "earlier" / "later"
     importance: float = 0.0  # exponent of the importance correction (u/q)^importance; 0 keeps the under-training
     adaptive_band: tuple[int, int] | None = None  # band activate() gaps when given none; None: [begin, end)
+    follow_danger_zone: bool = False  # gap the danger-zone tracker's live band while it is on, at its strength
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.importance <= 1.0:
@@ -219,7 +221,7 @@ class EarlyStoppingSettings:
     enabled: bool = False
     monitor: str = ""  # a metric key, e.g. "mem/probe_loss/band=low/contrast"
     mode: Literal["min", "max"] = "min"
-    patience: int = 3
+    patience: int | None = 3  # checks without improvement before stopping (None: never for that reason)
     min_delta: float = 0.0
     stopping_threshold: float | None = None
     divergence_threshold: float | None = None  # stop at once when the metric is this bad
@@ -227,6 +229,9 @@ class EarlyStoppingSettings:
     start_from_step: int = 0  # no stopping before this optimizer step
     strict: bool = True  # a metric that does not appear is an error (else one warning, and early stopping is off)
     expect_by_step: int | None = None  # the step by which the metric must have appeared; None: no deadline
+    divergence_patience: int = 1  # checks in a row beyond divergence_threshold before stopping (Lightning: 1)
+    rollback: Literal["best", "last_good"] = "best"  # rollback target: best-scoring check, or the last check before
+    # the stop (each check that does not stop saves a checkpoint)
 
 
 @dataclass
@@ -291,6 +296,9 @@ class GuardConfig:
     # mnemoguard.config.regularizers.REGULARIZER_CONFIGS, settings the fields of each one's config class.
     regularizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     early_stopping: EarlyStoppingSettings = field(default_factory=EarlyStoppingSettings)
+    danger_zone: DangerZoneConfig = field(default_factory=DangerZoneConfig)
+    default_stop: bool = False  # early stopping on mem/danger_zone/copy_rate (danger_zone.default_stop(); turns the
+    # tracker on), rolling back to the last check before the stop
     non_finite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

@@ -4,8 +4,8 @@ Wiring is explicit: the policy gets its actions by name (the noise-gap scheduler
 under its registry name), the dashboard and the report get the monitor, the policy, the loss flags and early
 stopping as arguments. Order (producers before consumers, the metrics contract of :mod:`mnemoguard.callbacks.base`)::
 
-    LowLossFlags -> MemorizationMonitor -> your callbacks -> MitigationPolicy -> NoiseGapScheduler -> regularizers
-        -> EarlyStopping -> TensorBoardDashboard -> MemorizationReport
+    LowLossFlags -> MemorizationMonitor -> DangerZoneTracker -> your callbacks -> MitigationPolicy
+        -> NoiseGapScheduler -> regularizers -> EarlyStopping -> TensorBoardDashboard -> MemorizationReport
 
 Your callbacks sit between the producers and the consumers: they see the monitor's values of the step, and the
 values they produce (a validation loss) reach the policy and early stopping at the same step.
@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..callbacks.base import Callback
+from ..callbacks.danger_zone import DangerZoneTracker
 from ..callbacks.dashboard import TensorBoardDashboard
 from ..callbacks.early_stopping import EarlyStopping
 from ..callbacks.loss_flags import LowLossFlags
@@ -27,7 +28,7 @@ from ..callbacks.policy import MitigationPolicy
 from ..callbacks.regularizers import Regularizer, build_regularizers
 from ..callbacks.report import MemorizationReport
 from ..config import ConfigError, EMASettings, GuardConfig, RecipeConfig, default_policy, load_dataclass, read_mapping
-from ..config.checks import check_guard_config
+from ..config.checks import check_guard_config, early_stopping_settings, tracker_enabled
 
 __all__ = ["Components", "build_components", "check_needs", "hparams_of", "load_guard_config", "make_ema"]
 
@@ -69,6 +70,7 @@ class Components:
 
     loss_flags: LowLossFlags | None = None
     monitor: MemorizationMonitor | None = None
+    danger_zone: DangerZoneTracker | None = None
     policy: MitigationPolicy | None = None
     noise_gap: NoiseGapScheduler | None = None
     regularizers: list[Regularizer] = field(default_factory=list)
@@ -79,7 +81,8 @@ class Components:
 
     def ordered(self) -> list[Callback]:
         """Every component in the order the hooks run (module docstring)."""
-        order = [self.loss_flags, self.monitor, *self.user, self.policy, self.noise_gap, *self.regularizers,
+        order = [self.loss_flags, self.monitor, self.danger_zone, *self.user, self.policy, self.noise_gap,
+                 *self.regularizers,
                  self.early_stopping, self.dashboard, self.report]
         return [cb for cb in order if cb is not None]
 
@@ -94,33 +97,36 @@ def build_components(cfg: GuardConfig, callbacks: Sequence[Callback] = (), heldo
     out.loss_flags = LowLossFlags(cfg.loss_flags)
     if cfg.monitor.enabled:
         out.monitor = MemorizationMonitor(cfg.monitor, heldout=heldout)
-    rules, regularizers, noise_gap = list(cfg.policy), dict(cfg.regularizers), cfg.noise_gap.enabled
+    if tracker_enabled(cfg):
+        out.danger_zone = DangerZoneTracker(cfg.danger_zone, monitor=out.monitor)
+    rules, regularizers = list(cfg.policy), dict(cfg.regularizers)
+    noise_gap = cfg.noise_gap.enabled or cfg.noise_gap.follow_danger_zone
     if cfg.default_policy:
         default = default_policy()
         rules = [*default.rules, *rules]
         regularizers = {**default.regularizers, **regularizers}
         noise_gap = noise_gap or default.needs_noise_gap
     if noise_gap or any(r.action == "noise_gap" for r in rules):
-        out.noise_gap = NoiseGapScheduler(cfg.noise_gap)
+        out.noise_gap = NoiseGapScheduler(cfg.noise_gap, zone=out.danger_zone)
     out.regularizers = build_regularizers(regularizers)
     if rules:
         actions: dict[str, Any] = {r.name: r for r in out.regularizers}
         if out.noise_gap is not None:
             actions["noise_gap"] = out.noise_gap
         out.policy = MitigationPolicy(rules, actions=actions)
-    es = cfg.early_stopping
+    es = early_stopping_settings(cfg)
     if es.enabled:
         out.early_stopping = EarlyStopping(**{k: v for k, v in vars(es).items() if k != "enabled"})
     if cfg.dashboard.enabled:
         out.dashboard = TensorBoardDashboard(
             cfg.dashboard, monitor=out.monitor, policy=out.policy, loss_flags=out.loss_flags,
             early_stopping=[out.early_stopping] if out.early_stopping is not None else [],
-            copy_ratio=cfg.report.nn_ratio_threshold)
+            copy_ratio=cfg.report.nn_ratio_threshold, danger_zone=out.danger_zone)
     if cfg.report.enabled:
         extras = [cb for cb in out.user if callable(getattr(cb, "report_summary", None))]
         stoppers = [out.early_stopping] if out.early_stopping is not None else []
         out.report = MemorizationReport(cfg.report, monitor=out.monitor, policy=out.policy, loss_flags=out.loss_flags,
-                                        stoppers=stoppers, extras=extras)
+                                        stoppers=stoppers, extras=extras, danger_zone=out.danger_zone)
     return out
 
 

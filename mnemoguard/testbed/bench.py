@@ -98,6 +98,9 @@ def run_bench(
     monitor = trainer.guard.monitor
     if monitor is not None:  # inside training: its share of the training time is the monitoring overhead
         timing.update({f"monitor_{k}": v for k, v in monitor.seconds.items()})
+    tracker = trainer.guard.components.danger_zone
+    if tracker is not None:
+        timing.update({f"danger_zone_{k}": v for k, v in tracker.seconds.items()})
     results = {
         "format": "mnemoguard-bench",
         "version": 1,
@@ -111,6 +114,7 @@ def run_bench(
         "monitor": [{k: v for k, v in h.items() if k == "step" or k.startswith("mem/")}
                     for h in state.log_history if any(k.startswith("mem/") for k in h)],
         "checkpoints": callback.checkpoints,
+        "danger_zone_tracker": None if tracker is None else {"prior": tracker.prior, "history": tracker.history},
         **callback.final,
         "timing": timing,
         "torch_threads": torch.get_num_threads(),

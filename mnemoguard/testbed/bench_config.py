@@ -88,7 +88,11 @@ class BenchTrainConfig:
     monitor_heldout: str = "images"  # images: held-out image + caption pairs (a generalization gap); captions:
     # unseen captions on the planted images' inputs (confounded by class here: BENCHMARKS.md, 3-seed run)
     mitigation: str = "none"  # an arm of testbed/bench_mitigation.py: none | noise_gap_low | noise_gap_mid |
-    # wen_filter | iet_agc | caption_replacement | embedding_noise | caption_dropout | preservation | policy
+    # noise_gap_low_half | adaptive_gap | wen_filter | iet_agc | caption_replacement | embedding_noise |
+    # caption_dropout | preservation | policy
+    danger_zone: bool = False  # run the guard's danger-zone tracker alongside the monitor (its curves go into
+    # bench.json with the monitor's; the default stop rule is replayed on them)
+    danger_zone_every: int = 2  # a tracker measurement at every k-th monitor check
     recipe_overrides: list[str] = field(default_factory=list)  # e.g. ["ema.lag=500"], applied last
 
     def __post_init__(self) -> None:
@@ -96,8 +100,11 @@ class BenchTrainConfig:
 
         _check(self.mitigation in MITIGATIONS,
                f"train.mitigation: expected one of {sorted(MITIGATIONS)}, found {self.mitigation!r}")
-        _check(self.mitigation != "policy" or self.monitor_every > 0,
-               "train.mitigation=policy: the policy reads the monitor's signals; set train.monitor_every > 0, found 0")
+        _check(self.mitigation not in ("policy", "adaptive_gap") or self.monitor_every > 0,
+               f"train.mitigation={self.mitigation}: it reads the monitor's signals; set train.monitor_every > 0, "
+               "found 0")
+        _check(not self.danger_zone or self.monitor_every > 0,
+               "train.danger_zone: the tracker measures the monitor's probes; set train.monitor_every > 0, found 0")
         _check(self.max_train_steps >= 1, f"train.max_train_steps: expected >= 1, found {self.max_train_steps}")
         _check(self.eval_every >= 1, f"train.eval_every: expected >= 1, found {self.eval_every}")
         _check(self.monitor_every >= 0, f"train.monitor_every: expected >= 0, found {self.monitor_every}")

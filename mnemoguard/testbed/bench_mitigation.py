@@ -6,7 +6,11 @@ arm's settings are the action's published default where one exists, scaled to th
 
 * ``noise_gap_low`` / ``noise_gap_mid``: the noise-gap scheduler with ``timestep_bias_strategy: gap`` and
   multiplier 0 over t in [0, 333) / [333, 666) — that band is never trained (Dodson et al.'s "under-train the
-  danger zone"; the testbed's loss gap sits in the low band, its danger zone at mid to high noise).
+  danger zone"; the testbed's loss gap sits in the low band, its danger zone at mid to high noise);
+  ``noise_gap_low_half``: the low band at half its weight (multiplier 0.5).
+* ``adaptive_gap``: the danger-zone tracker on, and the noise gap following its live band (switched on when the
+  at-risk probes' return rate rises above the held-out images', at a strength that follows the excess, released
+  when it falls; ``guard.noise_gap.follow_danger_zone``).
 * ``wen_filter``: Wen et al.'s training-time filter, samples with ||eps_c - eps_0||_2 >= tau dropped, tau =
   :data:`WEN_TAU_TESTBED`, calibrated on the fine-tuning variant (``scripts/calibrate_wen_threshold.py``): it drops
   5 % of plain samples at the base model and, at step 500 of the unmitigated run, 55 % of the planted ones (and 21 %
@@ -41,6 +45,8 @@ MITIGATIONS: dict[str, dict[str, Any]] = {
     "none": {},
     "noise_gap_low": _noise_gap(0, 333),
     "noise_gap_mid": _noise_gap(333, 666),
+    "noise_gap_low_half": {"noise_gap": {**_noise_gap(0, 333)["noise_gap"], "timestep_bias_multiplier": 0.5}},
+    "adaptive_gap": {"noise_gap": {"enabled": True, "follow_danger_zone": True}, "danger_zone": True},
     "wen_filter": {"regularizers": {"wen_filter": {"threshold": WEN_TAU_TESTBED}}},
     "iet_agc": {"regularizers": {"iet_agc": {}}},
     "caption_replacement": {"regularizers": {"random_caption_replacement": {"prob": 0.1}}},
@@ -69,6 +75,11 @@ def apply_mitigation(guard: Any, name: str, monitor_on: bool) -> None:
             setattr(guard.noise_gap, key, value)
     for reg, settings in arm.get("regularizers", {}).items():
         guard.regularizers[reg] = {**guard.regularizers.get(reg, {}), **settings}
+    if arm.get("danger_zone"):
+        if not monitor_on:
+            raise ConfigError(f"train.mitigation={name}: the tracker reads the monitor's probes; set "
+                              "train.monitor_every > 0, found 0")
+        guard.danger_zone.enabled = True
     if arm.get("policy") == "default":
         if not monitor_on:
             raise ConfigError("train.mitigation=policy: the policy reads the monitor's signals; set "

@@ -35,6 +35,8 @@ def bench_recipe(cfg: BenchConfig, gt: GroundTruth, out: Path):
         "logging.report_to=none",
         f"logging.progress_bar={str(cfg.progress).lower()}",
         *monitor_overrides(t),
+        *(["guard.danger_zone.enabled=true"] if t.danger_zone else []),
+        *([f"guard.danger_zone.every_n_checks={t.danger_zone_every}"] if t.monitor_every else []),
         *([f"model.tiny.base={t.base}"] if t.base else []),
         *(["model.lora.enabled=true"] if t.lora else []),
         *t.recipe_overrides,

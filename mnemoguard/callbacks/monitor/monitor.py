@@ -144,6 +144,15 @@ class MemorizationMonitor(Callback):
         return out
 
     @property
+    def tensors(self) -> Any:
+        """The probe set's tensors (:class:`~.tensors.ProbeTensors`), or None before ``on_train_begin``."""
+        return self._tensors
+
+    def baseline(self) -> Any:
+        """The less-trained baseline of this check (None while an EMA snapshot ring is still empty; ``"uncond"``)."""
+        return self._current_baseline()
+
+    @property
     def last_check_step(self) -> int | None:
         live = self.training_history
         return live[-1]["step"] if live else None

@@ -97,6 +97,32 @@ def render_markdown(summary: dict[str, Any], plots: dict[str, str]) -> str:
         for sig in mon["signals"]:
             if sig in plots:
                 lines += ["", f"![{sig}]({plots[sig]})"]
+    dz = summary.get("danger_zone")
+    if dz is not None:
+        lines += ["", "## Danger zone", "",
+                  "Where in the noise schedule the model memorizes. *Data prior* (Dodson et al.): the noise levels "
+                  "where the training data's posterior is still concentrated on one image while held-out images are "
+                  "covered by the training shells. *Live*: the monitor's at-risk probes noised to each level and "
+                  "denoised back; the *excess* is how much more often they come back as themselves than held-out "
+                  "images do; the *copy rate* is how often they come back from the top of the schedule (a "
+                  "generation copying its training image).", ""]
+        prior = dz.get("prior")
+        if prior is not None:
+            b = prior["band"]
+            where = "empty" if b["empty"] else \
+                f"σ {_fmt(b['sigma_lo'])}–{_fmt(b['sigma_hi'])} (t {b['t_lo']}–{b['t_hi']})"
+            lines += [f"Data prior ({prior['rows']} rows, {prior['distinct']} distinct images, coverage of "
+                      f"{prior['population']}): band {where}.", ""]
+        if dz["measurements"]:
+            lines += ["| step | excess | copy rate | held-out copy rate | band | noise-gap strength |",
+                      "|---|---|---|---|---|---|"]
+            for m in dz["measurements"]:
+                band = m["band"]
+                where = f"t [{band['t_begin']}, {band['t_end']})" if band else "off"
+                lines.append(f"| {m['step']} | {_fmt(m['excess'])} | {_fmt(m['copy_rate'])} | "
+                             f"{_fmt(m['heldout_copy_rate'])} | {where} | {_fmt(m['strength'])} |")
+        if "danger_zone" in plots:
+            lines += ["", f"![danger zone]({plots['danger_zone']})"]
     flags = summary.get("loss_flags")
     if flags is not None and mon is not None:
         lines += ["", "## Per-step loss flags", ""]

@@ -36,13 +36,17 @@ class MemorizationReport(Callback):
         config: the settings; keyword arguments override its fields.
         monitor, policy, loss_flags: the guard's components to report on (None when absent).
         stoppers: the early-stopping callbacks.
-        extras: callbacks with a ``report_summary()`` (e.g. a danger-zone tracker), reported under their state key.
+        extras: callbacks with a ``report_summary()``, reported under their state key.
+        danger_zone: the :class:`~mnemoguard.callbacks.danger_zone.DangerZoneTracker` (its prior, live band and
+            figure), or None.
     """
 
     def __init__(self, config: ReportConfig | None = None, monitor: Any = None, policy: Any = None,
-                 loss_flags: Any = None, stoppers: Any = (), extras: Any = (), **overrides: Any) -> None:
+                 loss_flags: Any = None, stoppers: Any = (), extras: Any = (), danger_zone: Any = None,
+                 **overrides: Any) -> None:
         self.config = replace(config or ReportConfig(), **overrides)
         self.monitor, self.policy, self.loss_flags = monitor, policy, loss_flags
+        self.danger_zone = danger_zone
         self.stoppers, self.extras = list(stoppers), list(extras)
         self.directory: Path | None = None
         self.summary: dict[str, Any] | None = None
@@ -79,11 +83,19 @@ class MemorizationReport(Callback):
         verdicts = probe_verdicts(self.monitor, self.config, self.loss_flags, entry=end)
         last = probe_verdicts(self.monitor, self.config, self.loss_flags) if end is not None else verdicts
         summary = build_summary(state, verdicts, self.monitor, self.policy, self.stoppers, self.loss_flags,
-                                self.extras, final_dir, exported, last, status)
+                                self.extras, final_dir, exported, last, status, danger_zone=self.danger_zone)
         figures: dict[str, str] = {}
         if self.config.plots and plots:
             try:
                 figures = write_plots(directory, summary, self.monitor, self.config.nn_ratio_threshold)
+                if self.danger_zone is not None:
+                    from ..danger_zone.plot import danger_zone_figure
+
+                    tracker = self.danger_zone
+                    fig = danger_zone_figure(tracker.prior, tracker.history[-1] if tracker.history else None)
+                    if fig is not None:
+                        fig.savefig(directory / "danger_zone.png", dpi=100)
+                        figures["danger_zone"] = "danger_zone.png"
             except Exception as err:  # a plot must never lose the report
                 logger.warning("MemorizationReport: plotting failed (%s); writing the report without plots", err)
         summary["plots"] = sorted(figures.values())

@@ -19,7 +19,7 @@ __all__ = ["build_summary"]
 def build_summary(state: TrainerState, verdicts: list[dict[str, Any]], monitor: Any = None, policy: Any = None,
                   stoppers: Any = (), loss_flags: Any = None, extras: Any = (), final_dir: Any = None,
                   exported: dict[str, Any] | None = None, last_verdicts: list[dict[str, Any]] | None = None,
-                  status: str = "complete") -> dict[str, Any]:
+                  status: str = "complete", danger_zone: Any = None) -> dict[str, Any]:
     """The JSON summary of a run: its status, the verdict about the exported weights (``verdicts``: per probe, from
     the check of those weights) next to what the run saw at its last step (``last_verdicts``), curves, alarms,
     actions, early stopping, the monitor's settings and checks, the low-loss flags, the probe generations, warnings,
@@ -71,6 +71,14 @@ def build_summary(state: TrainerState, verdicts: list[dict[str, Any]], monitor: 
                                and loss_flags.row_counts[1].sum()),
             "flagged_rows": len(loss_flags.flagged_rows()), "top": loss_flags.flagged_rows(top=20)},
     }
+    if danger_zone is not None:
+        summary["danger_zone"] = {
+            "prior": None if danger_zone.prior is None else {
+                k: danger_zone.prior[k] for k in ("band", "rows", "distinct", "population")},
+            "measurements": [{k: h[k] for k in ("step", "excess", "copy_rate", "heldout_copy_rate", "active", "band",
+                                                "strength")} for h in danger_zone.history],
+            "active": danger_zone.active,
+        }
     if monitor is not None:
         live = monitor.training_history
         last = live[-1] if live else None

@@ -1,0 +1,115 @@
+"""The live danger-zone measurement: per noise level, do training images come back as themselves?
+
+Dodson et al. (2026) place memorization in a middle band of noise levels. We measure it on the live model with a
+protocol of our own (the paper measures a fixed-σ denoising error and final-sample copies, not this): each probe's
+clean sample ``x_0`` is noised to the start ``t_s`` of a few-step DDIM schedule with fixed noise and denoised back
+(:func:`mnemoguard.sampling.denoise_from`); the result is compared with a reference set of images (training images,
+plus the held-out images) by Gu et al.'s nearest-neighbour ratio ``d1/d2``:
+
+* a **training probe returns** from ``σ_s`` when its nearest reference image is its own training image and
+  ``d1/d2 < copy_ratio``;
+* a **held-out image returns** (to itself) likewise: at small σ every image does (that is plain denoising); a held-out
+  image **lands on a training image** when its nearest reference is a training image with ``d1/d2 < copy_ratio``.
+
+Per σ the rates are fractions of probes × draws, so they carry no units of any model's loss. The *excess* return
+rate ``r_at_risk(σ) − r_heldout(σ)`` is what memorization adds to denoising; the **live band** is the contiguous run
+of grid σ around its maximum where the excess is at least a level (:func:`band_from_excess`). Without held-out
+images, the random training probes stand in for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["ReturnProfile", "band_from_excess", "band_timesteps", "return_flags", "return_profile"]
+
+
+@dataclass
+class ReturnProfile:
+    """Return rates on a σ grid (ascending σ): ``rates[split][k]`` for the grid point ``k``; ``counts[split]`` the
+    probes × draws behind each rate."""
+
+    timesteps: list[int]
+    sigmas: list[float]
+    rates: dict[str, list[float]]
+    counts: dict[str, int]
+
+    def excess(self) -> list[float]:
+        """``at_risk`` (else all training probes) minus ``heldout_self`` (else ``random``) return rate, per σ."""
+        top = self.rates.get("at_risk") or self.rates.get("train")
+        ref = self.rates.get("heldout_self") or self.rates.get("random")
+        if not top or not ref:
+            return [float("nan")] * len(self.sigmas)
+        return [a - b for a, b in zip(top, ref)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"timesteps": self.timesteps, "sigmas": self.sigmas, "rates": self.rates, "counts": self.counts}
+
+
+def return_flags(images: torch.Tensor, reference: torch.Tensor, own: torch.Tensor, is_training: torch.Tensor,
+                 copy_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(returns, lands_on_training)``, each ``[S, B]`` bool, for denoised ``images`` ``[S, B, ...]`` against the
+    ``reference`` images ``[K, ...]`` (no two identical): ``returns`` = the nearest reference is ``own[b]`` (an
+    index into ``reference``, or −1) with ``d1/d2 < copy_ratio``; ``lands_on_training`` = the nearest reference is a
+    training image (``is_training[k]``) with ``d1/d2 < copy_ratio``."""
+    from ...evaluation import nearest_neighbour_ratio
+
+    S, B = images.shape[:2]
+    nn = nearest_neighbour_ratio(images.reshape(S * B, *images.shape[2:]).float(), reference.float(),
+                                 check_unique=False)
+    nearest = nn.indices[:, 0].reshape(S, B)
+    close = (nn.ratio < copy_ratio).reshape(S, B)
+    returns = close & (nearest == own.reshape(1, B))
+    lands = close & is_training[nearest]
+    return returns, lands
+
+
+def return_profile(timesteps: list[int], sigmas: list[float], returns: torch.Tensor, lands: torch.Tensor,
+                   groups: dict[str, torch.Tensor]) -> ReturnProfile:
+    """Rates per σ from :func:`return_flags`' output (grid in the order given, re-sorted by ascending σ).
+    ``groups``: split name -> ``[B]`` bool mask of the probes in it; a name starting with ``heldout`` gives
+    ``<name>_self`` (returns) and ``<name>_copy`` (lands on a training image), the others their return rate."""
+    order = np.argsort(sigmas)
+    rates: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
+    for name, mask in groups.items():
+        n = int(mask.sum())
+        if n == 0:
+            continue
+        if name.startswith("heldout"):
+            for suffix, flags in (("self", returns), ("copy", lands)):
+                rates[f"{name}_{suffix}"] = [float(flags[k][mask].float().mean()) for k in order]
+                counts[f"{name}_{suffix}"] = n
+        else:
+            rates[name] = [float(returns[k][mask].float().mean()) for k in order]
+            counts[name] = n
+    return ReturnProfile([int(timesteps[k]) for k in order], [float(sigmas[k]) for k in order], rates, counts)
+
+
+def band_from_excess(excess: list[float], level: float) -> tuple[int, int] | None:
+    """``(lo, hi)`` grid indices (inclusive) of the contiguous run around the largest excess where the excess is
+    at least ``level``; None when the largest excess is below it (or all are NaN)."""
+    values = np.asarray(excess, dtype=np.float64)
+    if not np.isfinite(values).any():
+        return None
+    k = int(np.nanargmax(values))
+    if not values[k] >= level:
+        return None
+    lo = hi = k
+    while lo > 0 and values[lo - 1] >= level:
+        lo -= 1
+    while hi + 1 < len(values) and values[hi + 1] >= level:
+        hi += 1
+    return lo, hi
+
+
+def band_timesteps(timesteps: list[int], lo: int, hi: int, num_train_timesteps: int) -> tuple[int, int]:
+    """The ``[t_begin, t_end)`` timestep band covered by grid points ``lo..hi`` (ascending t): from half-way to the
+    grid point below ``lo`` to half-way to the one above ``hi`` (the schedule's ends at the grid's ends)."""
+    begin = 0 if lo == 0 else (timesteps[lo - 1] + timesteps[lo] + 1) // 2
+    end = num_train_timesteps if hi == len(timesteps) - 1 else (timesteps[hi] + timesteps[hi + 1] + 1) // 2
+    return int(begin), int(max(end, begin + 1))

@@ -1,0 +1,279 @@
+"""DangerZoneTracker: where in the noise schedule the model memorizes, during training.
+
+* **Data prior** (``on_train_begin``, once; kept in the state): Dodson et al.'s ``W_σ`` and ``C_σ`` of a subsample of
+  the training latents and the band they imply (:mod:`.prior`).
+* **Live measurement** at every ``every_n_checks``-th check of the monitor: the monitor's probes (at-risk and random
+  training probes, held-out images) are noised to every timestep of a few-step DDIM schedule with fixed noise,
+  denoised by the live model and compared with a reference set of training (and held-out) images (:mod:`.measure`):
+  per σ, the return rate of each kind of probe; the *excess* ``r_at_risk(σ) − r_heldout(σ)``; the *copy rate* (the
+  at-risk probes' return rate from the top of the schedule, where a return is a generation copying its training
+  image); beside it, per σ, Kim & Lee's curvature difference (live vs the monitor's baseline) at the at-risk probes'
+  noisy inputs, to see whether it marks the same band.
+* **The live band**, with hysteresis: on when the largest excess reaches ``on_level``; off after ``release_patience``
+  measurements below ``release_level``; while on, the band is the run of σ around the peak where the excess is at
+  least ``release_level``, mapped to a ``[t_begin, t_end)`` timestep band (:attr:`zone`) with a strength
+  ``min(max_strength, largest excess)`` (:attr:`strength`) that :class:`~mnemoguard.callbacks.noise_gap.
+  NoiseGapScheduler` follows with ``follow_danger_zone``.
+
+Scalars (``mem/danger_zone/*``, the metrics contract): ``excess``, ``copy_rate``, ``heldout_copy_rate``, ``active``,
+``strength`` at every measurement; ``t_begin``, ``t_end``, ``sigma_lo``, ``sigma_hi`` while a band is on;
+``prior_sigma_lo`` / ``prior_sigma_hi`` once. Every level is a difference or a share of probes: nothing depends on
+one model's loss units. Every rank makes the same UNet calls (ZeRO-3 needs that); rank 0's flags are broadcast so
+every rank decides the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+
+from ...config.danger_zone import DangerZoneConfig
+from ...isolation import eval_mode, preserved_rng_state
+from ...serialization import check_keys
+from ...signals import DangerZone, sigmas_from_alphas_cumprod
+from ..base import Callback, TrainerControl, TrainerState
+from .measure import ReturnProfile, band_from_excess, band_timesteps, return_flags, return_profile
+from .prior import data_prior
+
+logger = logging.getLogger("mnemoguard")
+
+__all__ = ["DangerZoneTracker"]
+
+AT_RISK = ("image_duplicate", "duplicate")
+
+
+class DangerZoneTracker(Callback):
+    """The data prior, the live per-σ return rates and the live band (module docstring).
+
+    Args:
+        config: the settings (``guard.danger_zone``).
+        monitor: the :class:`~mnemoguard.callbacks.monitor.MemorizationMonitor` whose probes and checks it uses
+            (registered before the tracker).
+
+    Attributes:
+        prior: the data prior (None until ``on_train_begin``, or with ``prior: false``).
+        history: one dict per live measurement: ``{"step", "profile", "excess", "copy_rate", "heldout_copy_rate",
+            "active", "band", "strength", "curvature"}``.
+        zone: the live band as a :class:`~mnemoguard.signals.DangerZone` (``t_lo..t_hi`` inclusive) while on.
+    """
+
+    needs = frozenset({"dataset", "prompts"})
+
+    def __init__(self, config: DangerZoneConfig | None = None, monitor: Any = None) -> None:
+        if monitor is None:
+            raise ValueError("DangerZoneTracker measures the monitor's probes: pass monitor=")
+        self.config = config or DangerZoneConfig()
+        self.monitor = monitor
+        self.prior: dict[str, Any] | None = None
+        self.history: list[dict[str, Any]] = []
+        self.active = False
+        self.strength = 0.0
+        self.zone: DangerZone | None = None
+        self.checks_seen = 0
+        self.seconds = {"prior": 0.0, "measure": 0.0}
+        self._below = 0
+        self._inputs: dict[str, Any] | None = None
+        self._context: Any = None
+        self._prior_logged = False
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def on_train_begin(self, state: TrainerState, control: TrainerControl, context: Any = None,
+                       **kwargs: Any) -> None:
+        self._context = context
+        start = time.perf_counter()
+        with preserved_rng_state():
+            self._inputs = self._build_inputs(context)
+            if self.config.prior and self.prior is None:
+                seed = self.monitor.config.seed + 11
+                self.prior = data_prior(context, self.config, seed, self._inputs["heldout_x0"])
+        self.seconds["prior"] += time.perf_counter() - start
+
+    def _build_inputs(self, context: Any) -> dict[str, Any]:
+        """Per (probe, draw) clean samples, noise, captions; the reference images and each probe's own index."""
+        tz, spec = self.monitor.tensors, self.monitor.spec
+        P = tz.num_train_probes
+        first = [int(torch.nonzero(tz.probe == p)[0]) for p in range(int(tz.probe.max()) + 1)]
+        held = spec["heldout_source"] == "samples"
+        ids = list(range(P + (len(spec["heldout_rows"]) if held else 0)))
+        x0 = tz.x0[[first[i] for i in ids]]
+        cond = tz.cond[[first[i] for i in ids]]
+        pool = tz.pool if tz.pool is not None else torch.zeros((0, *tz.train_px[0].shape))
+        own = [next((k for k in range(pool.shape[0]) if torch.equal(pool[k], tz.train_px[p])), -1) for p in range(P)]
+        reference, is_training = pool, [True] * pool.shape[0]
+        heldout_x0 = x0[P:] if held else None
+        if held:
+            with torch.no_grad():
+                px = ((context.decode(heldout_x0).float().clamp(-1, 1) + 1) / 2).cpu()
+            own += list(range(pool.shape[0], pool.shape[0] + px.shape[0]))
+            reference = torch.cat([pool, px])
+            is_training += [False] * px.shape[0]
+        kinds = [*spec["train_kinds"], *(["heldout"] * (len(ids) - P))]
+        D = self.config.draws
+        g = torch.Generator().manual_seed(self.monitor.config.seed + 12)
+        noise = torch.randn((len(ids) * D, *x0.shape[1:]), generator=g)
+        rep = torch.arange(len(ids)).repeat_interleave(D)
+        kind = [kinds[i] for i in rep.tolist()]
+        return {
+            "x0": x0[rep.to(x0.device)], "cond": cond[rep.to(cond.device)], "noise": noise,
+            "own": torch.tensor(own, dtype=torch.long)[rep], "reference": reference,
+            "is_training": torch.tensor(is_training, dtype=torch.bool),
+            "groups": {"at_risk": torch.tensor([k in AT_RISK for k in kind]),
+                       "random": torch.tensor([k == "random" for k in kind]),
+                       "train": torch.tensor([k != "heldout" for k in kind]),
+                       "heldout": torch.tensor([k == "heldout" for k in kind])},
+            "uncond": tz.uncond, "heldout_x0": heldout_x0.detach().cpu() if heldout_x0 is not None else None,
+        }
+
+    # ------------------------------------------------------------------------------------------------ per step
+    def on_step_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
+                    logs: dict | None = None, **kwargs: Any) -> None:
+        values: dict[str, float] = {}
+        if not self._prior_logged and self.prior is not None:
+            self._prior_logged = True
+            band = self.prior["band"]
+            if not band["empty"]:
+                values.update({"mem/danger_zone/prior_sigma_lo": band["sigma_lo"],
+                               "mem/danger_zone/prior_sigma_hi": band["sigma_hi"]})
+        if self._inputs is not None and self.monitor.last_check_step == state.global_step and (
+                not self.history or self.history[-1]["step"] != state.global_step):
+            self.checks_seen += 1
+            if self.checks_seen % self.config.every_n_checks == 0:
+                values.update(self.measure(state.global_step))
+        if values:
+            state.update_metrics(values)
+            if logs is not None:
+                logs.update(values)
+            control.should_log = True
+
+    def measure(self, step: int) -> dict[str, float]:
+        """One live measurement at ``step``: recorded in :attr:`history`, the band updated; returns the scalars."""
+        from ...sampling import ddim_scheduler, denoise_from
+
+        start = time.perf_counter()
+        c, context, inp = self.config, self._context, self._inputs
+        sched = context.noise_scheduler
+        ddim = ddim_scheduler(sched, c.num_inference_steps)
+        timesteps = [int(t) for t in ddim.timesteps]
+        table = sigmas_from_alphas_cumprod(sched.alphas_cumprod)
+        sigmas = [float(table[t]) for t in timesteps]
+        with preserved_rng_state(), eval_mode(context.unwrapped_unet):
+            images = denoise_from(context.unwrapped_unet, sched, inp["x0"], inp["noise"], list(range(len(timesteps))),
+                                  inp["cond"], inp["uncond"], c.guidance_scale, c.num_inference_steps,
+                                  decode=context.decode, batch_size=self.monitor.config.batch_size * 4)
+            returns, lands = return_flags(images, inp["reference"], inp["own"], inp["is_training"], c.copy_ratio)
+            returns, lands = self._from_rank_zero(returns, lands)
+            curvature = _ascending(self._curvature(timesteps), timesteps) if c.curvature_probes else None
+        profile = return_profile(timesteps, sigmas, returns, lands, inp["groups"])
+        entry = self._decide(step, profile, curvature)
+        self.history.append(entry)
+        self.seconds["measure"] += time.perf_counter() - start
+        values = {"mem/danger_zone/excess": entry["excess"], "mem/danger_zone/copy_rate": entry["copy_rate"],
+                  "mem/danger_zone/active": float(self.active), "mem/danger_zone/strength": self.strength}
+        if entry["heldout_copy_rate"] is not None:
+            values["mem/danger_zone/heldout_copy_rate"] = entry["heldout_copy_rate"]
+        if self.active and entry["band"] is not None:
+            b = entry["band"]
+            values.update({"mem/danger_zone/t_begin": b["t_begin"], "mem/danger_zone/t_end": b["t_end"],
+                           "mem/danger_zone/sigma_lo": b["sigma_lo"], "mem/danger_zone/sigma_hi": b["sigma_hi"]})
+        return {k: float(v) for k, v in values.items()}
+
+    def _from_rank_zero(self, returns: torch.Tensor, lands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._context.num_processes <= 1:
+            return returns, lands
+        from accelerate.utils import broadcast
+
+        packed = torch.stack([returns, lands]).to(torch.uint8).to(self._context.device)
+        packed = broadcast(packed, from_process=0).cpu().bool()
+        return packed[0], packed[1]
+
+    def _curvature(self, timesteps: list[int]) -> list[float]:
+        """Per grid t (in the DDIM order of ``timesteps``): mean Kim & Lee Δh of the at-risk probes (first draw each),
+        live vs the monitor's baseline, at ``add_noise(x0, noise, t)``."""
+        from ...signals import curvature_diff_map
+
+        context, inp = self._context, self._inputs
+        den = context.denoiser
+        mask = inp["groups"]["at_risk"] if bool(inp["groups"]["at_risk"].any()) else inp["groups"]["train"]
+        rows = torch.nonzero(mask).reshape(-1)[:: self.config.draws][:8].to(inp["x0"].device)
+        if rows.numel() == 0:
+            return [float("nan")] * len(timesteps)
+        x0, noise, cond = inp["x0"][rows], inp["noise"][rows.cpu()].to(inp["x0"].device), inp["cond"][rows]
+        baseline = self.monitor.baseline()
+        out = []
+        for k, t in enumerate(timesteps):
+            tt = torch.full((rows.numel(),), t, dtype=torch.long, device=x0.device)
+            x = context.noise_scheduler.add_noise(x0, noise.to(x0.dtype), tt)
+            base_fn = den.eps_fn(tt, inp["uncond"].expand(rows.numel(), -1, -1)) \
+                if baseline in (None, "uncond") else baseline.eps_fn(tt, cond)
+            maps = curvature_diff_map(den.eps_fn(tt, cond), base_fn, x, num_probes=self.config.curvature_probes,
+                                      generator=torch.Generator().manual_seed(self.monitor.config.seed + 13 + k),
+                                      method="vjp")
+            out.append(float(maps.detach().float().mean()))
+        return out
+
+    def _decide(self, step: int, profile: ReturnProfile, curvature: list[float] | None) -> dict[str, Any]:
+        """Hysteresis on the largest excess; the band around the peak while on."""
+        c = self.config
+        excess = profile.excess()
+        finite = [e for e in excess if math.isfinite(e)]
+        top = max(finite) if finite else float("nan")
+        if not self.active and top >= c.on_level:
+            self.active, self._below = True, 0
+            logger.info("DangerZoneTracker: step %d: the at-risk probes return %.2f more often than held-out images "
+                        "at some noise level: band on", step, top)
+        elif self.active:
+            self._below = self._below + 1 if not top >= c.release_level else 0
+            if self._below >= c.release_patience:
+                self.active, self._below = False, 0
+                logger.info("DangerZoneTracker: step %d: excess %.2f below %.2f for %d measurements: band off", step,
+                            top, c.release_level, c.release_patience)
+        band = None
+        run = band_from_excess(excess, c.release_level) if self.active else None
+        if run is not None:
+            lo, hi = run
+            t_begin, t_end = band_timesteps(profile.timesteps, lo, hi, self._context.num_train_timesteps)
+            band = {"sigma_lo": profile.sigmas[lo], "sigma_hi": profile.sigmas[hi], "t_begin": t_begin,
+                    "t_end": t_end}
+            self.zone = DangerZone(band["sigma_lo"], band["sigma_hi"], t_begin, t_end - 1)
+            self.strength = float(min(c.max_strength, top))
+        elif not self.active:
+            self.zone, self.strength = None, 0.0
+        top_rates = profile.rates.get("at_risk") or profile.rates.get("train") or [float("nan")]
+        held = profile.rates.get("heldout_copy")
+        return {
+            "step": int(step), "profile": profile.to_dict(), "excess": float(top), "copy_rate": float(top_rates[-1]),
+            "heldout_copy_rate": float(max(held)) if held else None, "active": self.active, "band": band,
+            "strength": self.strength, "curvature": curvature,
+        }
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        zone = None if self.zone is None else {"sigma_lo": self.zone.sigma_lo, "sigma_hi": self.zone.sigma_hi,
+                                               "t_lo": self.zone.t_lo, "t_hi": self.zone.t_hi}
+        return {"prior": self.prior, "history": self.history, "active": self.active, "below": self._below,
+                "strength": self.strength, "zone": zone, "checks_seen": self.checks_seen,
+                "seconds": dict(self.seconds)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_keys(state, {"prior": (dict, type(None)), "history": list, "active": bool, "below": int,
+                           "strength": (int, float), "zone": (dict, type(None)), "checks_seen": int,
+                           "seconds": dict}, "DangerZoneTracker", required=("history", "active"))
+        self.prior = state.get("prior")
+        self.history = list(state["history"])
+        self.active = bool(state["active"])
+        self._below = int(state.get("below", 0))
+        self.strength = float(state.get("strength", 0.0))
+        zone = state.get("zone")
+        self.zone = None if zone is None else DangerZone(**zone)
+        self.checks_seen = int(state.get("checks_seen", 0))
+        self.seconds = {**self.seconds, **{k: float(v) for k, v in state.get("seconds", {}).items()}}
+        self._prior_logged = True
+
+
+def _ascending(values: list[float], timesteps: list[int]) -> list[float]:
+    """``values`` given in DDIM order (descending t) -> ascending t (the profile's order)."""
+    return [v for _, v in sorted(zip(timesteps, values))]

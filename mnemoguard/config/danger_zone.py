@@ -1,0 +1,71 @@
+"""The danger-zone tracker's settings (``guard.danger_zone``) and the default stop rule built on it (no torch here).
+
+The tracker (:mod:`mnemoguard.callbacks.danger_zone`) finds the noise band where the model memorizes: a data prior at
+train start (Dodson et al.'s ``W_σ`` and ``C_σ`` of the training latents) and, every few monitor checks, the live
+per-noise-level return rates of the monitor's probes. Every level below is a fraction of probes (a rate), so none
+depends on the loss units of one model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .schema import ConfigError
+
+__all__ = ["DANGER_ZONE_TAGS", "DangerZoneConfig", "default_stop"]
+
+#: the scalars the tracker writes (``mem/danger_zone/<name>``); the band edges only while a band is on
+DANGER_ZONE_TAGS = ("excess", "copy_rate", "heldout_copy_rate", "active", "strength", "t_begin", "t_end",
+                    "sigma_lo", "sigma_hi", "prior_sigma_lo", "prior_sigma_hi")
+
+
+@dataclass
+class DangerZoneConfig:
+    """The danger-zone tracker (``guard.danger_zone``); it reads the monitor's probes (``guard.monitor``)."""
+
+    enabled: bool = False  # the tracker: a data prior at train start, live return rates every few checks
+    every_n_checks: int = 1  # a live measurement at every k-th monitor check
+    num_inference_steps: int = 10  # DDIM steps; the probes start from each of their timesteps (the σ grid)
+    draws: int = 4  # fixed noise draws per probe and σ
+    guidance_scale: float = 1.0  # guidance of the denoising (1: the conditional model, where copies show best)
+    copy_ratio: float = 1.0 / 3.0  # Gu et al.: d1/d2 below this = the same image
+    on_level: float = 0.5  # the band turns on when the at-risk probes return this much more often than held-out
+    # images (a difference of rates) at some σ ...
+    release_level: float = 0.25  # ... and off when the largest excess stays below this (hysteresis); while on, the
+    # band's edges are where the excess falls below it
+    release_patience: int = 2  # measurements below release_level before the band turns off
+    max_strength: float = 0.8  # the noise gap's strength follows the largest excess, at most this (1 excludes)
+    curvature_probes: int = 2  # Hutchinson probes of the per-σ curvature difference (Kim & Lee); 0: off
+    prior: bool = True  # Dodson et al.'s W_σ and C_σ of the training latents at train start
+    prior_rows: int = 2000  # training rows in the prior (a uniform subsample; copies kept as a multiplicity)
+    prior_probes: int = 256  # Monte Carlo points of the curves
+    prior_sigmas: int = 32  # log-spaced σ from the schedule's smallest to its largest
+    weight_threshold: float = 0.5  # the prior band: W_σ at least this ... (our choice; the paper gives no rule)
+    coverage_threshold: float = 0.5  # ... and C_σ at least this
+
+    def __post_init__(self) -> None:
+        w = "guard.danger_zone"
+        for name in ("every_n_checks", "num_inference_steps", "draws", "release_patience", "prior_rows",
+                     "prior_probes", "prior_sigmas"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{w}.{name} must be >= 1, found {getattr(self, name)}")
+        if self.curvature_probes < 0:
+            raise ConfigError(f"{w}.curvature_probes must be >= 0, found {self.curvature_probes}")
+        if not 0 <= self.release_level <= self.on_level <= 1:
+            raise ConfigError(f"{w}: expected 0 <= release_level <= on_level <= 1 (differences of rates), found "
+                              f"release_level={self.release_level}, on_level={self.on_level}")
+        for name in ("copy_ratio", "max_strength", "weight_threshold", "coverage_threshold"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"{w}.{name} must be in (0, 1], found {getattr(self, name)}")
+        if self.guidance_scale < 1:
+            raise ConfigError(f"{w}.guidance_scale must be >= 1, found {self.guidance_scale}")
+
+
+def default_stop() -> dict[str, Any]:
+    """The default stop rule (``guard.default_stop: true``), as early-stopping settings: stop when the at-risk
+    probes come back as their own training image from the top of the noise schedule (``mem/danger_zone/copy_rate``:
+    a share of probes × draws, the live stand-in for "generations copy the duplicated images") at 5 % or more, and
+    roll back to the last check before (``rollback: last_good``; export it with ``training.export: best``)."""
+    return {"enabled": True, "monitor": "mem/danger_zone/copy_rate", "mode": "min", "patience": None,
+            "divergence_threshold": 0.05, "divergence_patience": 1, "rollback": "last_good"}

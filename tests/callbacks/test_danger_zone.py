@@ -1,0 +1,200 @@
+"""The danger-zone tracker: on an analytic denoiser that memorizes its training points in a known noise band, the
+live measurement finds that band; the band logic and its hysteresis; the tracker in a real guarded run (scalars,
+state round trip, the noise gap following the band, the default stop rule)."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from mnemoguard.callbacks.danger_zone import band_from_excess, band_timesteps, return_flags, return_profile
+from mnemoguard.sampling import ddim_scheduler, denoise_from
+from mnemoguard.signals import empirical_optimal_denoiser, sigmas_from_alphas_cumprod
+
+
+class BandMemorizer(torch.nn.Module):
+    """An ε-prediction model with ``UNet2DConditionModel``'s call signature whose clean-image estimate is the
+    empirical optimal denoiser of ``train`` (it returns training points: memorization) for σ_t in ``[lo, hi]``, and
+    the posterior mean of a Gaussian fitted to the data elsewhere (it generalizes)."""
+
+    def __init__(self, train: torch.Tensor, alphas_cumprod: torch.Tensor, lo: float, hi: float) -> None:
+        super().__init__()
+        self.train_points, self.abar, self.lo, self.hi = train.double(), alphas_cumprod.double(), lo, hi
+        self.mean, self.var = train.double().mean(0), train.double().var()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # device and dtype for the sampler
+        self.config = SimpleNamespace(in_channels=train.shape[1], sample_size=train.shape[-1])
+
+    def forward(self, x, t, encoder_hidden_states=None):
+        a = self.abar[int(t)]
+        sigma = math.sqrt((1 - a) / a)
+        y = x.double() / a.sqrt()  # the VE view: y = x0 + σ n
+        if self.lo <= sigma <= self.hi:
+            x0 = empirical_optimal_denoiser(y, self.train_points, sigma)
+        else:
+            x0 = self.mean + (y - self.mean) * self.var / (self.var + sigma**2)
+        eps = (x.double() - a.sqrt() * x0) / (1 - a).sqrt()
+        return SimpleNamespace(sample=eps.float())
+
+
+def test_the_live_measurement_finds_the_band_where_a_model_memorizes():
+    gen = torch.Generator().manual_seed(0)
+    train = torch.rand(24, 1, 4, 4, generator=gen) * 1.6 - 0.8  # "images" of 16 pixels in [-1, 1]
+    held = torch.rand(12, 1, 4, 4, generator=gen) * 1.6 - 0.8
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    lo, hi = 0.1, 0.5
+    model = BandMemorizer(train, sched.alphas_cumprod, lo, hi)
+    steps = 25
+    timesteps = [int(t) for t in ddim_scheduler(sched, steps).timesteps]
+    sigmas = [float(sigmas_from_alphas_cumprod(sched.alphas_cumprod)[t]) for t in timesteps]
+    probes = torch.cat([train[:8], held])
+    draws = 4
+    x0 = probes.repeat_interleave(draws, 0)
+    noise = torch.randn(x0.shape, generator=gen)
+    images = denoise_from(model, sched, x0, noise, list(range(steps)), torch.zeros(x0.shape[0], 1, 1),
+                          num_inference_steps=steps)
+    reference = ((torch.cat([train, held]) + 1) / 2)
+    own = torch.cat([torch.arange(8), 24 + torch.arange(12)]).repeat_interleave(draws)
+    is_training = torch.tensor([True] * 24 + [False] * 12)
+    returns, lands = return_flags(images, reference, own, is_training, 1 / 3)
+    kind = torch.tensor([True] * 8 + [False] * 12).repeat_interleave(draws)
+    profile = return_profile(timesteps, sigmas, returns, lands, {"at_risk": kind, "heldout": ~kind})
+    excess = profile.excess()
+    inside = [k for k, s in enumerate(profile.sigmas) if lo <= s <= hi]
+    below = [k for k, s in enumerate(profile.sigmas) if s < lo / 2]
+    assert inside and below
+    # Inside the band the training probes come back as themselves and held-out images do not (they land on a
+    # training point); well below it every image comes back (plain denoising): no excess.
+    assert all(profile.rates["at_risk"][k] >= 0.9 for k in inside)
+    assert all(profile.rates["heldout_self"][k] == 0.0 and profile.rates["heldout_copy"][k] > 0.5 for k in inside)
+    assert all(abs(excess[k]) < 0.2 for k in below)
+    band = band_from_excess(excess, 0.5)
+    assert band is not None and band[0] <= inside[0] and band[1] >= inside[-1]
+    assert profile.sigmas[band[0]] >= lo / 2  # the band starts at the memorizing band, not at the smallest σ
+    # Above it a probe loses its identity before its trajectory reaches the band: it returns less and less.
+    assert profile.sigmas[band[1]] < 4 * hi and all(profile.rates["at_risk"][k] <= 0.1 for k, s in
+                                                     enumerate(profile.sigmas) if s > 5)
+
+
+def test_band_logic_and_its_timestep_mapping():
+    assert band_from_excess([0.0, 0.3, 0.7, 0.6, 0.1], 0.5) == (2, 3)
+    assert band_from_excess([0.0, 0.3, 0.7, 0.6, 0.1, 0.8], 0.5) == (5, 5)  # the run around the largest value
+    assert band_from_excess([0.0, 0.2], 0.5) is None
+    assert band_from_excess([float("nan")] * 3, 0.5) is None
+    ts = [1, 101, 201, 301]
+    assert band_timesteps(ts, 1, 2, 1000) == (51, 251)
+    assert band_timesteps(ts, 0, 3, 1000) == (0, 1000)
+
+
+@pytest.mark.parametrize("top,active,below", [(0.6, True, 0), (0.3, True, 0), (0.1, True, 1)])
+def test_hysteresis_turns_on_at_the_on_level_and_off_after_release_patience(top, active, below):
+    from mnemoguard.callbacks.danger_zone import DangerZoneTracker, ReturnProfile
+    from mnemoguard.config.danger_zone import DangerZoneConfig
+
+    tracker = DangerZoneTracker(DangerZoneConfig(on_level=0.5, release_level=0.25, release_patience=2),
+                                monitor=SimpleNamespace())
+    tracker._context = SimpleNamespace(num_train_timesteps=1000)
+    ts, sig = [1, 301, 601, 901], [0.01, 0.5, 2.0, 10.0]
+
+    def profile(peak):
+        return ReturnProfile(ts, sig, {"at_risk": [1.0, 1.0, 1.0, 0.0],
+                                       "heldout_self": [1.0, 1.0 - peak, 1.0 - peak, 0.0]},
+                             {"at_risk": 4, "heldout_self": 4})
+
+    first = tracker._decide(10, profile(0.6), None)
+    assert tracker.active and (first["band"]["t_begin"], first["band"]["t_end"]) == (151, 751)
+    assert tracker.strength == pytest.approx(0.6) and (tracker.zone.t_lo, tracker.zone.t_hi) == (151, 750)
+    tracker._decide(20, profile(top), None)
+    assert (tracker.active, tracker._below) == (active, below)
+    tracker._decide(30, profile(0.1), None)
+    assert tracker.active == (top >= 0.25)  # two measurements below release_level turn it off
+
+
+def test_the_tracker_in_a_guarded_run_writes_its_scalars_and_its_state_is_json(tmp_path):
+    import json
+
+    from mnemoguard.trainer import Trainer
+
+    from ..trainer_utils import tiny_recipe
+    from ._guard_run import guard_overrides
+
+    cfg = tiny_recipe(tmp_path, "training.max_train_steps=4", *guard_overrides(policy=False),
+                      "guard.danger_zone.enabled=true", "guard.danger_zone.num_inference_steps=4",
+                      "guard.danger_zone.draws=2", "guard.danger_zone.prior_rows=64",
+                      "guard.noise_gap.follow_danger_zone=true")
+    trainer = Trainer(cfg)
+    state = trainer.train()
+    tracker = trainer.guard.components.danger_zone
+    assert [h["step"] for h in tracker.history] == [2, 4]
+    assert tracker.prior["rows"] == 64 and len(tracker.prior["sigmas"]) == 32
+    entry = tracker.history[-1]
+    assert len(entry["profile"]["sigmas"]) == 4 and entry["profile"]["sigmas"] == sorted(entry["profile"]["sigmas"])
+    assert set(entry["profile"]["rates"]) >= {"train", "random"} and len(entry["curvature"]) == 4
+    for name in ("excess", "copy_rate", "active", "strength"):
+        assert state.metric_steps[f"mem/danger_zone/{name}"] == 4
+    restored = type(tracker)(tracker.config, monitor=tracker.monitor)
+    restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    assert restored.history == tracker.history and restored.prior == tracker.prior
+
+
+def test_the_noise_gap_follows_the_live_band_and_releases_it():
+    from mnemoguard.callbacks.noise_gap import NoiseGapScheduler
+    from mnemoguard.config import NoiseGapConfig
+    from mnemoguard.signals import DangerZone
+
+    tracker = SimpleNamespace(active=True, zone=DangerZone(0.5, 2.0, 200, 599), strength=0.6)
+    gap = NoiseGapScheduler(NoiseGapConfig(enabled=True, follow_danger_zone=True), num_train_timesteps=1000,
+                            zone=tracker)
+    gap.follow()
+    q = gap.distribution()
+    assert gap.active and gap.band == (200, 600) and gap.strength == 0.6
+    assert float(q[300] / q[100]) == pytest.approx(0.4)  # the band keeps 1 - strength of its weight
+    tracker.zone, tracker.strength = DangerZone(1.0, 3.0, 400, 699), 0.8
+    gap.follow()
+    assert gap.band == (400, 700) and gap.strength == 0.8
+    tracker.active = False
+    gap.follow()
+    assert not gap.active and torch.allclose(gap.distribution(), torch.full((1000,), 1e-3, dtype=torch.float64))
+
+
+def test_the_default_stop_turns_the_tracker_on_and_rolls_back_to_the_last_check_before_the_onset():
+    from mnemoguard.callbacks import EarlyStopping, TrainerControl, TrainerState
+    from mnemoguard.config import ConfigError
+    from mnemoguard.guard.build import build_components, load_guard_config
+
+    cfg, _ = load_guard_config({"default_stop": True, "monitor": {"heldout_captions": ["a seven"]}})
+    parts = build_components(cfg)
+    es = parts.early_stopping
+    assert parts.danger_zone is not None and es.monitor == "mem/danger_zone/copy_rate" and es.rollback == "last_good"
+    with pytest.raises(ConfigError, match="give one stop rule"):
+        load_guard_config({"default_stop": True, "early_stopping": {"enabled": True, "monitor": "train/loss"}})
+    # Replayed on a copy-rate curve: each check below 5 % is the rollback target; the first above stops.
+    es = EarlyStopping(monitor="x", patience=None, divergence_threshold=0.05, rollback="last_good")
+    state, control = TrainerState(), TrainerControl()
+    for step, value in [(50, 0.0), (100, 0.03), (150, 0.02), (200, 0.09)]:
+        state.global_step = step
+        stop = es.check(value, state, control)
+    assert stop and state.best_step == 150 and "rolling back to step 150" in es.stop_reason
+
+
+def test_the_dashboard_and_the_report_show_the_danger_zone(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mnemoguard.trainer import Trainer
+
+    from ..trainer_utils import tiny_recipe
+    from ._guard_run import guard_overrides
+
+    cfg = tiny_recipe(tmp_path, "training.max_train_steps=4", *guard_overrides(policy=False),
+                      "guard.danger_zone.enabled=true", "guard.danger_zone.num_inference_steps=3",
+                      "guard.danger_zone.draws=1", "guard.danger_zone.prior_rows=32",
+                      "guard.danger_zone.curvature_probes=0")
+    Trainer(cfg).train()
+    acc = EventAccumulator(str(tmp_path / "logs" / "mnemoguard"), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("mem/danger_zone/profile")] == [1, 2, 4]  # the prior first, then each check
+    report = tmp_path / "report"
+    text = (report / "report.md").read_text()
+    assert "## Danger zone" in text and "![danger zone](danger_zone.png)" in text
+    assert (report / "danger_zone.png").is_file() and "| 4 |" in text
