@@ -1,35 +1,37 @@
-"""``mnemoguard demo``: the whole story on a small planted-memorization testbed, in about a minute on 2 CPU cores.
+"""``mnemoguard demo``: the same fine-tune twice, without and with the guard, on a small planted-memorization testbed.
 
 1. builds a testbed (:mod:`mnemoguard.testbed`): plain digits with class captions plus two digits duplicated many
    times, each with its own caption — the duplication + specific-caption recipe for memorization;
-2. fine-tunes the shipped tiny base UNet (``builtin:digits16``) on it with the reference trainer and the guard on:
-   the memorization monitor (planted pairs vs held-out pairs never trained on, per noise band, every
-   ``monitor_every`` steps; a probe generation with its nearest training image every 4th check);
-3. the policy raises an **alarm** when the gap between the held-out pairs' and the planted pairs' low-noise probe
-   loss (``mem/probe_loss/band=low/contrast``, the generalization gap that led the ground truth on the benchmark)
-   exceeds ``alarm_threshold`` for 2 checks, and switches on a **mitigation**, the default policy's: IET-AGC's
-   low-loss gating (samples whose loss falls well below their timestep's running mean are left out of the loss);
-4. early stopping **stops** the run when the probe generations keep moving towards their training images
-   (``mem/nn_ratio/train``, the nearest-neighbour ratio d1/d2, has not improved on its best for ``stop_patience``
-   generation checks: Lightning's patience), or at once when one comes out as a copy (below ``copy_ratio``); the
-   export rolls back to the best checkpoint, the one whose probe generations were farthest from a copy;
-5. prints the story and where to look: TensorBoard (``mem/...`` scalars, alarms, probe panels) and
-   ``report/report.md``.
+2. **without the guard** (``<out>/unguarded``): fine-tunes the shipped tiny base UNet (``builtin:digits16``) on it.
+   The guard only watches (monitor and danger-zone tracker on, no action, no stop), and every ``eval_every`` steps
+   the demo generates ``eval_seeds`` images from each duplicated caption and counts the *copies* (a generation whose
+   nearest training image is its own duplicated image, Gu et al.'s d1/d2 < 1/3): copies appear;
+3. **with the guard** (``<out>/guarded``), same seed and data: the danger-zone tracker sees the rise (the duplicated
+   digits come back as themselves from noise levels where held-out digits do not), turns its band on, the noise gap
+   trains that band less (``noise_gap.follow_danger_zone``), the default stop rule stops when the duplicated digits
+   come back as copies from pure noise too often (``guard.default_stop``) and the export rolls back to the last
+   check before that;
+4. prints both stories in plain words, the copies of each export side by side, and where to look (TensorBoard,
+   ``report/report.md``, ``copies.png``).
 
-Thresholds were read off trial runs of this demo (``BENCHMARKS.md``); they suit this testbed, not every data set.
+The levels are the guard's defaults (rates, not loss units); the testbed is small so that it runs in minutes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .callbacks.base import Callback
 from .config import RecipeConfig, load_config
 
-__all__ = ["DEMO_TESTBED", "DemoSettings", "demo_recipe", "run_demo"]
+__all__ = ["DEMO_TESTBED", "CopyCounter", "DemoSettings", "demo_recipe", "run_demo"]
 
 DEMO_TESTBED: dict[str, Any] = {
     "seed": 0,
@@ -44,64 +46,140 @@ DEMO_TESTBED: dict[str, Any] = {
 
 @dataclasses.dataclass
 class DemoSettings:
-    """The story's knobs (``--set demo.<key>=...`` is not offered; edit and call :func:`run_demo`)."""
+    """The story's knobs (edit and call :func:`run_demo`)."""
 
     max_train_steps: int = 600
-    monitor_every: int = 25  # optimizer steps between monitor checks
-    alarm_threshold: float | None = 0.1  # alarm when the probe-loss contrast (held-out - planted pairs, low band)
-    # exceeds this: on the benchmark the same gap read 0.07 at step 250 and 0.17 at 500, before copies (BENCHMARKS.md)
-    alarm_rise: float | None = None  # or (and: the larger level wins) when it exceeds this factor x its first reading
-    alarm_patience: int = 2  # consecutive checks beyond the level
-    copy_ratio: float = 1 / 3  # early stop when a probe generation's d1/d2 falls below this (Gu et al.)
-    stop_patience: int = 2  # or when d1/d2 has not improved on its best for this many generation checks (every
-    # 4th monitor check); see the recorded runs in BENCHMARKS.md
+    monitor_every: int = 50  # optimizer steps between monitor checks (the tracker measures at each)
+    eval_every: int = 100  # steps between the demo's copy counts (and checkpoints)
+    eval_seeds: int = 8  # generations per duplicated caption at each count
+    learning_rate: float = 1e-3
     base: str | None = "builtin:digits16"  # None: train from random initialisation
+    guarded_only: bool = False  # skip the run without the guard (tests)
 
 
-def demo_recipe(gt: Any, out: Path, settings: DemoSettings) -> RecipeConfig:
-    """The demo recipe on testbed ``gt``: the package defaults + the testbed + the guard's story settings."""
+class CopyCounter(Callback):
+    """Every ``every`` steps, generations from each duplicated caption and how many copy their own training image
+    (nearest training image = the caption's own, d1/d2 < 1/3). Measured with the run's RNG state restored."""
+
+    def __init__(self, captions: list[str], own: list[int], pool: torch.Tensor, every: int, seeds: int) -> None:
+        self.captions, self.own, self.pool, self.every, self.seeds = captions, own, pool, every, seeds
+        self.counts: list[dict[str, Any]] = []
+        self.last: dict[str, Any] | None = None
+        self.exported: dict[str, Any] | None = None
+
+    def count(self, context: Any, step: int) -> dict[str, Any]:
+        from .evaluation import nearest_neighbour_ratio
+        from .isolation import eval_mode, preserved_rng_state
+        from .sampling import generate
+
+        caps = [c for c in self.captions for _ in range(self.seeds)]
+        own = torch.tensor([o for o in self.own for _ in range(self.seeds)])
+        with preserved_rng_state(), eval_mode(context.unwrapped_unet), torch.no_grad():
+            cond = context.prompts(caps)
+            images = generate(context.unwrapped_unet, context.noise_scheduler, cond, num_inference_steps=25,
+                              generator=torch.Generator().manual_seed(1234), decode=context.decode)
+        nn = nearest_neighbour_ratio(images, self.pool, check_unique=False)
+        copies = (nn.ratio < 1 / 3) & (nn.indices[:, 0] == own)
+        entry = {"step": step, "copies": int(copies.sum()), "total": len(caps)}
+        self.last = {**entry, "images": images, "nearest": self.pool[nn.indices[:, 0]], "copy": copies}
+        return entry
+
+    def on_step_end(self, state, control, context=None, **kwargs) -> None:
+        if state.global_step % self.every == 0:
+            self.counts.append(self.count(context, state.global_step))
+
+    def on_train_end(self, state, control, context=None, **kwargs) -> None:
+        """The exported weights (the guard's end hooks run with them in the UNet)."""
+        exported = (getattr(context, "exported", None) or {})
+        self.exported = self.count(context, int(exported.get("step") or state.global_step))
+
+
+def demo_recipe(gt: Any, out: Path, settings: DemoSettings, guarded: bool) -> RecipeConfig:
+    """The demo recipe on testbed ``gt``: the package defaults + the testbed + the guard (watching only, or acting)."""
     s = settings
-    cfg = load_config(None, [
-        *gt.recipe_overrides(),
-        f"training.output_dir={out}",
-        f"training.max_train_steps={s.max_train_steps}",
-        "training.learning_rate=1e-3",
-        f"training.checkpointing_steps={4 * s.monitor_every}",
-        "training.checkpoints_total_limit=null",
-        "training.export=best",
-        "validation.every_n_steps=0",
-        *([f"model.tiny.base={s.base}"] if s.base else []),
+    watch = [
         "guard.enabled=true",
         f"guard.monitor.every_n_steps={s.monitor_every}",
         "guard.monitor.num_duplicate_probes=2",
         "guard.monitor.num_random_probes=2",
-        "guard.monitor.num_heldout_probes=4",
-        "guard.monitor.curvature_every_k_checks=4",
-        "guard.monitor.generation_guidance_scale=1.0",
-        "guard.early_stopping.enabled=true",
-        "guard.early_stopping.monitor=mem/nn_ratio/train",
-        "guard.early_stopping.mode=max",
-        f"guard.early_stopping.divergence_threshold={s.copy_ratio}",
-        f"guard.early_stopping.patience={s.stop_patience}",
+        "guard.monitor.num_heldout_probes=8",
+        "guard.monitor.curvature_every_k_checks=0",
+        "guard.danger_zone.enabled=true",
+        "guard.danger_zone.every_n_checks=1",
+        "guard.danger_zone.draws=8",
+    ]
+    act = ["guard.noise_gap.follow_danger_zone=true", "guard.default_stop=true", "training.export=best"]
+    cfg = load_config(None, [
+        *gt.recipe_overrides(),
+        f"training.output_dir={out}",
+        f"training.max_train_steps={s.max_train_steps}",
+        f"training.learning_rate={s.learning_rate}",
+        f"training.checkpointing_steps={s.eval_every}",
+        "training.checkpoints_total_limit=null",
+        "validation.every_n_steps=0",
+        *([f"model.tiny.base={s.base}"] if s.base else []),
+        *watch,
+        *(act if guarded else []),
     ])
-    planted = gt.captions("global")
-    cfg.guard.monitor.heldout_data = str(gt.held_out_dir)  # held-out images + captions: a generalization gap
-    cfg.validation.prompts = planted[:2] + gt.captions("unseen", "global")[:1]
-    from .config import default_policy
-
-    default = default_policy()  # the default rule and action, with the demo's alarm knobs
-    cfg.guard.policy = [dataclasses.replace(rule, threshold=s.alarm_threshold, rise_factor=s.alarm_rise,
-                                            patience=s.alarm_patience) for rule in default.rules]
-    cfg.guard.regularizers = dict(default.regularizers)  # off until the alarm
-    cfg.guard.noise_gap.enabled = default.needs_noise_gap
+    cfg.guard.monitor.heldout_data = str(gt.held_out_dir)  # held-out images + captions never trained on
+    cfg.validation.prompts = gt.captions("global")[:2]
     return cfg
+
+
+def _train(gt: Any, out: Path, settings: DemoSettings, guarded: bool, overrides: list[str] | None) -> dict[str, Any]:
+    from .trainer import Trainer
+
+    cfg = demo_recipe(gt, out, settings, guarded)
+    if overrides:
+        cfg = load_config(cfg, overrides)
+    train = gt.unique_training_images(value_range=(0.0, 1.0))
+    planted = gt.by_kind("global")
+    own = [train.files.index(r.distinct_files[0]) for r in planted]
+    counter = CopyCounter([r.caption for r in planted], own, train.images, settings.eval_every, settings.eval_seeds)
+    trainer = Trainer(cfg, callbacks=[counter])
+    start = time.perf_counter()
+    state = trainer.train()
+    seconds = time.perf_counter() - start
+    exported = counter.exported
+    tracker = trainer.guard.components.danger_zone
+    _copies_figure(counter.last, out / "copies.png")
+    return {"steps": state.global_step, "seconds": seconds, "counts": counter.counts, "exported": exported,
+            "stop_reason": state.stop_reason, "best_step": state.best_step, "final_dir": str(trainer.final_dir),
+            "tracker": [{k: h[k] for k in ("step", "excess", "copy_rate", "active", "band", "strength")}
+                        for h in tracker.history],
+            "prior": tracker.prior["band"] if tracker.prior else None, "export": cfg.training.export}
+
+
+def _copies_figure(last: dict[str, Any] | None, path: Path) -> None:
+    """Each generation of the last count beside its nearest training image, copies marked."""
+    if last is None:
+        return
+    from matplotlib.figure import Figure
+
+    n = last["images"].shape[0]
+    fig = Figure(figsize=(1.2 * n, 2.8), dpi=100, layout="constrained")
+    axes = fig.subplots(2, n, squeeze=False)
+    for i in range(n):
+        for row, img in enumerate((last["images"][i], last["nearest"][i])):
+            ax = axes[row][i]
+            ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0][i].set_title("COPY" if bool(last["copy"][i]) else "new", fontsize=8,
+                             color="tab:red" if bool(last["copy"][i]) else "black")
+    axes[0][0].set_ylabel("generation", fontsize=8)
+    axes[1][0].set_ylabel("nearest\ntraining image", fontsize=8)
+    fig.suptitle(f"Generations from the duplicated captions, step {last['step']}: {last['copies']} of {n} copies",
+                 fontsize=9)
+    fig.savefig(path)
 
 
 def run_demo(out_dir: str | os.PathLike = "outputs/demo", settings: DemoSettings | None = None,
              overrides: list[str] | None = None) -> dict[str, Any]:
-    """Build the testbed, train with the guard, print the story; returns a summary dict."""
+    """Build the testbed, train without and with the guard, print both stories; returns ``{"unguarded",
+    "guarded"}`` summaries (``unguarded`` is None with ``guarded_only``)."""
     from .testbed import build_testbed
-    from .trainer import Trainer
     from .trainer.base_model import BUILTIN_BASES
 
     s = settings or DemoSettings()
@@ -109,70 +187,68 @@ def run_demo(out_dir: str | os.PathLike = "outputs/demo", settings: DemoSettings
     if s.base in BUILTIN_BASES and not (BUILTIN_BASES[s.base] / "config.json").is_file():
         print(f"note: {s.base} is not installed (scripts/train_base.py makes it); training from random weights")
         s = dataclasses.replace(s, base=None)
-    if (out / "train").exists():  # the demo's own folder: a rerun replaces the previous story
-        import shutil
-
-        print(f"note: replacing the previous demo run in {out / 'train'}")
-        shutil.rmtree(out / "train")
+    for name in ("unguarded", "guarded", "train"):  # the demo's own folders: a rerun replaces the previous story
+        if (out / name).exists():
+            shutil.rmtree(out / name)
     gt = build_testbed(DEMO_TESTBED, out / "testbed", overwrite=True)
-    cfg = demo_recipe(gt, out / "train", s)
-    if overrides:
-        cfg = load_config(cfg, overrides)
-    trainer = Trainer(cfg)
-    start = time.perf_counter()
-    state = trainer.train()
-    seconds = time.perf_counter() - start
-    story = _story(trainer, state, gt)
-    story["seconds"] = seconds
-    if trainer.accelerator.is_main_process:
-        _print_story(story, cfg, out)
+    story: dict[str, Any] = {"unguarded": None}
+    if not s.guarded_only:
+        print("mnemoguard demo 1/2: fine-tuning WITHOUT the guard acting (it only watches) ...", flush=True)
+        story["unguarded"] = _train(gt, out / "unguarded", s, False, overrides)
+    print("mnemoguard demo 2/2: the same fine-tune WITH the guard ...", flush=True)
+    story["guarded"] = _train(gt, out / "guarded", s, True, overrides)
+    _print_story(story, gt, out)
     return story
 
 
-def _story(trainer: Any, state: Any, gt: Any) -> dict[str, Any]:
-    """What happened, from the state and the guard's callbacks."""
-    policy = trainer.guard.policy
-    ratios = [(h["step"], h["mem/nn_ratio/train"]) for h in state.log_history if "mem/nn_ratio/train" in h]
-    contrast = [(h["step"], h["mem/probe_loss/band=low/contrast"]) for h in state.log_history
-                if "mem/probe_loss/band=low/contrast" in h]
-    return {
-        "steps": state.global_step,
-        "stop_reason": state.stop_reason,
-        "best_step": state.best_step,
-        "best_checkpoint": state.best_checkpoint,
-        "alarms": [dict(a) for a in policy.alarms] if policy else [],
-        "nn_ratio": ratios,
-        "contrast": contrast,
-        "planted_captions": gt.captions("global"),
-        "final_dir": str(trainer.final_dir),
-    }
+def _counts(run: dict[str, Any]) -> str:
+    return ", ".join(f"{c['copies']}/{c['total']} at step {c['step']}" for c in run["counts"])
 
 
-def _print_story(story: dict[str, Any], cfg: RecipeConfig, out: Path) -> None:
-    print(f"\nmnemoguard demo: {story['steps']} steps in {story['seconds']:.0f} s on the planted testbed "
-          f"({len(story['planted_captions'])} digits duplicated 120x with their own captions).")
-    if story["contrast"]:
-        first, last = story["contrast"][0], story["contrast"][-1]
-        print(f"  memorization signal  mem/probe_loss/band=low/contrast: {first[1]:+.3f} at step {first[0]} -> "
-              f"{last[1]:+.3f} at step {last[0]}")
-    for a in story["alarms"]:
-        print(f"  alarm at step {a.get('step')}: {a.get('message') or a}")
-    if not story["alarms"]:
-        print("  no alarm was raised")
-    if story["nn_ratio"]:
-        print("  probe generations, d1/d2 to the nearest training image (< 1/3 = a copy): "
-              + ", ".join(f"{r:.2f}@{s}" for s, r in story["nn_ratio"]))
-    if story["stop_reason"]:
-        print(f"  stop: {story['stop_reason']}")
+def _print_story(story: dict[str, Any], gt: Any, out: Path) -> None:
+    n = len(gt.by_kind("global"))
+    print(f"\nThe testbed: {n} digits each copied 120 times with their own caption among 160 ordinary digits. A "
+          "*copy* is a generation from a duplicated caption whose nearest training image is that caption's own "
+          "image, much nearer than any other (Gu et al.'s d1/d2 < 1/3).")
+    un = story["unguarded"]
+    if un is not None:
+        print(f"\nWithout the guard ({un['steps']} steps, {un['seconds']:.0f} s):")
+        print(f"  copies among the generations of the duplicated captions: {_counts(un)}")
+        first = next((c["step"] for c in un["counts"] if c["copies"]), None)
+        print(f"  -> copies appear from step {first}" if first else "  -> no copies in this run")
+        print(f"  each generation beside its nearest training image: {out / 'unguarded' / 'copies.png'}")
+    g = story["guarded"]
+    print(f"\nWith the guard ({g['steps']} steps, {g['seconds']:.0f} s):")
+    prior = g["prior"]
+    if prior is not None and not prior["empty"]:
+        print(f"  the data (before training): noise levels σ {prior['sigma_lo']:.2g}–{prior['sigma_hi']:.2g} "
+              f"(timesteps {prior['t_lo']}–{prior['t_hi']}) are where this data set can be memorized")
+    print("  the rise: how much more often the duplicated digits come back as themselves than held-out digits, "
+          "after being noised and denoised (the excess), and how often they come back from pure noise (the copy "
+          "rate):")
+    print("    " + "; ".join(f"step {h['step']}: excess {h['excess']:.2f}, copy rate {h['copy_rate']:.2f}"
+                             for h in g["tracker"]))
+    on = next((h for h in g["tracker"] if h["active"]), None)
+    if on is not None and on["band"]:
+        b = on["band"]
+        print(f"  the alarm: at step {on['step']} the danger zone turned on: timesteps [{b['t_begin']}, {b['t_end']})"
+              f" (σ {b['sigma_lo']:.2g}–{b['sigma_hi']:.2g})")
+        strengths = [h["strength"] for h in g["tracker"] if h["active"]]
+        print(f"  the mitigation: the noise gap follows the band while it is on, training those timesteps at "
+              f"{1 - max(strengths):.0%}–{1 - min(strengths):.0%} of their weight (1 − the excess, at least "
+              "20 %)" if max(strengths) > 0 else "  the mitigation: none yet (the excess was 0)")
     else:
-        closest = min((r for _, r in story["nn_ratio"]), default=float("nan"))
-        print(f"  stop: none — no probe generation became a copy (closest d1/d2 {closest:.2f} > "
-              f"{cfg.guard.early_stopping.divergence_threshold:.2f}) and d1/d2 never stalled for "
-              f"{cfg.guard.early_stopping.patience} checks; ran to the last step")
-    best = story["best_step"]
-    print(f"  exported ({cfg.training.export}): {story['final_dir']}"
-          + (f" (step {best}: the checkpoint whose probe generations were farthest from any training image)"
-             if best is not None else ""))
-    logs = out / "train" / cfg.logging.logging_dir
-    print(f"  report:      {out / 'train' / 'report' / 'report.md'}")
-    print(f"  TensorBoard: tensorboard --logdir {logs} --host 127.0.0.1   (opens on guard/: the verdict)")
+        print("  the alarm: the danger zone never turned on")
+    if g["stop_reason"]:
+        print(f"  the stop: {g['stop_reason']}")
+    else:
+        print("  the stop: none (the copy rate stayed at or below 5 %)")
+    best = g["best_step"]
+    print(f"  the rollback: exported ({g['export']}) the weights of step {best}: {g['final_dir']}")
+    print(f"  copies among the generations of the duplicated captions: {_counts(g)}")
+    if un is not None:
+        ue, ge = un["exported"], g["exported"]
+        print(f"\nExported weights: without the guard {ue['copies']}/{ue['total']} generations are copies (step "
+              f"{ue['step']}); with the guard {ge['copies']}/{ge['total']} (step {ge['step']}).")
+    print(f"\n  report:      {out / 'guarded' / 'report' / 'report.md'} (and {out / 'unguarded' / 'report'})")
+    print(f"  TensorBoard: tensorboard --logdir {out} --host 127.0.0.1   (opens on guard/: the verdict)")

@@ -1,19 +1,24 @@
-"""``mnemoguard demo``: the story runs end to end — monitor checks, an alarm that turns the mitigation on, a stop."""
+"""``mnemoguard demo``: both runs end to end — the watching run counts copies, the guarded run measures the danger
+zone, follows it with the noise gap, and stops on the copy rate with a rollback; the story is printed."""
 
 from mnemoguard.demo import DemoSettings, run_demo
 
 
-def test_demo_story_alarms_mitigates_and_stops(tmp_path, capsys):
-    # Thresholds forced so that every event happens within a few steps: the contrast is always above -10, and any
-    # generation's d1/d2 is below 10.
-    settings = DemoSettings(max_train_steps=12, monitor_every=2, alarm_rise=None, alarm_threshold=-10.0,
-                            alarm_patience=2,
-                            copy_ratio=10.0, base=None)
-    story = run_demo(tmp_path / "demo", settings, overrides=["model.tiny.text_encoder=clip",
-                                                              "training.train_batch_size=8"])
-    assert [a["step"] for a in story["alarms"]] == [4] and story["alarms"][0]["action"] == "iet_agc"
-    assert story["steps"] == 8 and "mem/nn_ratio/train" in story["stop_reason"]  # first generation check: step 8
-    assert [s for s, _ in story["contrast"]] == [2, 4, 6, 8]
-    assert (tmp_path / "demo" / "train" / "report" / "report.md").is_file()
+def test_demo_runs_without_and_with_the_guard_and_tells_both_stories(tmp_path, capsys):
+    settings = DemoSettings(max_train_steps=4, monitor_every=2, eval_every=2, eval_seeds=1, base=None)
+    story = run_demo(tmp_path / "demo", settings, overrides=[
+        "model.tiny.text_encoder=clip", "training.train_batch_size=8", "guard.danger_zone.num_inference_steps=3",
+        "guard.danger_zone.draws=1", "guard.danger_zone.prior_rows=32",
+        # forced so that every event happens within a few steps: any excess turns the band on, any copy stops
+        "guard.danger_zone.on_level=0.0", "guard.danger_zone.release_level=0.0"])
+    un, g = story["unguarded"], story["guarded"]
+    assert [c["step"] for c in un["counts"]] == [2, 4] and un["counts"][0]["total"] == 2
+    assert un["stop_reason"] is None and un["export"] == "last" and un["exported"]["step"] == 4
+    assert [h["step"] for h in g["tracker"]] == [2, 4] and g["tracker"][0]["active"]
+    assert g["export"] == "best" and g["best_step"] in (2, 4)
+    for run in ("unguarded", "guarded"):
+        assert (tmp_path / "demo" / run / "report" / "report.md").is_file()
+        assert (tmp_path / "demo" / run / "copies.png").is_file()
     out = capsys.readouterr().out
-    assert "alarm at step 4" in out and "stop:" in out and "report:" in out
+    assert "Without the guard" in out and "With the guard" in out and "the alarm: at step 2" in out
+    assert "Exported weights: without the guard" in out and "the rollback" in out

@@ -68,12 +68,15 @@ class TensorBoardDashboard(Callback):
             metric and best value to show.
         copy_ratio: the nearest-neighbour ratio below which a generation counts as a copy (the report's
             ``nn_ratio_threshold``), printed on the probe panels.
-        danger_zone: the :class:`~mnemoguard.callbacks.danger_zone.DangerZoneTracker` whose figure to show, or None.
+        danger_zone: the :class:`~mnemoguard.callbacks.danger_zone.DangerZoneTracker` (its band is an alarm, its
+            excess a watched signal, its figure shown), or None.
+        noise_gap: the :class:`~mnemoguard.callbacks.noise_gap.NoiseGapScheduler` (its strength is an action when
+            it follows the danger zone), or None.
     """
 
     def __init__(self, config: DashboardConfig | None = None, monitor: Any = None, policy: Any = None,
                  loss_flags: Any = None, early_stopping: list[Any] | None = None, copy_ratio: float = 1.0 / 3.0,
-                 danger_zone: Any = None, **overrides: Any) -> None:
+                 danger_zone: Any = None, noise_gap: Any = None, **overrides: Any) -> None:
         self.config = replace(config or DashboardConfig(), **overrides)
         self.monitor = monitor
         self.policy = policy
@@ -81,6 +84,7 @@ class TensorBoardDashboard(Callback):
         self.early_stopping = list(early_stopping or [])
         self.copy_ratio = float(copy_ratio)
         self.danger_zone = danger_zone
+        self.noise_gap = noise_gap
         self._zone_written = 0  # tracker measurements shown (the prior with the first)
         self.alarms_written = 0
         self._context: Any = None
@@ -114,7 +118,7 @@ class TensorBoardDashboard(Callback):
 
     def watched(self) -> list[tuple[str, str]]:
         """``[(signal, who)]``: what the policy's rules and early stopping watch."""
-        return watched_signals(self.policy, self.early_stopping)
+        return watched_signals(self.policy, self.early_stopping, self.danger_zone)
 
     def on_train_begin(self, state: TrainerState, control: TrainerControl, context: Any = None,
                        **kwargs: Any) -> None:
@@ -145,8 +149,8 @@ class TensorBoardDashboard(Callback):
         verdict: dict[str, list] = {}
         for signal, who in self.watched():
             verdict[f"{signal} ({who}) with its levels"] = ["Multiline", [_exact(verdict_tag(signal))]]
-        if self.policy is not None:
-            verdict["alarm (1 while a rule is on)"] = ["Multiline", [_exact("guard/alarm")]]
+        if self.policy is not None or self.danger_zone is not None:
+            verdict["alarm (1 while a rule or the danger zone is on)"] = ["Multiline", [_exact("guard/alarm")]]
             verdict["actions (strength applied)"] = ["Multiline", [r"^guard/action/.*$"]]
         verdict["stop (1 from the stop step)"] = ["Multiline", [_exact("guard/stop")]]
         layout: dict[str, dict[str, list]] = {"guard: verdict": verdict}
@@ -221,20 +225,33 @@ class TensorBoardDashboard(Callback):
 
     def _write_verdict(self, writer: Any, state: TrainerState, control: TrainerControl, step: int) -> None:
         """The ``guard/`` group: watched signals with their levels when fresh; switches at every step."""
-        levels = signal_levels(self.policy, self.early_stopping)
+        levels = signal_levels(self.policy, self.early_stopping, self.danger_zone)
         for signal, _ in self.watched():
             if state.is_fresh(signal):
                 tag = verdict_tag(signal)
                 writer.add_scalar(tag, float(state.metrics[signal]), step)
                 for run, value in levels.get(signal, []):
                     self._run(writer, run).add_scalar(tag, float(value), step)
-        if self.policy is not None:
-            writer.add_scalar("guard/alarm", float(any(rs.on for rs in self.policy.rule_states.values())), step)
-            for name in sorted({r.action for r in self.policy.rules}):
-                writer.add_scalar(f"guard/action/{name}",
-                                  float(self.policy.applied.get(name, {}).get("strength", 0.0)), step)
+        for name, value in self._switches().items():
+            writer.add_scalar(name, value, step)
         self._stopped = self._stopped or bool(control.should_training_stop)
         writer.add_scalar("guard/stop", float(self._stopped), step)
+
+    def _switches(self) -> dict[str, float]:
+        """``guard/alarm`` (1 while a policy rule or the danger-zone band is on) and ``guard/action/<name>`` (the
+        strength each action applies: the policy's, and the noise gap's while it follows the danger zone)."""
+        policy, tracker = self.policy, self.danger_zone
+        if policy is None and tracker is None:
+            return {}
+        alarm = any(rs.on for rs in policy.rule_states.values()) if policy is not None else False
+        out = {"guard/alarm": float(alarm or bool(tracker is not None and tracker.active))}
+        if policy is not None:
+            for name in sorted({r.action for r in policy.rules}):
+                out[f"guard/action/{name}"] = float(policy.applied.get(name, {}).get("strength", 0.0))
+        gap = self.noise_gap
+        if gap is not None and getattr(gap, "zone", None) is not None:
+            out["guard/action/noise_gap"] = float(gap.strength if gap.active else 0.0)
+        return out
 
     def _write_bounds(self, writer: Any, metrics: dict[str, float], step: int) -> None:
         for tag, value in metrics.items():
@@ -319,7 +336,7 @@ class TensorBoardDashboard(Callback):
             hp.update({"monitor/baseline": str(c.baseline), "monitor/every_n_steps": int(c.every_n_steps),
                        "monitor/bands": str({k: list(v) for k, v in mon.bands.items()})})
         metrics = {verdict_tag(signal): 0.0 for signal, _ in self.watched()}
-        if self.policy is not None:
+        if self.policy is not None or self.danger_zone is not None:
             metrics["guard/alarm"] = 0.0
         metrics["guard/stop"] = 0.0
         if mon is not None and mon.config.curvature_every_k_checks and mon.config.curvature_num_probes:

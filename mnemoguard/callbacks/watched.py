@@ -6,12 +6,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["signal_levels", "watched_signals"]
+__all__ = ["DANGER_ZONE_SIGNAL", "signal_levels", "watched_signals"]
 
 
-def watched_signals(policy: Any, stoppers: list[Any]) -> list[tuple[str, str]]:
-    """``[(signal, who)]``: the signals the policy's rules and early stopping watch, in that order, no repeats."""
+DANGER_ZONE_SIGNAL = "mem/danger_zone/excess"
+
+
+def watched_signals(policy: Any, stoppers: list[Any], tracker: Any = None) -> list[tuple[str, str]]:
+    """``[(signal, who)]``: the signals the policy's rules, the danger-zone tracker's band and early stopping watch,
+    in that order, no repeats."""
     out: dict[str, str] = {}
+    if tracker is not None:
+        out[DANGER_ZONE_SIGNAL] = "the danger-zone band"
     for rule in getattr(policy, "rules", []):
         out.setdefault(rule.signal, f"rule {rule.name}")
     for es in stoppers:
@@ -19,11 +25,15 @@ def watched_signals(policy: Any, stoppers: list[Any]) -> list[tuple[str, str]]:
     return list(out.items())
 
 
-def signal_levels(policy: Any, stoppers: list[Any]) -> dict[str, list[tuple[str, float]]]:
+def signal_levels(policy: Any, stoppers: list[Any], tracker: Any = None) -> dict[str, list[tuple[str, float]]]:
     """``{signal: [(name, value)]}`` at this moment: each rule's on-level (``threshold``) and ``release`` level (a rule
-    with only a rise factor has them once it measured its first value), early stopping's ``best`` value so far, its
-    ``stopping_threshold`` (``threshold``) and ``divergence_threshold`` (``divergence``)."""
+    with only a rise factor has them once it measured its first value), the tracker's ``on_level`` and
+    ``release_level``, early stopping's ``best`` value so far, its ``stopping_threshold`` (``threshold``) and
+    ``divergence_threshold`` (``divergence``)."""
     levels: dict[str, list[tuple[str, float]]] = {}
+    if tracker is not None:
+        levels[DANGER_ZONE_SIGNAL] = [("threshold", float(tracker.config.on_level)),
+                                      ("release", float(tracker.config.release_level))]
     for rule in getattr(policy, "rules", []):
         first = policy.rule_states[rule.name].first
         if rule.threshold is not None or first is not None:

@@ -25,9 +25,10 @@ class DangerZoneConfig:
     """The danger-zone tracker (``guard.danger_zone``); it reads the monitor's probes (``guard.monitor``)."""
 
     enabled: bool = False  # the tracker: a data prior at train start, live return rates every few checks
-    every_n_checks: int = 1  # a live measurement at every k-th monitor check
-    num_inference_steps: int = 10  # DDIM steps; the probes start from each of their timesteps (the σ grid)
-    draws: int = 4  # fixed noise draws per probe and σ
+    every_n_checks: int = 5  # a live measurement at every k-th monitor check (monitor default: every 500 steps)
+    num_inference_steps: int = 6  # DDIM steps; the probes start from each of their timesteps (the σ grid); a
+    # measurement costs probes x draws x steps x (steps + 1) / 2 UNet rows
+    draws: int = 2  # fixed noise draws per probe and σ
     guidance_scale: float = 1.0  # guidance of the denoising (1: the conditional model, where copies show best)
     copy_ratio: float = 1.0 / 3.0  # Gu et al.: d1/d2 below this = the same image
     on_level: float = 0.5  # the band turns on when the at-risk probes return this much more often than held-out
@@ -36,7 +37,8 @@ class DangerZoneConfig:
     # band's edges are where the excess falls below it
     release_patience: int = 2  # measurements below release_level before the band turns off
     max_strength: float = 0.8  # the noise gap's strength follows the largest excess, at most this (1 excludes)
-    curvature_probes: int = 2  # Hutchinson probes of the per-σ curvature difference (Kim & Lee); 0: off
+    curvature_probes: int = 0  # Hutchinson probes of the per-σ curvature difference (Kim & Lee) beside the rates;
+    # 0: off (each probe costs 2 input-gradient passes per at-risk probe and σ)
     prior: bool = True  # Dodson et al.'s W_σ and C_σ of the training latents at train start
     prior_rows: int = 2000  # training rows in the prior (a uniform subsample; copies kept as a multiplicity)
     prior_probes: int = 256  # Monte Carlo points of the curves

@@ -121,7 +121,7 @@ def build_components(cfg: GuardConfig, callbacks: Sequence[Callback] = (), heldo
         out.dashboard = TensorBoardDashboard(
             cfg.dashboard, monitor=out.monitor, policy=out.policy, loss_flags=out.loss_flags,
             early_stopping=[out.early_stopping] if out.early_stopping is not None else [],
-            copy_ratio=cfg.report.nn_ratio_threshold, danger_zone=out.danger_zone)
+            copy_ratio=cfg.report.nn_ratio_threshold, danger_zone=out.danger_zone, noise_gap=out.noise_gap)
     if cfg.report.enabled:
         extras = [cb for cb in out.user if callable(getattr(cb, "report_summary", None))]
         stoppers = [out.early_stopping] if out.early_stopping is not None else []

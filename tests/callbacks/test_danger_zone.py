@@ -122,6 +122,7 @@ def test_the_tracker_in_a_guarded_run_writes_its_scalars_and_its_state_is_json(t
     cfg = tiny_recipe(tmp_path, "training.max_train_steps=4", *guard_overrides(policy=False),
                       "guard.danger_zone.enabled=true", "guard.danger_zone.num_inference_steps=4",
                       "guard.danger_zone.draws=2", "guard.danger_zone.prior_rows=64",
+                      "guard.danger_zone.every_n_checks=1", "guard.danger_zone.curvature_probes=2",
                       "guard.noise_gap.follow_danger_zone=true")
     trainer = Trainer(cfg)
     state = trainer.train()
@@ -189,11 +190,20 @@ def test_the_dashboard_and_the_report_show_the_danger_zone(tmp_path):
     cfg = tiny_recipe(tmp_path, "training.max_train_steps=4", *guard_overrides(policy=False),
                       "guard.danger_zone.enabled=true", "guard.danger_zone.num_inference_steps=3",
                       "guard.danger_zone.draws=1", "guard.danger_zone.prior_rows=32",
-                      "guard.danger_zone.curvature_probes=0")
+                      "guard.danger_zone.every_n_checks=1", "guard.noise_gap.follow_danger_zone=true")
     Trainer(cfg).train()
-    acc = EventAccumulator(str(tmp_path / "logs" / "mnemoguard"), size_guidance={"images": 0})
+    logs = tmp_path / "logs" / "mnemoguard"
+    acc = EventAccumulator(str(logs), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Images("mem/danger_zone/profile")] == [1, 2, 4]  # the prior first, then each check
+    # The verdict group: the excess the band watches, with its on / release levels as lines; the band as the alarm,
+    # the noise gap's strength as the action, at every step.
+    assert [e.step for e in acc.Scalars("guard/danger_zone/excess")] == [2, 4]
+    threshold = EventAccumulator(str(logs / "threshold"), size_guidance={"scalars": 0})
+    threshold.Reload()
+    assert {e.value for e in threshold.Scalars("guard/danger_zone/excess")} == {0.5}
+    for tag in ("guard/alarm", "guard/action/noise_gap", "guard/stop"):
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3, 4]
     report = tmp_path / "report"
     text = (report / "report.md").read_text()
     assert "## Danger zone" in text and "![danger zone](danger_zone.png)" in text

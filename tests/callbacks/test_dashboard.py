@@ -78,7 +78,7 @@ def test_bands_are_runs_of_their_own_and_nothing_crowds_the_scalar_views():
     verdict = {c.title: list(c.multiline.tag) for c in layout.category[0].chart}
     assert verdict[f"{SIGNAL} (rule gaussian_embedding_noise<-{SIGNAL}) with its levels"] == \
         ["^guard/live_vs_ema/band=mid/train$"]
-    assert list(verdict)[1:] == ["alarm (1 while a rule is on)", "actions (strength applied)",
+    assert list(verdict)[1:] == ["alarm (1 while a rule or the danger zone is on)", "actions (strength applied)",
                                  "stop (1 from the stop step)"]
     assert any("wen_gap / contrast" in c.title and "expected negative" in c.title
                for cat in layout.category for c in cat.chart)

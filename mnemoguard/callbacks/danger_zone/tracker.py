@@ -17,9 +17,9 @@
 
 Scalars (``mem/danger_zone/*``, the metrics contract): ``excess``, ``copy_rate``, ``heldout_copy_rate``, ``active``,
 ``strength`` at every measurement; ``t_begin``, ``t_end``, ``sigma_lo``, ``sigma_hi`` while a band is on;
-``prior_sigma_lo`` / ``prior_sigma_hi`` once. Every level is a difference or a share of probes: nothing depends on
-one model's loss units. Every rank makes the same UNet calls (ZeRO-3 needs that); rank 0's flags are broadcast so
-every rank decides the same.
+``prior_sigma_lo`` / ``prior_sigma_hi`` once, with the first measurement. Every level is a difference or a share
+of probes: nothing depends on one model's loss units. Every rank makes the same UNet calls (ZeRO-3 needs that);
+rank 0's flags are broadcast so every rank decides the same.
 """
 
 from __future__ import annotations
@@ -132,17 +132,17 @@ class DangerZoneTracker(Callback):
     def on_step_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
                     logs: dict | None = None, **kwargs: Any) -> None:
         values: dict[str, float] = {}
-        if not self._prior_logged and self.prior is not None:
-            self._prior_logged = True
-            band = self.prior["band"]
-            if not band["empty"]:
-                values.update({"mem/danger_zone/prior_sigma_lo": band["sigma_lo"],
-                               "mem/danger_zone/prior_sigma_hi": band["sigma_hi"]})
         if self._inputs is not None and self.monitor.last_check_step == state.global_step and (
                 not self.history or self.history[-1]["step"] != state.global_step):
             self.checks_seen += 1
             if self.checks_seen % self.config.every_n_checks == 0:
                 values.update(self.measure(state.global_step))
+        if values and not self._prior_logged and self.prior is not None:  # with the first measurement (a scalar of
+            self._prior_logged = True  # this producer alone would tell early stopping its metric is missing)
+            band = self.prior["band"]
+            if not band["empty"]:
+                values.update({"mem/danger_zone/prior_sigma_lo": band["sigma_lo"],
+                               "mem/danger_zone/prior_sigma_hi": band["sigma_hi"]})
         if values:
             state.update_metrics(values)
             if logs is not None:

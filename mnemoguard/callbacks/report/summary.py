@@ -36,7 +36,8 @@ def build_summary(state: TrainerState, verdicts: list[dict[str, Any]], monitor: 
     actions = {k: dict(v) for k, v in policy.applied.items()} if policy is not None else {}
     stopping = [{"monitor": es.monitor, "stopped_step": es.stopped_step, "best_step": es.best_step,
                  "best_score": es.best_score, "stop_reason": es.stop_reason} for es in stoppers]
-    watched, levels = watched_signals(policy, list(stoppers)), signal_levels(policy, list(stoppers))
+    watched = watched_signals(policy, list(stoppers), danger_zone)
+    levels = signal_levels(policy, list(stoppers), danger_zone)
     callbacks = {}
     for cb in extras:
         try:
