@@ -63,11 +63,14 @@ def generate(
     return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
 
-def ddim_scheduler(noise_scheduler, num_inference_steps: int):
-    """The DDIM scheduler every sampler here uses (eta 0, no clipping), with its timesteps set."""
+def ddim_scheduler(noise_scheduler, num_inference_steps: int, timestep_spacing: str | None = None):
+    """The DDIM scheduler every sampler here uses (eta 0, no clipping), with its timesteps set; ``timestep_spacing``
+    overrides the training scheduler's (diffusers' ``leading`` / ``trailing`` / ``linspace``)."""
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    spacing = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
+    scheduler = DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False, set_alpha_to_one=False,
+                                          **spacing)
     scheduler.set_timesteps(num_inference_steps)
     return scheduler
 
@@ -85,6 +88,7 @@ def denoise_from(
     num_inference_steps: int = 10,
     decode=None,
     batch_size: int = 64,
+    timestep_spacing: str | None = None,
 ) -> torch.Tensor:
     """Noise clean samples to DDIM step ``s`` and denoise them back, for every ``s`` of ``start_indices``: the
     per-noise-level probe of Dodson et al.'s picture (does a training image come back as itself from σ?).
@@ -97,7 +101,7 @@ def denoise_from(
     Returns:
         images in [0, 1], ``[len(start_indices), B, C', H', W']`` (after ``decode``, on the CPU).
     """
-    scheduler = ddim_scheduler(noise_scheduler, num_inference_steps)
+    scheduler = ddim_scheduler(noise_scheduler, num_inference_steps, timestep_spacing)
     timesteps = scheduler.timesteps
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype

@@ -204,8 +204,12 @@ class EarlyStopping(Callback):
             if self.divergence_count >= self.divergence_patience:
                 op = ">" if self.mode == "min" else "<"
                 checks = f" for {self.divergence_count} checks" if self.divergence_patience > 1 else ""
-                target = (f"rolling back to step {self.best_step}" if self.rollback == "last_good"
-                          else f"best value was {best}")
+                if self.rollback != "last_good":
+                    target = f"best value was {best}"
+                elif self.best_step is not None:
+                    target = f"rolling back to step {self.best_step}, the last check before"
+                else:
+                    target = "no earlier check to roll back to"
                 reason = (f"Divergence threshold reached at step {step}: {name} = {value:.6g} {op} "
                           f"{self.divergence_threshold}{checks}; {target}.")
         elif self._improves(value) or self.rollback == "last_good":

@@ -84,7 +84,9 @@ def test_band_logic_and_its_timestep_mapping():
     assert band_from_excess([float("nan")] * 3, 0.5) is None
     ts = [1, 101, 201, 301]
     assert band_timesteps(ts, 1, 2, 1000) == (51, 251)
-    assert band_timesteps(ts, 0, 3, 1000) == (0, 1000)
+    assert band_timesteps(ts, 0, 3, 1000) == (0, 351)  # half a grid spacing beyond the grid's ends
+    trailing = [166, 332, 499, 666, 832, 999]  # the tracker's grid: it starts at the top of the schedule
+    assert band_timesteps(trailing, 0, 5, 1000) == (83, 1000)
 
 
 @pytest.mark.parametrize("top,active,below", [(0.6, True, 0), (0.3, True, 0), (0.1, True, 1)])

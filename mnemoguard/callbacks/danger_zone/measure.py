@@ -109,7 +109,11 @@ def band_from_excess(excess: list[float], level: float) -> tuple[int, int] | Non
 
 def band_timesteps(timesteps: list[int], lo: int, hi: int, num_train_timesteps: int) -> tuple[int, int]:
     """The ``[t_begin, t_end)`` timestep band covered by grid points ``lo..hi`` (ascending t): from half-way to the
-    grid point below ``lo`` to half-way to the one above ``hi`` (the schedule's ends at the grid's ends)."""
-    begin = 0 if lo == 0 else (timesteps[lo - 1] + timesteps[lo] + 1) // 2
-    end = num_train_timesteps if hi == len(timesteps) - 1 else (timesteps[hi] + timesteps[hi + 1] + 1) // 2
+    grid point below ``lo`` to half-way to the one above ``hi`` (at the grid's ends, half a grid spacing beyond,
+    within ``[0, num_train_timesteps)``)."""
+    ts = list(timesteps)
+    below = ts[lo - 1] if lo > 0 else ts[0] - ((ts[1] - ts[0]) if len(ts) > 1 else ts[0])
+    above = ts[hi + 1] if hi + 1 < len(ts) else ts[-1] + ((ts[-1] - ts[-2]) if len(ts) > 1 else num_train_timesteps)
+    begin = max(0, (below + ts[lo] + 1) // 2)
+    end = min(num_train_timesteps, (ts[hi] + above + 1) // 2)
     return int(begin), int(max(end, begin + 1))

@@ -3,7 +3,8 @@
 * **Data prior** (``on_train_begin``, once; kept in the state): Dodson et al.'s ``W_σ`` and ``C_σ`` of a subsample of
   the training latents and the band they imply (:mod:`.prior`).
 * **Live measurement** at every ``every_n_checks``-th check of the monitor: the monitor's probes (at-risk and random
-  training probes, held-out images) are noised to every timestep of a few-step DDIM schedule with fixed noise,
+  training probes, held-out images) are noised to every timestep of a few-step DDIM schedule (``trailing`` spacing:
+  the first start is the last timestep, pure noise) with fixed noise,
   denoised by the live model and compared with a reference set of training (and held-out) images (:mod:`.measure`):
   per σ, the return rate of each kind of probe; the *excess* ``r_at_risk(σ) − r_heldout(σ)``; the *copy rate* (the
   at-risk probes' return rate from the top of the schedule, where a return is a generation copying its training
@@ -44,6 +45,7 @@ logger = logging.getLogger("mnemoguard")
 __all__ = ["DangerZoneTracker"]
 
 AT_RISK = ("image_duplicate", "duplicate")
+SPACING = "trailing"  # the grid starts at the top of the schedule: a return from there is a generation's copy
 
 
 class DangerZoneTracker(Callback):
@@ -156,14 +158,15 @@ class DangerZoneTracker(Callback):
         start = time.perf_counter()
         c, context, inp = self.config, self._context, self._inputs
         sched = context.noise_scheduler
-        ddim = ddim_scheduler(sched, c.num_inference_steps)
+        ddim = ddim_scheduler(sched, c.num_inference_steps, SPACING)
         timesteps = [int(t) for t in ddim.timesteps]
         table = sigmas_from_alphas_cumprod(sched.alphas_cumprod)
         sigmas = [float(table[t]) for t in timesteps]
         with preserved_rng_state(), eval_mode(context.unwrapped_unet):
             images = denoise_from(context.unwrapped_unet, sched, inp["x0"], inp["noise"], list(range(len(timesteps))),
                                   inp["cond"], inp["uncond"], c.guidance_scale, c.num_inference_steps,
-                                  decode=context.decode, batch_size=self.monitor.config.batch_size * 4)
+                                  decode=context.decode, batch_size=self.monitor.config.batch_size * 4,
+                                  timestep_spacing=SPACING)
             returns, lands = return_flags(images, inp["reference"], inp["own"], inp["is_training"], c.copy_ratio)
             returns, lands = self._from_rank_zero(returns, lands)
             curvature = _ascending(self._curvature(timesteps), timesteps) if c.curvature_probes else None
