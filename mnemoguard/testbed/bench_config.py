@@ -84,6 +84,8 @@ class BenchTrainConfig:
     lora: bool = False  # fine-tune a peft LoRA (model.lora.*, e.g. rank, via recipe_overrides) instead of the UNet
     monitor_every: int = 100  # run the guard's MemorizationMonitor every K steps alongside (0 = off); its curves
     # (planted vs unseen probes, per band) go into bench.json beside the ground truth, for detection lead
+    monitor_random_probes: int = 0  # random (not duplicated) training probes besides them (the danger-zone tracker
+    # compares the planted probes' return rate with theirs)
     monitor_probes: int = 8  # planted (duplicated) pairs and held-out probes the monitor takes, each
     monitor_heldout: str = "images"  # images: held-out image + caption pairs (a generalization gap); captions:
     # unseen captions on the planted images' inputs (confounded by class here: BENCHMARKS.md, 3-seed run)

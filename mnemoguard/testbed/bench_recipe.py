@@ -57,7 +57,7 @@ def monitor_overrides(t: Any) -> list[str]:
         "guard.enabled=true",
         f"guard.monitor.every_n_steps={t.monitor_every}",
         f"guard.monitor.num_duplicate_probes={t.monitor_probes}",
-        "guard.monitor.num_random_probes=0",
+        f"guard.monitor.num_random_probes={t.monitor_random_probes}",
         f"guard.monitor.num_heldout_probes={t.monitor_probes}",
         "guard.monitor.curvature_every_k_checks=0",
         "guard.dashboard.enabled=false",
