@@ -104,13 +104,15 @@ def mitigation_markdown(runs: list[dict[str, Any]]) -> str:
 
 
 def early_stop_step(history: list[dict[str, Any]], monitor: str, threshold: float, mode: str = "min",
-                    patience: int = 1000, start_from_step: int = 0) -> int | None:
-    """The step at which :class:`EarlyStopping` with ``divergence_threshold=threshold`` stops on a logged curve."""
+                    patience: int | None = None, start_from_step: int = 0, rollback: str = "best"
+                    ) -> tuple[int | None, int | None]:
+    """``(stop step, rollback step)`` of :class:`EarlyStopping` with ``divergence_threshold=threshold`` replayed on a
+    logged curve (``rollback="last_good"``: the default stop rule's rollback to the last check before the stop)."""
     from ..callbacks import TrainerControl, TrainerState
     from ..callbacks.early_stopping import EarlyStopping
 
     es = EarlyStopping(monitor=monitor, mode=mode, patience=patience, divergence_threshold=threshold,
-                       start_from_step=start_from_step)
+                       start_from_step=start_from_step, rollback=rollback)
     state, control = TrainerState(), TrainerControl()
     for row in history:
         if monitor not in row or row[monitor] is None or row["step"] < start_from_step:
@@ -118,11 +120,12 @@ def early_stop_step(history: list[dict[str, Any]], monitor: str, threshold: floa
         state.global_step = row["step"]
         es.check(float(row[monitor]), state, control)
         if control.should_training_stop:
-            return row["step"]
-    return None
+            return row["step"], es.best_step
+    return None, None
 
 
-def stopping_markdown(runs: list[dict[str, Any]], monitor: str, thresholds: list[float]) -> str:
+def stopping_markdown(runs: list[dict[str, Any]], monitor: str, thresholds: list[float], rollback: str = "best"
+                      ) -> str:
     """Oracle steps (5 % and 10 % memorized at w = 1) and the replayed stop step per threshold, per seed."""
     ref = sorted((r for r in runs if r["config"]["train"].get("mitigation", "none") == "none"),
                  key=lambda r: r["seed"])
@@ -134,7 +137,7 @@ def stopping_markdown(runs: list[dict[str, Any]], monitor: str, thresholds: list
         every = run["config"]["train"]["eval_every"]
         cells = []
         for t in thresholds:
-            stop = early_stop_step(run["monitor"], monitor, t)
+            stop, back = early_stop_step(run["monitor"], monitor, t, rollback=rollback)
             if stop is None:
                 cells.append("no stop")
                 continue
@@ -142,7 +145,7 @@ def stopping_markdown(runs: list[dict[str, Any]], monitor: str, thresholds: list
             if oracle is not None:
                 ok = abs(stop - oracle) <= 0.1 * oracle and (ten is None or stop < ten)
                 verdict = f" ({stop / oracle - 1:+.0%}{', ok' if ok else ''})"
-            cells.append(f"{stop}{verdict}")
+            cells.append(f"{stop}{verdict}" + (f", rollback {back}" if rollback == "last_good" else ""))
         lines.append(f"| {run['seed']} | {every} | {oracle} | {ten} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -154,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write mitigation.md here (default: print only)")
     p.add_argument("--monitor", default="mem/probe_loss/band=low/contrast", help="early-stopping metric")
     p.add_argument("--thresholds", default="0.06,0.08,0.1,0.12", help="divergence thresholds to replay")
+    p.add_argument("--rollback", default="best", choices=("best", "last_good"), help="early stopping's rollback")
     a = p.parse_args(argv)
     runs = load_runs(a.dirs)
-    text = (f"{mitigation_markdown(runs)}\n\n"
-            f"{stopping_markdown(runs, a.monitor, [float(t) for t in a.thresholds.split(',')])}\n")
+    thresholds = [float(t) for t in a.thresholds.split(",")]
+    text = f"{mitigation_markdown(runs)}\n\n{stopping_markdown(runs, a.monitor, thresholds, a.rollback)}\n"
     print(text)
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)

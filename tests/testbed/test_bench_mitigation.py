@@ -1,5 +1,7 @@
 """The bench's mitigation arms (recipe settings they turn on) and the mitigation / early-stopping summary."""
 
+import contextlib
+
 import pytest
 
 from mnemoguard.config import ConfigError, GuardConfig, default_policy, load_config
@@ -21,15 +23,24 @@ def test_none_leaves_the_guard_off():
 
 @pytest.mark.parametrize("arm", sorted(set(MITIGATIONS) - {"none"}))
 def test_every_arm_turns_the_guard_on_and_builds(arm, tmp_path):
-    guard = _guard(arm, monitor_on=False) if arm != "policy" else _with_heldout(_guard(arm), tmp_path)
+    reads_monitor = arm in ("policy", "adaptive_gap")
+    guard = _guard(arm, monitor_on=reads_monitor)
+    if arm == "policy":
+        guard = _with_heldout(guard, tmp_path)
     assert guard.enabled
     callbacks = build_components(guard).ordered()
     names = {type(c).__name__ for c in callbacks} | {getattr(c, "name", "") for c in callbacks}
     expected = {"noise_gap_low": "NoiseGapScheduler", "noise_gap_mid": "NoiseGapScheduler",
+                "noise_gap_low_half": "NoiseGapScheduler", "adaptive_gap": "DangerZoneTracker",
                 "policy": "MitigationPolicy", "caption_replacement": "random_caption_replacement",
                 "embedding_noise": "gaussian_embedding_noise", "preservation": "baseline_preservation"}.get(arm, arm)
     assert expected in names  # the arm's action (for the policy: the policy) is among the callbacks
-    assert ("MemorizationMonitor" in names) == (arm == "policy")
+    assert ("MemorizationMonitor" in names) == reads_monitor
+    if arm == "adaptive_gap":
+        gap = next(c for c in callbacks if type(c).__name__ == "NoiseGapScheduler")
+        assert gap.zone is next(c for c in callbacks if type(c).__name__ == "DangerZoneTracker")
+    with pytest.raises(ConfigError, match="monitor") if reads_monitor else contextlib.nullcontext():
+        _guard(arm, monitor_on=False)
 
 
 def test_arms_set_the_documented_actions():
@@ -37,6 +48,8 @@ def test_arms_set_the_documented_actions():
     assert gap.enabled and gap.timestep_bias_strategy == "gap" and gap.timestep_bias_multiplier == 0.0
     assert (gap.timestep_bias_begin, gap.timestep_bias_end) == (333, 666)
     assert _guard("noise_gap_low").noise_gap.timestep_bias_end == 333
+    half = _guard("noise_gap_low_half").noise_gap
+    assert (half.timestep_bias_end, half.timestep_bias_multiplier) == (333, 0.5)
     assert _guard("wen_filter").regularizers == {"wen_filter": {"threshold": WEN_TAU_TESTBED}}
     assert _guard("caption_replacement").regularizers["random_caption_replacement"]["prob"] == 0.1
     assert _guard("embedding_noise").regularizers["gaussian_embedding_noise"]["lam"] == 0.1
@@ -122,10 +135,13 @@ def test_mitigation_table_compares_each_arm_with_none_of_the_same_seed():
 def test_early_stop_replay_uses_lightning_divergence_semantics():
     history = [{"step": 50, "mem/x": 0.02}, {"step": 100, "mem/x": 0.09}, {"step": 150, "mem/x": 0.11},
                {"step": 200}, {"step": 250, "mem/x": 0.2}]
-    assert early_stop_step(history, "mem/x", 0.1) == 150  # first value worse than the threshold (mode min)
-    assert early_stop_step(history, "mem/x", 0.15) == 250
-    assert early_stop_step(history, "mem/x", 0.5) is None
-    assert early_stop_step(history, "mem/x", 0.1, start_from_step=200) == 250
+    assert early_stop_step(history, "mem/x", 0.1)[0] == 150  # first value worse than the threshold (mode min)
+    assert early_stop_step(history, "mem/x", 0.15)[0] == 250
+    assert early_stop_step(history, "mem/x", 0.5) == (None, None)
+    assert early_stop_step(history, "mem/x", 0.1, start_from_step=200)[0] == 250
+    # The default stop's rollback: the last check before the stop, not the best-scoring one.
+    assert early_stop_step(history, "mem/x", 0.1, rollback="last_good") == (150, 100)
+    assert early_stop_step(history, "mem/x", 0.1) == (150, 50)
 
 
 def test_stopping_table_marks_stops_within_ten_percent_of_the_oracle():
