@@ -29,8 +29,11 @@ from ..callbacks.regularizers import Regularizer, build_regularizers
 from ..callbacks.report import MemorizationReport
 from ..config import ConfigError, EMASettings, GuardConfig, RecipeConfig, default_policy, load_dataclass, read_mapping
 from ..config.checks import check_guard_config, early_stopping_settings, tracker_enabled
+from ..prompts import PromptEncoder, tokenize_and_encode
+from .data import as_training_dataset
 
-__all__ = ["Components", "build_components", "check_needs", "hparams_of", "load_guard_config", "make_ema"]
+__all__ = ["Components", "build_components", "check_needs", "hparams_of", "load_guard_config", "make_dataset",
+           "make_ema", "make_prompts"]
 
 
 def load_guard_config(source: Any = None, heldout_given: bool = False) -> tuple[GuardConfig, dict[str, Any] | None]:
@@ -128,6 +131,26 @@ def build_components(cfg: GuardConfig, callbacks: Sequence[Callback] = (), heldo
         out.report = MemorizationReport(cfg.report, monitor=out.monitor, policy=out.policy, loss_flags=out.loss_flags,
                                         stoppers=stoppers, extras=extras, danger_zone=out.danger_zone)
     return out
+
+
+def make_prompts(accelerator: Any, text_encoder: Any, tokenizer: Any, encode_prompt: Any) -> PromptEncoder | None:
+    """The guard's prompt encoder: ``encode_prompt`` as given, else the text encoder with its tokenizer, else None."""
+    if encode_prompt is not None:
+        return PromptEncoder(encode_prompt, device=accelerator.device)
+    if text_encoder is not None:
+        return PromptEncoder(lambda caps: tokenize_and_encode(text_encoder, tokenizer, caps),
+                             device=accelerator.device)
+    return None
+
+
+def make_dataset(train_dataset: Any, unet: Any, vae: Any, image_column: str, caption_column: str,
+                 resolution: int | None) -> Any:
+    """The training data as the guard reads it, at the training resolution (default: the UNet's sample size times
+    the VAE's downsampling factor) and the images' channels."""
+    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    channels = int(vae.config.in_channels) if vae is not None else int(unet.config.in_channels)
+    res = int(resolution) if resolution is not None else int(unet.config.sample_size) * scale
+    return as_training_dataset(train_dataset, image_column, caption_column, res, channels)
 
 
 def hparams_of(values: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -40,12 +40,11 @@ from ..callbacks.timesteps import TimestepSlot, UniformTimestepSampler
 from ..denoiser import Denoiser, _unwrap
 from ..devices import to_device
 from ..ema import as_ema_weights
-from ..prompts import PromptEncoder, tokenize_and_encode
-from .build import build_components, check_needs, hparams_of, load_guard_config, make_ema
+from .build import build_components, check_needs, hparams_of, load_guard_config, make_dataset, make_ema, make_prompts
 from .context import GuardContext
-from .data import as_training_dataset
 from .inputs import check_forward_inputs, check_loss_inputs, check_parts, float_logs, who
 from .run_state import RunStateHooks
+from .stopping import nonfinite_step, sync_stop
 from .totals import StepTotals
 from .veto import register_step_veto
 
@@ -123,18 +122,10 @@ class Guard:
         self.callbacks = CallbackList(self.components.ordered())
         module = _unwrap(unet)
         T = int(noise_scheduler.config.num_train_timesteps)
-        prompts = None
-        if encode_prompt is not None:
-            prompts = PromptEncoder(encode_prompt, device=accelerator.device)
-        elif text_encoder is not None:
-            prompts = PromptEncoder(lambda caps: tokenize_and_encode(text_encoder, tokenizer, caps),
-                                    device=accelerator.device)
+        prompts = make_prompts(accelerator, text_encoder, tokenizer, encode_prompt)
         dataset = None
         if train_dataset is not None:
-            scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-            channels = int(vae.config.in_channels) if vae is not None else int(module.config.in_channels)
-            res = int(resolution) if resolution is not None else int(module.config.sample_size) * scale
-            dataset = as_training_dataset(train_dataset, image_column, caption_column, res, channels)
+            dataset = make_dataset(train_dataset, module, vae, image_column, caption_column, resolution)
         out = output_dir if output_dir is not None else getattr(accelerator, "project_dir", None)
         self.context = GuardContext(
             accelerator=accelerator, unet=unet, noise_scheduler=noise_scheduler,
@@ -336,10 +327,10 @@ class Guard:
         if epoch is not None:
             state.epoch = int(epoch)
         nonfinite = self.totals.step_nonfinite()
+        self._nonfinite_run = self._nonfinite_run + 1 if nonfinite else 0
         if nonfinite:
-            self._nonfinite(step)
-        else:
-            self._nonfinite_run = 0
+            nonfinite_step(state, self.control, step, self._nonfinite_run, self.config.non_finite.max_skipped_steps,
+                           skipped=self._optimizer_hook is not None)
         if self._owns_ema and not nonfinite:
             self.ema.step(_unwrap(self.unet))
         values = float_logs(logs)
@@ -354,44 +345,11 @@ class Guard:
                 state.update_metrics(values)
             state.log(values)
             acc.log({k: float(v) for k, v in values.items()}, step=step)
-        self._sync_stop()
+        sync_stop(acc, state, self.control)
         self.totals.reset()
         self._step_open = False
         self.seconds += time.perf_counter() - start
         return values
-
-    def _nonfinite(self, step: int) -> None:
-        """A step whose loss or gradients were NaN / infinite: never applied when the guard has the optimizer; the run
-        stops after ``non_finite.max_skipped_steps`` of them in a row, with the step in the stop reason."""
-        state = self.state
-        state.nonfinite_steps += 1
-        self._nonfinite_run += 1
-        done = ("skipped (the optimizer did not apply it)" if self._optimizer_hook is not None else
-                "applied: pass optimizer= to Guard so that such a step is skipped")
-        limit = self.config.non_finite.max_skipped_steps
-        if self._nonfinite_run > limit:
-            state.diverged_step = step
-            state.stop_reason = (f"Diverged: the loss or a gradient was not finite at step {step} "
-                                 f"({self._nonfinite_run} step(s) in a row, guard.non_finite.max_skipped_steps="
-                                 f"{limit}); the step was {done}.")
-            self.control.should_training_stop = True
-            logger.error("Guard: %s", state.stop_reason)
-        else:
-            logger.warning("Guard: step %d: the loss or a gradient is not finite; the step was %s (%d in a row, at "
-                           "most %d)", step, done, self._nonfinite_run, limit)
-
-    def _sync_stop(self) -> None:
-        """A stop asked for on any rank stops every rank (every rank calls step() at every optimizer step): one
-        all-reduced flag per step with several processes, none with one."""
-        stop = self.control.should_training_stop
-        if self.accelerator.num_processes > 1:
-            if stop:
-                self.accelerator.set_trigger()
-            stop = self.accelerator.check_trigger()
-        if stop:
-            self.state.stop_reason = self.state.stop_reason or "a callback asked to stop"
-            self.control.should_training_stop = True
-            self.control.should_save = True  # a checkpoint at the stop step
 
     def note_checkpoint(self, path: str | os.PathLike) -> None:
         """Tell the guard where the checkpoint being saved next will finally live (when the loop writes it to a
