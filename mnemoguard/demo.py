@@ -37,7 +37,7 @@ DEMO_TESTBED: dict[str, Any] = {
     "seed": 0,
     "source": {"exclude_base": True},  # images the shipped base never saw, as a user's are
     "plain": {"num_images": 160},
-    "duplicated": {"num_images": 2, "copies": 120, "classes": [0, 1]},  # drawn ~10 times per step
+    "duplicated": {"num_images": 4, "copies": 60, "classes": [0, 3, 6, 8]},  # each drawn ~5 times per step
     "template": {"enabled": False},
     "held_out": {"num_images": 8, "avoid_planted_classes": True},
     "unseen": {"num_global_style": 8, "num_template_style": 0, "avoid_planted_classes": True},
@@ -48,7 +48,7 @@ DEMO_TESTBED: dict[str, Any] = {
 class DemoSettings:
     """The story's knobs (edit and call :func:`run_demo`)."""
 
-    max_train_steps: int = 600
+    max_train_steps: int = 800
     monitor_every: int = 50  # optimizer steps between monitor checks (the tracker measures at each)
     eval_every: int = 100  # steps between the demo's copy counts (and checkpoints)
     eval_seeds: int = 8  # generations per duplicated caption at each count
@@ -207,7 +207,8 @@ def _counts(run: dict[str, Any]) -> str:
 
 def _print_story(story: dict[str, Any], gt: Any, out: Path) -> None:
     n = len(gt.by_kind("global"))
-    print(f"\nThe testbed: {n} digits each copied 120 times with their own caption among 160 ordinary digits. A "
+    copies = DEMO_TESTBED["duplicated"]["copies"]
+    print(f"\nThe testbed: {n} digits each copied {copies} times with their own caption among 160 ordinary digits. A "
           "*copy* is a generation from a duplicated caption whose nearest training image is that caption's own "
           "image, much nearer than any other (Gu et al.'s d1/d2 < 1/3).")
     un = story["unguarded"]

@@ -1,0 +1,162 @@
+"""The danger-zone tables (issue 13) from ``mnemoguard bench`` runs with the tracker on.
+
+    python -m mnemoguard.testbed.bench_danger_zone_summary outputs/dz/digits/*_s? --out docs/bench --name digits
+
+* **Where**: per run, the data prior's band, the tracker's live band at its last measurement, the σ up to which the
+  at-risk probes still came back, beside the bench's own end-of-training per-noise-level memorization (planted
+  images noised and denoised back, an independent implementation of the same protocol).
+* **When**: the default stop rule (``guard.default_stop``: ``mem/danger_zone/copy_rate`` above 0.05, rollback to
+  the last check before) replayed with the real :class:`~mnemoguard.callbacks.early_stopping.EarlyStopping` on
+  each unmitigated run's tracker curve, beside the oracle (first checkpoint with ≥ 5 % of the planted captions'
+  generations copying at w = 1) and the step where the ground truth passes 10 %.
+* **False alarms**: on runs without duplicated images (``testbed.duplicated.copies=1``): whether the live band
+  turned on, whether the default stop fired, whether the default policy's rule would have fired (replayed).
+* **Cost**: the tracker's seconds (inside its hooks) as a share of the training time of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..config.danger_zone import default_stop
+from .bench_mitigation_summary import early_stop_step
+from .bench_summary import load_runs, onset_step
+
+__all__ = ["cost_markdown", "false_alarm_markdown", "main", "stop_markdown", "where_markdown"]
+
+COPY_RATE = "mem/danger_zone/copy_rate"
+
+
+def _tracker(run: dict[str, Any]) -> dict[str, Any]:
+    tracker = run.get("danger_zone_tracker")
+    if not tracker or not tracker.get("history"):
+        raise ValueError(f"run seed {run['seed']}: expected the danger-zone tracker's history in bench.json "
+                         "(train.danger_zone=true), found none")
+    return tracker
+
+
+def _band(band: dict[str, Any] | None, sigma: tuple[str, str] = ("sigma_lo", "sigma_hi")) -> str:
+    if not band or band.get("empty"):
+        return "none"
+    return f"σ {band[sigma[0]]:.2g}–{band[sigma[1]]:.2g}"
+
+
+def _return_horizon(sigmas: list[float], rates: list[float], level: float = 0.5) -> str:
+    """The largest σ from which at least ``level`` of the probes came back."""
+    back = [s for s, r in zip(sigmas, rates) if r >= level]
+    return f"{max(back):.2g}" if back else "none"
+
+
+def where_markdown(runs: list[dict[str, Any]]) -> str:
+    lines = ["| run | seed | data prior | live band (last) | at-risk return ≥ 50 % up to σ | bench: planted return "
+             "≥ 50 % up to σ | bench: per σ (σ: planted / plain) |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        tracker = _tracker(run)
+        last = tracker["history"][-1]
+        prof = last["profile"]
+        rates = prof["rates"].get("at_risk") or prof["rates"].get("train")
+        dz = run.get("danger_zone")
+        bench = per_sigma = "n/a"
+        if dz:
+            glob, plain = dz["memorization_rate"].get("global", []), dz["memorization_rate"].get("plain", [])
+            bench = _return_horizon(dz["start_sigmas"], glob)
+            per_sigma = ", ".join(f"{s:.2g}: {g:.2f}/{p:.2f}" for s, g, p in
+                                  zip(dz["start_sigmas"], glob, plain or [float("nan")] * len(glob)))
+        live = last["band"]
+        live_txt = "off" if not live else f"t [{live['t_begin']}, {live['t_end']}) (σ {live['sigma_lo']:.2g}–" \
+                                          f"{live['sigma_hi']:.2g})"
+        lines.append(f"| {run['config']['train'].get('mitigation', 'none')} | {run['seed']} | "
+                     f"{_band(tracker['prior']['band']) if tracker.get('prior') else 'n/a'} | {live_txt} | "
+                     f"{_return_horizon(prof['sigmas'], rates)} | {bench} | {per_sigma} |")
+    return "\n".join(lines)
+
+
+def stop_markdown(runs: list[dict[str, Any]]) -> str:
+    rule = default_stop()
+    lines = ["| seed | oracle (5 %) | passes 10 % | default stop | rollback | within ±10 % and before 10 % | copy "
+             "rate by measurement |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        oracle, ten = onset_step(run, 0.05), onset_step(run, 0.10)
+        stop, back = early_stop_step(run["monitor"], COPY_RATE, rule["divergence_threshold"], rollback="last_good")
+        ok = "n/a"
+        if stop is not None and oracle is not None:
+            ok = f"{stop / oracle - 1:+.0%}: " + ("yes" if abs(stop - oracle) <= 0.1 * oracle and
+                                                   (ten is None or stop < ten) else "no")
+        elif stop is None:
+            ok = "no stop"
+        curve = ", ".join(f"{h['step']}: {h['copy_rate']:.2f}" for h in _tracker(run)["history"])
+        lines.append(f"| {run['seed']} | {oracle} | {ten} | {stop} | {back} | {ok} | {curve} |")
+    return "\n".join(lines)
+
+
+def _policy_alarm(history: list[dict[str, Any]]) -> int | None:
+    """The step at which the default policy's rule would have switched its action on (replayed)."""
+    from ..config import default_policy
+
+    rule = default_policy().rules[0]
+    count = 0
+    for row in history:
+        value = row.get(rule.signal)
+        if value is None:
+            continue
+        count = count + 1 if rule.beyond(value, rule.levels(None)[0]) else 0
+        if count >= rule.patience:
+            return row["step"]
+    return None
+
+
+def false_alarm_markdown(runs: list[dict[str, Any]]) -> str:
+    lines = ["| seed | live band turned on | default stop | default policy's rule | largest excess | largest copy "
+             "rate | ground truth at the end (w=1) |", "|---|---|---|---|---|---|---|"]
+    rule = default_stop()
+    for run in runs:
+        history = _tracker(run)["history"]
+        on = next((h["step"] for h in history if h["active"]), None)
+        stop, _ = early_stop_step(run["monitor"], COPY_RATE, rule["divergence_threshold"], rollback="last_good")
+        gt = run["checkpoints"][-1]["ground_truth"]["w=1"]["planted"]["memorized_fraction"]["fraction"]
+        lines.append(f"| {run['seed']} | {on or 'no'} | {stop or 'no'} | {_policy_alarm(run['monitor']) or 'no'} | "
+                     f"{max(h['excess'] for h in history):.2f} | {max(h['copy_rate'] for h in history):.2f} | "
+                     f"{100 * gt:.1f} % |")
+    return "\n".join(lines)
+
+
+def cost_markdown(runs: list[dict[str, Any]]) -> str:
+    lines = ["| run | seed | measurements | tracker s (prior + live) | training s | share |",
+             "|---|---|---|---|---|---|"]
+    for run in runs:
+        t = run["timing"]
+        spent = t.get("danger_zone_prior", 0.0) + t.get("danger_zone_measure", 0.0)
+        lines.append(f"| {run['config']['train'].get('mitigation', 'none')} | {run['seed']} | "
+                     f"{len(_tracker(run)['history'])} | {spent:.1f} | {t['training']:.0f} | "
+                     f"{100 * spent / t['training']:.1f} % |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mnemoguard.testbed.bench_danger_zone_summary", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dirs", nargs="+", help="bench run directories (each with bench.json, tracker on)")
+    p.add_argument("--clean", action="store_true", help="runs without duplicated images: the false-alarm table")
+    p.add_argument("--out", help="write danger_zone_<name>.md here (default: print only)")
+    p.add_argument("--name", default="runs")
+    a = p.parse_args(argv)
+    runs = sorted(load_runs(a.dirs), key=lambda r: (r["config"]["train"].get("mitigation", "none"), r["seed"]))
+    none = [r for r in runs if r["config"]["train"].get("mitigation", "none") == "none"]
+    parts = [f"## Where\n\n{where_markdown(runs)}"]
+    if a.clean:
+        parts.append(f"## False alarms (no duplicated images)\n\n{false_alarm_markdown(none)}")
+    elif none:
+        parts.append(f"## When: the default stop vs the oracle\n\n{stop_markdown(none)}")
+    parts.append(f"## Cost\n\n{cost_markdown(runs)}")
+    text = "\n\n".join(parts) + "\n"
+    print(text)
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / f"danger_zone_{a.name}.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

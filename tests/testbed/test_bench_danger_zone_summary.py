@@ -1,0 +1,43 @@
+"""The danger-zone tables: the default stop replayed on a tracker curve against the oracle, false alarms, cost."""
+
+from mnemoguard.testbed.bench_danger_zone_summary import (
+    cost_markdown,
+    false_alarm_markdown,
+    stop_markdown,
+    where_markdown,
+)
+
+
+def _run(copy_rates, gt, seed=0, excess=0.8):
+    history = [{"step": s, "excess": excess, "copy_rate": c, "heldout_copy_rate": 0.0, "active": excess >= 0.5,
+                "band": {"t_begin": 100, "t_end": 600, "sigma_lo": 0.3, "sigma_hi": 2.0} if excess >= 0.5 else None,
+                "strength": 0.0,
+                "profile": {"sigmas": [0.3, 1.0, 6.0], "timesteps": [166, 500, 999],
+                            "rates": {"at_risk": [1.0, 0.6, c]}}} for s, c in copy_rates]
+    return {
+        "seed": seed, "config": {"train": {"mitigation": "none"}},
+        "monitor": [{"step": s, "mem/danger_zone/copy_rate": c} for s, c in copy_rates],
+        "checkpoints": [{"step": s, "ground_truth": {"w=1": {"planted": {"memorized_fraction": {"fraction": f}}}}}
+                        for s, f in gt],
+        "danger_zone_tracker": {"prior": {"band": {"sigma_lo": 0.3, "sigma_hi": 2.0, "empty": False}},
+                                "history": history},
+        "timing": {"danger_zone_prior": 1.0, "danger_zone_measure": 9.0, "training": 500.0},
+    }
+
+
+def test_the_default_stop_is_judged_against_the_oracle_with_its_rollback():
+    run = _run([(100, 0.0), (200, 0.03), (300, 0.06), (400, 0.2)], [(100, 0.0), (200, 0.01), (300, 0.06),
+                                                                     (400, 0.2)])
+    row = stop_markdown([run]).splitlines()[-1].split(" | ")
+    assert row[1:6] == ["300", "400", "300", "200", "+0%: yes"]  # oracle 300, stop 300, rollback to 200
+    late = _run([(100, 0.0), (200, 0.0), (300, 0.0), (400, 0.2)], [(100, 0.0), (200, 0.06), (300, 0.2)])
+    assert stop_markdown([late]).splitlines()[-1].split(" | ")[5] == "+100%: no"
+
+
+def test_false_alarms_cost_and_where_tables():
+    clean = _run([(100, 0.0), (200, 0.0)], [(200, 0.0)], excess=0.1)
+    clean["monitor"][1]["mem/probe_loss/band=low/contrast"] = 0.2
+    row = false_alarm_markdown([clean]).splitlines()[-1].split(" | ")
+    assert row[1:4] == ["no", "no", "no"]  # one policy reading above 0.1 is not 2 in a row
+    assert "| none | 0 | 2 | 10.0 | 500 | 2.0 % |" in cost_markdown([clean])
+    assert "σ 0.3–2" in where_markdown([clean]) and "| off |" in where_markdown([clean])
