@@ -26,9 +26,10 @@ class DangerZoneConfig:
 
     enabled: bool = False  # the tracker: a data prior at train start, live return rates every few checks
     every_n_checks: int = 5  # a live measurement at every k-th monitor check (monitor default: every 500 steps)
-    num_inference_steps: int = 6  # DDIM steps; the probes start from each of their timesteps (the σ grid); a
-    # measurement costs probes x draws x steps x (steps + 1) / 2 UNet rows
-    draws: int = 2  # fixed noise draws per probe and σ
+    num_inference_steps: int = 10  # DDIM steps (the training scheduler's spacing) of the denoising
+    start_stride: int = 2  # the probes start from every k-th of those timesteps, the first (highest) included: the
+    # σ grid. A measurement costs probes x draws x the sum over starts of the steps left UNet rows (10 and 2: 30)
+    draws: int = 4  # fixed noise draws per probe and σ
     guidance_scale: float = 1.0  # guidance of the denoising (1: the conditional model, where copies show best)
     copy_ratio: float = 1.0 / 3.0  # Gu et al.: d1/d2 below this = the same image
     on_level: float = 0.5  # the band turns on when the at-risk probes return this much more often than held-out
@@ -48,8 +49,8 @@ class DangerZoneConfig:
 
     def __post_init__(self) -> None:
         w = "guard.danger_zone"
-        for name in ("every_n_checks", "num_inference_steps", "draws", "release_patience", "prior_rows",
-                     "prior_probes", "prior_sigmas"):
+        for name in ("every_n_checks", "num_inference_steps", "start_stride", "draws", "release_patience",
+                     "prior_rows", "prior_probes", "prior_sigmas"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{w}.{name} must be >= 1, found {getattr(self, name)}")
         if self.curvature_probes < 0:

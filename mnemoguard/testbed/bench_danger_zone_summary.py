@@ -73,21 +73,27 @@ def where_markdown(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def stop_markdown(runs: list[dict[str, Any]]) -> str:
-    rule = default_stop()
-    lines = ["| seed | oracle (5 %) | passes 10 % | default stop | rollback | within ±10 % and before 10 % | copy "
-             "rate by measurement |", "|---|---|---|---|---|---|---|"]
+def stop_markdown(runs: list[dict[str, Any]], thresholds: list[float] | None = None) -> str:
+    """Per unmitigated run: the oracle, and the stop (with its rollback) of the default rule at each threshold
+    (default: the rule's own)."""
+    levels = thresholds or [default_stop()["divergence_threshold"]]
+    head = " | ".join(f"stop at copy rate > {t:g} (rollback): within ±10 % and before 10 %?" for t in levels)
+    lines = [f"| seed | oracle (5 %) | passes 10 % | {head} | copy rate by measurement |",
+             "|" + "---|" * (4 + len(levels))]
     for run in runs:
         oracle, ten = onset_step(run, 0.05), onset_step(run, 0.10)
-        stop, back = early_stop_step(run["monitor"], COPY_RATE, rule["divergence_threshold"], rollback="last_good")
-        ok = "n/a"
-        if stop is not None and oracle is not None:
-            ok = f"{stop / oracle - 1:+.0%}: " + ("yes" if abs(stop - oracle) <= 0.1 * oracle and
-                                                   (ten is None or stop < ten) else "no")
-        elif stop is None:
-            ok = "no stop"
+        cells = []
+        for level in levels:
+            stop, back = early_stop_step(run["monitor"], COPY_RATE, level, rollback="last_good")
+            if stop is None:
+                cells.append("no stop")
+            elif oracle is None:
+                cells.append(f"{stop} ({back}): no onset")
+            else:
+                ok = abs(stop - oracle) <= 0.1 * oracle and (ten is None or stop < ten)
+                cells.append(f"{stop} ({back}): {stop / oracle - 1:+.0%}, {'yes' if ok else 'no'}")
         curve = ", ".join(f"{h['step']}: {h['copy_rate']:.2f}" for h in _tracker(run)["history"])
-        lines.append(f"| {run['seed']} | {oracle} | {ten} | {stop} | {back} | {ok} | {curve} |")
+        lines.append(f"| {run['seed']} | {oracle} | {ten} | {' | '.join(cells)} | {curve} |")
     return "\n".join(lines)
 
 
@@ -141,14 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clean", action="store_true", help="runs without duplicated images: the false-alarm table")
     p.add_argument("--out", help="write danger_zone_<name>.md here (default: print only)")
     p.add_argument("--name", default="runs")
+    p.add_argument("--thresholds", default=None, help="copy-rate levels to replay the stop at (default: the rule's)")
     a = p.parse_args(argv)
+    levels = [float(t) for t in a.thresholds.split(",")] if a.thresholds else None
     runs = sorted(load_runs(a.dirs), key=lambda r: (r["config"]["train"].get("mitigation", "none"), r["seed"]))
     none = [r for r in runs if r["config"]["train"].get("mitigation", "none") == "none"]
     parts = [f"## Where\n\n{where_markdown(runs)}"]
     if a.clean:
         parts.append(f"## False alarms (no duplicated images)\n\n{false_alarm_markdown(none)}")
     elif none:
-        parts.append(f"## When: the default stop vs the oracle\n\n{stop_markdown(none)}")
+        parts.append(f"## When: the default stop vs the oracle\n\n{stop_markdown(none, levels)}")
     parts.append(f"## Cost\n\n{cost_markdown(runs)}")
     text = "\n\n".join(parts) + "\n"
     print(text)

@@ -133,6 +133,7 @@ def test_the_tracker_in_a_guarded_run_writes_its_scalars_and_its_state_is_json(t
 
     cfg = tiny_recipe(tmp_path, "training.max_train_steps=4", *guard_overrides(policy=False),
                       "guard.danger_zone.enabled=true", "guard.danger_zone.num_inference_steps=4",
+                      "guard.danger_zone.start_stride=1",
                       "guard.danger_zone.draws=2", "guard.danger_zone.prior_rows=64",
                       "guard.danger_zone.every_n_checks=1", "guard.danger_zone.curvature_probes=2",
                       "guard.noise_gap.follow_danger_zone=true")

@@ -3,8 +3,10 @@
 * **Data prior** (``on_train_begin``, once; kept in the state): Dodson et al.'s ``W_σ`` and ``C_σ`` of a subsample of
   the training latents and the band they imply (:mod:`.prior`).
 * **Live measurement** at every ``every_n_checks``-th check of the monitor: the monitor's probes (at-risk and random
-  training probes, held-out images) are noised to every timestep of a few-step DDIM schedule (``trailing`` spacing:
-  the first start is the last timestep, pure noise) with fixed noise,
+  training probes, held-out images) are noised to every ``start_stride``-th timestep of a few-step DDIM schedule
+  (the highest included: the top of the grid, nearly pure noise; the scheduler's own spacing, as its generations
+  use: ``trailing`` would start at the last timestep, where an ε-model's x₀ estimate is ill-conditioned) with fixed
+  noise,
   denoised by the live model and compared with a reference set of training (and held-out) images (:mod:`.measure`):
   per σ, the return rate of each kind of probe; the *excess* ``r_at_risk(σ) − r_heldout(σ)``; the *copy rate* (the
   at-risk probes' return rate from the top of the schedule, where a return is a generation copying its training
@@ -45,7 +47,6 @@ logger = logging.getLogger("mnemoguard")
 __all__ = ["DangerZoneTracker"]
 
 AT_RISK = ("image_duplicate", "duplicate")
-SPACING = "trailing"  # the grid starts at the top of the schedule: a return from there is a generation's copy
 
 
 class DangerZoneTracker(Callback):
@@ -158,15 +159,15 @@ class DangerZoneTracker(Callback):
         start = time.perf_counter()
         c, context, inp = self.config, self._context, self._inputs
         sched = context.noise_scheduler
-        ddim = ddim_scheduler(sched, c.num_inference_steps, SPACING)
-        timesteps = [int(t) for t in ddim.timesteps]
+        ddim = ddim_scheduler(sched, c.num_inference_steps)
+        starts = list(range(0, c.num_inference_steps, c.start_stride))
+        timesteps = [int(ddim.timesteps[s]) for s in starts]
         table = sigmas_from_alphas_cumprod(sched.alphas_cumprod)
         sigmas = [float(table[t]) for t in timesteps]
         with preserved_rng_state(), eval_mode(context.unwrapped_unet):
-            images = denoise_from(context.unwrapped_unet, sched, inp["x0"], inp["noise"], list(range(len(timesteps))),
-                                  inp["cond"], inp["uncond"], c.guidance_scale, c.num_inference_steps,
-                                  decode=context.decode, batch_size=self.monitor.config.batch_size * 4,
-                                  timestep_spacing=SPACING)
+            images = denoise_from(context.unwrapped_unet, sched, inp["x0"], inp["noise"], starts, inp["cond"],
+                                  inp["uncond"], c.guidance_scale, c.num_inference_steps, decode=context.decode,
+                                  batch_size=self.monitor.config.batch_size * 4)
             returns, lands = return_flags(images, inp["reference"], inp["own"], inp["is_training"], c.copy_ratio)
             returns, lands = self._from_rank_zero(returns, lands)
             curvature = _ascending(self._curvature(timesteps), timesteps) if c.curvature_probes else None
