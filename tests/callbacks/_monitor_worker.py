@@ -19,7 +19,8 @@ class RecordMonitor(Callback):
         parts = self.trainer.guard.components
         m = parts.monitor
         record = {"world": context.num_processes, "history": m.history, "spec": m.spec,
-                  "row_counts": parts.loss_flags.row_counts.tolist()}
+                  "row_counts": parts.loss_flags.row_counts.tolist(),
+                  "danger_zone": {"prior": parts.danger_zone.prior, "history": parts.danger_zone.history}}
         Path(self.out, f"monitor{context.process_index}.json").write_text(json.dumps(record))
 
 
@@ -32,7 +33,9 @@ if __name__ == "__main__":
                       "guard.monitor.heldout_captions=[a handwritten digit eleven, a handwritten digit twelve]",
                       "guard.monitor.curvature_every_k_checks=2", "guard.monitor.curvature_hutchinson_probes=2",
                       "guard.monitor.generation_steps=2", "guard.monitor.nearest_pool_size=8",
-                      "guard.monitor.batch_size=4")
+                      "guard.monitor.batch_size=4", "guard.danger_zone.enabled=true",
+                      "guard.danger_zone.every_n_checks=1", "guard.danger_zone.num_inference_steps=4",
+                      "guard.danger_zone.draws=1", "guard.danger_zone.prior_rows=32")
     recorder = RecordMonitor(out)
     trainer = Trainer(cfg, callbacks=[recorder])
     recorder.trainer = trainer

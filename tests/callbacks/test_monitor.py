@@ -144,7 +144,7 @@ def test_config_errors_say_what_was_expected():
 
 
 @pytest.mark.slow
-def test_two_ranks_hold_the_same_monitor_values(tmp_path):
+def test_two_ranks_hold_the_same_monitor_and_danger_zone_values(tmp_path):
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -154,7 +154,9 @@ def test_two_ranks_hold_the_same_monitor_values(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ranks = [json.loads((tmp_path / f"monitor{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
-    assert ranks[0] == ranks[1]  # probes, every check's values, per-probe values, the per-step loss flags
+    assert ranks[0] == ranks[1]  # probes, every check's values, per-probe values, the per-step loss flags, the
+    # danger-zone tracker's prior and measurements (rank 0's return flags decide on every rank)
+    assert [h["step"] for h in ranks[0]["danger_zone"]["history"]] == [2, 4]
     last = ranks[0]["history"][-1]
     assert [h["step"] for h in ranks[0]["history"]] == [2, 4]
     per = last["per_probe"]["live_vs_ema"]["high"]
