@@ -221,3 +221,17 @@ def test_the_dashboard_and_the_report_show_the_danger_zone(tmp_path):
     text = (report / "report.md").read_text()
     assert "## Danger zone" in text and "![danger zone](danger_zone.png)" in text
     assert (report / "danger_zone.png").is_file() and "| 4 |" in text
+
+
+def test_a_tracker_without_a_reference_says_so(tmp_path):
+    from mnemoguard.trainer import Trainer
+
+    from ..trainer_utils import tiny_recipe
+    from ._guard_run import guard_overrides
+
+    cfg = tiny_recipe(tmp_path, "training.max_train_steps=2", *guard_overrides(policy=False),
+                      "guard.monitor.num_random_probes=0", "guard.danger_zone.enabled=true",
+                      "guard.danger_zone.num_inference_steps=2", "guard.danger_zone.draws=1",
+                      "guard.danger_zone.prior=false")
+    state = Trainer(cfg).train()
+    assert any("the excess, and so the live band, cannot be measured" in w for w in state.warnings)

@@ -90,6 +90,11 @@ class DangerZoneTracker(Callback):
         start = time.perf_counter()
         with preserved_rng_state():
             self._inputs = self._build_inputs(context)
+            groups = {k: bool(v.any()) for k, v in self._inputs["groups"].items()}
+            if not (groups["heldout"] or (groups["at_risk"] and groups["random"])):
+                state.warn("DangerZoneTracker: no held-out images (guard.monitor.heldout_data) and no random training "
+                           "probes beside the at-risk ones: the excess, and so the live band, cannot be measured; "
+                           "only the copy rate is")
             if self.config.prior and self.prior is None:
                 seed = self.monitor.config.seed + 11
                 self.prior = data_prior(context, self.config, seed, self._inputs["heldout_x0"])
