@@ -66,9 +66,9 @@ class DangerZoneConfig:
 
 
 def default_stop() -> dict[str, Any]:
-    """The default stop rule (``guard.default_stop: true``), as early-stopping settings: stop when the at-risk
-    probes come back as their own training image from the top of the noise schedule (``mem/danger_zone/copy_rate``:
-    a share of probes × draws, the live stand-in for "generations copy the duplicated images") at 5 % or more, and
-    roll back to the last check before (``rollback: last_good``; export it with ``training.export: best``)."""
+    """The default stop rule (``guard.default_stop: true``), as early-stopping settings: stop when more than 5 % of
+    the generations from the at-risk probes' captions copy their own training image (``mem/danger_zone/copy_rate``,
+    the ground truth's criterion on the tracker's few samples), and roll back to the last check before
+    (``rollback: last_good``; export it with ``training.export: best``)."""
     return {"enabled": True, "monitor": "mem/danger_zone/copy_rate", "mode": "min", "patience": None,
             "divergence_threshold": 0.05, "divergence_patience": 1, "rollback": "last_good"}

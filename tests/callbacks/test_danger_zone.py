@@ -145,6 +145,7 @@ def test_the_tracker_in_a_guarded_run_writes_its_scalars_and_its_state_is_json(t
     entry = tracker.history[-1]
     assert len(entry["profile"]["sigmas"]) == 4 and entry["profile"]["sigmas"] == sorted(entry["profile"]["sigmas"])
     assert set(entry["profile"]["rates"]) >= {"train", "random"} and len(entry["curvature"]) == 4
+    assert 0.0 <= entry["copy_rate"] <= 1.0  # generations from the at-risk captions that copy their own image
     for name in ("excess", "copy_rate", "active", "strength"):
         assert state.metric_steps[f"mem/danger_zone/{name}"] == 4
     restored = type(tracker)(tracker.config, monitor=tracker.monitor)

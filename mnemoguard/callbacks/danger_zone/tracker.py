@@ -4,14 +4,14 @@
   the training latents and the band they imply (:mod:`.prior`).
 * **Live measurement** at every ``every_n_checks``-th check of the monitor: the monitor's probes (at-risk and random
   training probes, held-out images) are noised to every ``start_stride``-th timestep of a few-step DDIM schedule
-  (the highest included: the top of the grid, nearly pure noise; the scheduler's own spacing, as its generations
-  use: ``trailing`` would start at the last timestep, where an ε-model's x₀ estimate is ill-conditioned) with fixed
-  noise,
-  denoised by the live model and compared with a reference set of training (and held-out) images (:mod:`.measure`):
-  per σ, the return rate of each kind of probe; the *excess* ``r_at_risk(σ) − r_heldout(σ)``; the *copy rate* (the
-  at-risk probes' return rate from the top of the schedule, where a return is a generation copying its training
-  image); beside it, per σ, Kim & Lee's curvature difference (live vs the monitor's baseline) at the at-risk probes'
-  noisy inputs, to see whether it marks the same band.
+  (the scheduler's own spacing, as its generations use; ``trailing`` would start at the last timestep, where an
+  ε-model's x₀ estimate is ill-conditioned) with fixed noise, denoised by the live model and compared with a
+  reference set of training (and held-out) images (:mod:`.measure`): per σ, the return rate of each kind of probe;
+  the *excess* ``r_at_risk(σ) − max(r_heldout(σ), r_random(σ))``; the *copy rate*: the share of generations from
+  the at-risk probes' captions (DDIM from fixed pure noise, the same steps and guidance) that copy their own
+  training image — the ground truth's criterion on fewer samples and steps; beside it, per σ, Kim & Lee's curvature
+  difference (live vs the monitor's baseline) at the at-risk probes' noisy inputs, to see whether it marks the same
+  band.
 * **The live band**, with hysteresis: on when the largest excess reaches ``on_level``; off after ``release_patience``
   measurements below ``release_level``; while on, the band is the run of σ around the peak where the excess is at
   least ``release_level``, mapped to a ``[t_begin, t_end)`` timestep band (:attr:`zone`) with a strength
@@ -123,10 +123,13 @@ class DangerZoneTracker(Callback):
         D = self.config.draws
         g = torch.Generator().manual_seed(self.monitor.config.seed + 12)
         noise = torch.randn((len(ids) * D, *x0.shape[1:]), generator=g)
+        unet_cfg = context.unwrapped_unet.config
+        gen_noise = torch.randn((len(ids) * D, unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size),
+                                generator=g)
         rep = torch.arange(len(ids)).repeat_interleave(D)
         kind = [kinds[i] for i in rep.tolist()]
         return {
-            "x0": x0[rep.to(x0.device)], "cond": cond[rep.to(cond.device)], "noise": noise,
+            "x0": x0[rep.to(x0.device)], "cond": cond[rep.to(cond.device)], "noise": noise, "gen_noise": gen_noise,
             "own": torch.tensor(own, dtype=torch.long)[rep], "reference": reference,
             "is_training": torch.tensor(is_training, dtype=torch.bool),
             "groups": {"at_risk": torch.tensor([k in AT_RISK for k in kind]),
@@ -174,10 +177,12 @@ class DangerZoneTracker(Callback):
                                   inp["uncond"], c.guidance_scale, c.num_inference_steps, decode=context.decode,
                                   batch_size=self.monitor.config.batch_size * 4)
             returns, lands = return_flags(images, inp["reference"], inp["own"], inp["is_training"], c.copy_ratio)
-            returns, lands = self._from_rank_zero(returns, lands)
+            copies = self._generation_copies()
+            returns, lands, copies = self._from_rank_zero(returns, lands, copies)
             curvature = _ascending(self._curvature(timesteps), timesteps) if c.curvature_probes else None
         profile = return_profile(timesteps, sigmas, returns, lands, inp["groups"])
         entry = self._decide(step, profile, curvature)
+        entry["copy_rate"] = float(copies.float().mean()) if copies.numel() else float("nan")
         self.history.append(entry)
         self.seconds["measure"] += time.perf_counter() - start
         values = {"mem/danger_zone/excess": entry["excess"], "mem/danger_zone/copy_rate": entry["copy_rate"],
@@ -190,14 +195,33 @@ class DangerZoneTracker(Callback):
                            "mem/danger_zone/sigma_lo": b["sigma_lo"], "mem/danger_zone/sigma_hi": b["sigma_hi"]})
         return {k: float(v) for k, v in values.items()}
 
-    def _from_rank_zero(self, returns: torch.Tensor, lands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _generation_copies(self) -> torch.Tensor:
+        """Per at-risk probe and draw (all training probes without at-risk ones): does a generation from its caption
+        (DDIM from fixed pure noise, the tracker's steps and guidance) copy its own training image (the nearest
+        reference is its own, d1/d2 < ``copy_ratio``)? The ground truth's criterion, on fewer samples and steps."""
+        from ...sampling import generate
+
+        c, context, inp = self.config, self._context, self._inputs
+        rows = torch.nonzero(inp["groups"]["at_risk"] if bool(inp["groups"]["at_risk"].any())
+                             else inp["groups"]["train"]).reshape(-1)
+        if rows.numel() == 0:
+            return torch.zeros(0, dtype=torch.bool)
+        images = generate(context.unwrapped_unet, context.noise_scheduler, inp["cond"][rows.to(inp["cond"].device)],
+                          inp["uncond"], c.guidance_scale, c.num_inference_steps, latents=inp["gen_noise"][rows],
+                          decode=context.decode)
+        copies, _ = return_flags(images[None], inp["reference"], inp["own"][rows], inp["is_training"], c.copy_ratio)
+        return copies[0]
+
+    def _from_rank_zero(self, *flags: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Rank 0's flags on every rank (one broadcast)."""
         if self._context.num_processes <= 1:
-            return returns, lands
+            return flags
         from accelerate.utils import broadcast
 
-        packed = torch.stack([returns, lands]).to(torch.uint8).to(self._context.device)
+        sizes = [f.numel() for f in flags]
+        packed = torch.cat([f.reshape(-1) for f in flags]).to(torch.uint8).to(self._context.device)
         packed = broadcast(packed, from_process=0).cpu().bool()
-        return packed[0], packed[1]
+        return tuple(p.reshape(f.shape) for p, f in zip(packed.split(sizes), flags))
 
     def _curvature(self, timesteps: list[int]) -> list[float]:
         """Per grid t (in the DDIM order of ``timesteps``): mean Kim & Lee Δh of the at-risk probes (first draw each),
@@ -251,10 +275,9 @@ class DangerZoneTracker(Callback):
             self.strength = float(min(c.max_strength, top))
         elif not self.active:
             self.zone, self.strength = None, 0.0
-        top_rates = profile.rates.get("at_risk") or profile.rates.get("train") or [float("nan")]
         held = profile.rates.get("heldout_copy")
         return {
-            "step": int(step), "profile": profile.to_dict(), "excess": float(top), "copy_rate": float(top_rates[-1]),
+            "step": int(step), "profile": profile.to_dict(), "excess": float(top), "copy_rate": float("nan"),
             "heldout_copy_rate": float(max(held)) if held else None, "active": self.active, "band": band,
             "strength": self.strength, "curvature": curvature,
         }

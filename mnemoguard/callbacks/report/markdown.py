@@ -104,8 +104,8 @@ def render_markdown(summary: dict[str, Any], plots: dict[str, str]) -> str:
                   "where the training data's posterior is still concentrated on one image while held-out images are "
                   "covered by the training shells. *Live*: the monitor's at-risk probes noised to each level and "
                   "denoised back; the *excess* is how much more often they come back as themselves than held-out "
-                  "images do; the *copy rate* is how often they come back from the top of the schedule (a "
-                  "generation copying its training image).", ""]
+                  "images do; the *copy rate* is the share of generations from their captions that copy their "
+                  "own training image.", ""]
         prior = dz.get("prior")
         if prior is not None:
             b = prior["band"]
