@@ -100,7 +100,7 @@ def demo_recipe(gt: Any, out: Path, settings: DemoSettings, guarded: bool) -> Re
     watch = [
         "guard.enabled=true",
         f"guard.monitor.every_n_steps={s.monitor_every}",
-        "guard.monitor.num_duplicate_probes=2",
+        "guard.monitor.num_duplicate_probes=4",
         "guard.monitor.num_random_probes=2",
         "guard.monitor.num_heldout_probes=8",
         "guard.monitor.curvature_every_k_checks=0",
@@ -224,9 +224,9 @@ def _print_story(story: dict[str, Any], gt: Any, out: Path) -> None:
     if prior is not None and not prior["empty"]:
         print(f"  the data (before training): noise levels σ {prior['sigma_lo']:.2g}–{prior['sigma_hi']:.2g} "
               f"(timesteps {prior['t_lo']}–{prior['t_hi']}) are where this data set can be memorized")
-    print("  the rise: how much more often the duplicated digits come back as themselves than held-out digits, "
-          "after being noised and denoised (the excess), and how often they come back from pure noise (the copy "
-          "rate):")
+    print("  the rise: how much more often the duplicated digits come back as themselves than held-out digits "
+          "after being noised and denoised (the excess), and the share of the guard's own quick generations from "
+          "their captions that copy them (the copy rate):")
     print("    " + "; ".join(f"step {h['step']}: excess {h['excess']:.2f}, copy rate {h['copy_rate']:.2f}"
                              for h in g["tracker"]))
     on = next((h for h in g["tracker"] if h["active"]), None)
