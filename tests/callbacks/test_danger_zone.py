@@ -77,12 +77,15 @@ def test_the_live_measurement_finds_the_band_where_a_model_memorizes():
                                                      enumerate(profile.sigmas) if s > 5)
 
 
-def test_the_excess_is_what_being_at_risk_adds_over_plain_denoising_and_over_any_trained_image():
+def test_the_excess_is_what_memorization_adds_to_plain_denoising():
     from mnemoguard.callbacks.danger_zone import ReturnProfile
 
     rates = {"at_risk": [1.0, 1.0, 0.8, 0.2], "random": [1.0, 0.5, 0.0, 0.0], "heldout_self": [1.0, 0.0, 0.0, 0.0]}
     profile = ReturnProfile([0, 300, 600, 900], [0.01, 0.5, 2.0, 8.0], rates, {})
-    assert profile.excess() == pytest.approx([0.0, 0.5, 0.8, 0.2])
+    assert profile.excess() == pytest.approx([0.0, 1.0, 0.8, 0.2])  # at-risk minus held-out
+    no_heldout = ReturnProfile([0, 300, 600, 900], [0.01, 0.5, 2.0, 8.0],
+                               {k: v for k, v in rates.items() if k != "heldout_self"}, {})
+    assert no_heldout.excess() == pytest.approx([0.0, 0.5, 0.8, 0.2])  # the random probes stand in
     no_risk = ReturnProfile([0, 300], [0.01, 0.5], {"train": [1.0, 0.6], "heldout_self": [1.0, 0.1]}, {})
     assert no_risk.excess() == pytest.approx([0.0, 0.5])
 
