@@ -239,3 +239,15 @@ def test_a_tracker_without_a_reference_says_so(tmp_path):
                       "guard.danger_zone.prior=false")
     state = Trainer(cfg).train()
     assert any("the excess, and so the live band, cannot be measured" in w for w in state.warnings)
+
+
+def test_one_batched_pass_from_every_start_equals_a_pass_per_start():
+    gen = torch.Generator().manual_seed(1)
+    train = torch.rand(6, 1, 4, 4, generator=gen) * 1.6 - 0.8
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    model = BandMemorizer(train, sched.alphas_cumprod, 0.1, 0.5)
+    x0, noise, cond = train[:3], torch.randn(3, 1, 4, 4, generator=gen), torch.zeros(3, 1, 1)
+    together = denoise_from(model, sched, x0, noise, [0, 2, 5], cond, num_inference_steps=6, batch_size=4)
+    for k, start in enumerate([0, 2, 5]):
+        alone = denoise_from(model, sched, x0, noise, [start], cond, num_inference_steps=6)
+        torch.testing.assert_close(together[k], alone[0])
