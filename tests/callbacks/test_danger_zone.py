@@ -251,3 +251,20 @@ def test_one_batched_pass_from_every_start_equals_a_pass_per_start():
     for k, start in enumerate([0, 2, 5]):
         alone = denoise_from(model, sched, x0, noise, [start], cond, num_inference_steps=6)
         torch.testing.assert_close(together[k], alone[0])
+
+
+def test_the_band_ignores_noise_levels_the_sampler_does_not_visit():
+    from mnemoguard.callbacks.danger_zone import DangerZoneTracker, ReturnProfile
+    from mnemoguard.config.danger_zone import DangerZoneConfig
+
+    tracker = DangerZoneTracker(DangerZoneConfig(), monitor=SimpleNamespace())
+    tracker._context = SimpleNamespace(num_train_timesteps=1000)
+    tracker.prior = {"sigmas": [0.01, 0.1, 1.0, 10.0], "coverage": [0.0, 0.2, 0.6, 1.0]}
+    assert tracker.coverage_floor() == 1.0  # where C_σ first reaches 0.5
+    # Every training image comes back from σ = 0.5 and no held-out one does: below the floor, not memorization.
+    low = ReturnProfile([100, 500, 900], [0.5, 2.0, 8.0], {"at_risk": [1.0, 0.1, 0.0], "heldout_self": [0.0] * 3}, {})
+    assert tracker._decide(10, low, None)["band"] is None and not tracker.active
+    high = ReturnProfile([100, 500, 900], [0.5, 2.0, 8.0], {"at_risk": [1.0, 0.9, 0.2], "heldout_self": [0.0] * 3},
+                         {})
+    entry = tracker._decide(20, high, None)
+    assert tracker.active and entry["excess"] == pytest.approx(0.9) and entry["band"]["sigma_lo"] == 2.0

@@ -12,7 +12,10 @@
   training image — the ground truth's criterion on fewer samples and steps; beside it, per σ, Kim & Lee's curvature
   difference (live vs the monitor's baseline) at the at-risk probes' noisy inputs, to see whether it marks the same
   band.
-* **The live band**, with hysteresis: on when the largest excess reaches ``on_level``; off after ``release_patience``
+* **The live band**, with hysteresis, at the σ the data prior says the sampler visits (``C_σ`` ≥
+  ``coverage_threshold``: below that every trained image comes back and no held-out one does — plain fitting at the
+  calm low-noise end, not memorization that reaches generations): on when the largest excess there reaches
+  ``on_level``; off after ``release_patience``
   measurements below ``release_level``; while on, the band is the run of σ around the peak where the excess is at
   least ``release_level``, mapped to a ``[t_begin, t_end)`` timestep band (:attr:`zone`) with a strength
   ``min(max_strength, largest excess)`` (:attr:`strength`) that :class:`~mnemoguard.callbacks.noise_gap.
@@ -248,10 +251,22 @@ class DangerZoneTracker(Callback):
             out.append(float(maps.detach().float().mean()))
         return out
 
+    def coverage_floor(self) -> float:
+        """The smallest σ at which the data prior's coverage ``C_σ`` reaches ``coverage_threshold`` (0 without a
+        prior): below it the sampler does not visit the inputs training saw (Dodson et al.'s calm low-noise end), so
+        training images coming back from there is plain fitting, not the memorization that reaches generations."""
+        prior = self.prior
+        if not prior:
+            return 0.0
+        covered = [s for s, cov in zip(prior["sigmas"], prior["coverage"]) if cov >= self.config.coverage_threshold]
+        return float(covered[0]) if covered else 0.0
+
     def _decide(self, step: int, profile: ReturnProfile, curvature: list[float] | None) -> dict[str, Any]:
-        """Hysteresis on the largest excess; the band around the peak while on."""
+        """Hysteresis on the largest excess at covered σ (above :meth:`coverage_floor`); the band around the peak
+        while on."""
         c = self.config
-        excess = profile.excess()
+        floor = self.coverage_floor()
+        excess = [e if s >= floor else float("nan") for e, s in zip(profile.excess(), profile.sigmas)]
         finite = [e for e in excess if math.isfinite(e)]
         top = max(finite) if finite else float("nan")
         if not self.active and top >= c.on_level:
