@@ -24,17 +24,37 @@ from ..config.danger_zone import default_stop
 from .bench_mitigation_summary import early_stop_step
 from .bench_summary import load_runs, onset_step
 
-__all__ = ["cost_markdown", "false_alarm_markdown", "main", "stop_markdown", "where_markdown"]
+__all__ = ["cost_markdown", "false_alarm_markdown", "main", "replay_band", "stop_markdown", "where_markdown"]
 
 COPY_RATE = "mem/danger_zone/copy_rate"
 
 
 def _tracker(run: dict[str, Any]) -> dict[str, Any]:
+    """The run's tracker record, its band decisions replayed on the recorded return profiles with the tracker's
+    current rule (the live decisions of a run are only for the arms that act on them)."""
     tracker = run.get("danger_zone_tracker")
     if not tracker or not tracker.get("history"):
         raise ValueError(f"run seed {run['seed']}: expected the danger-zone tracker's history in bench.json "
                          "(train.danger_zone=true), found none")
-    return tracker
+    return {**tracker, "history": replay_band(tracker)}
+
+
+def replay_band(tracker: dict[str, Any], config: Any = None) -> list[dict[str, Any]]:
+    """The band decisions (excess, active, band, strength) of :class:`DangerZoneTracker` replayed on recorded
+    measurements (their profiles, the prior); the copy rate and the rest as recorded."""
+    from types import SimpleNamespace
+
+    from ..callbacks.danger_zone import DangerZoneTracker, ReturnProfile
+
+    replay = DangerZoneTracker(config, monitor=SimpleNamespace())
+    replay.prior = tracker.get("prior")
+    replay._context = SimpleNamespace(num_train_timesteps=1000)
+    out = []
+    for h in tracker["history"]:
+        p = h["profile"]
+        entry = replay._decide(h["step"], ReturnProfile(p["timesteps"], p["sigmas"], p["rates"], p["counts"]), None)
+        out.append({**h, **{k: entry[k] for k in ("excess", "active", "band", "strength")}})
+    return out
 
 
 def _band(band: dict[str, Any] | None, sigma: tuple[str, str] = ("sigma_lo", "sigma_hi")) -> str:

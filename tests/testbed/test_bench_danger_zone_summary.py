@@ -12,14 +12,16 @@ def _run(copy_rates, gt, seed=0, excess=0.8):
     history = [{"step": s, "excess": excess, "copy_rate": c, "heldout_copy_rate": 0.0, "active": excess >= 0.5,
                 "band": {"t_begin": 100, "t_end": 600, "sigma_lo": 0.3, "sigma_hi": 2.0} if excess >= 0.5 else None,
                 "strength": 0.0,
-                "profile": {"sigmas": [0.3, 1.0, 6.0], "timesteps": [166, 500, 999],
-                            "rates": {"at_risk": [1.0, 0.6, c]}}} for s, c in copy_rates]
+                "profile": {"sigmas": [0.3, 1.0, 6.0], "timesteps": [166, 500, 999], "counts": {},
+                            "rates": {"at_risk": [1.0, excess, c], "heldout_self": [1.0, 0.0, 0.0]}}}
+               for s, c in copy_rates]
     return {
         "seed": seed, "config": {"train": {"mitigation": "none"}},
         "monitor": [{"step": s, "mem/danger_zone/copy_rate": c} for s, c in copy_rates],
         "checkpoints": [{"step": s, "ground_truth": {"w=1": {"planted": {"memorized_fraction": {"fraction": f}}}}}
                         for s, f in gt],
-        "danger_zone_tracker": {"prior": {"band": {"sigma_lo": 0.3, "sigma_hi": 2.0, "empty": False}},
+        "danger_zone_tracker": {"prior": {"band": {"sigma_lo": 0.3, "sigma_hi": 2.0, "empty": False},
+                                          "sigmas": [0.1, 0.3, 1.0], "coverage": [0.0, 0.6, 1.0]},
                                 "history": history},
         "timing": {"danger_zone_prior": 1.0, "danger_zone_measure": 9.0, "training": 500.0},
     }
