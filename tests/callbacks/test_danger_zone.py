@@ -253,7 +253,7 @@ def test_one_batched_pass_from_every_start_equals_a_pass_per_start():
         torch.testing.assert_close(together[k], alone[0])
 
 
-def test_the_band_ignores_noise_levels_the_sampler_does_not_visit():
+def test_the_alarm_ignores_noise_levels_the_sampler_does_not_visit_but_the_band_reaches_them():
     from mnemoguard.callbacks.danger_zone import DangerZoneTracker, ReturnProfile
     from mnemoguard.config.danger_zone import DangerZoneConfig
 
@@ -267,4 +267,5 @@ def test_the_band_ignores_noise_levels_the_sampler_does_not_visit():
     high = ReturnProfile([100, 500, 900], [0.5, 2.0, 8.0], {"at_risk": [1.0, 0.9, 0.2], "heldout_self": [0.0] * 3},
                          {})
     entry = tracker._decide(20, high, None)
-    assert tracker.active and entry["excess"] == pytest.approx(0.9) and entry["band"]["sigma_lo"] == 2.0
+    # Decided at the covered σ (0.9 at σ = 2); the band then reaches down as far as the excess holds (σ = 0.5).
+    assert tracker.active and entry["excess"] == pytest.approx(0.9) and entry["band"]["sigma_lo"] == 0.5

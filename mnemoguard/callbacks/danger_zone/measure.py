@@ -92,13 +92,13 @@ def return_profile(timesteps: list[int], sigmas: list[float], returns: torch.Ten
     return ReturnProfile([int(timesteps[k]) for k in order], [float(sigmas[k]) for k in order], rates, counts)
 
 
-def band_from_excess(excess: list[float], level: float) -> tuple[int, int] | None:
-    """``(lo, hi)`` grid indices (inclusive) of the contiguous run around the largest excess where the excess is
-    at least ``level``; None when the largest excess is below it (or all are NaN)."""
+def band_from_excess(excess: list[float], level: float, peak: int | None = None) -> tuple[int, int] | None:
+    """``(lo, hi)`` grid indices (inclusive) of the contiguous run around the largest excess (or around grid point
+    ``peak``) where the excess is at least ``level``; None when that point is below it (or all are NaN)."""
     values = np.asarray(excess, dtype=np.float64)
     if not np.isfinite(values).any():
         return None
-    k = int(np.nanargmax(values))
+    k = int(np.nanargmax(values)) if peak is None else int(peak)
     if not values[k] >= level:
         return None
     lo = hi = k

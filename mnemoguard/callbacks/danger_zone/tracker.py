@@ -12,12 +12,12 @@
   training image — the ground truth's criterion on fewer samples and steps; beside it, per σ, Kim & Lee's curvature
   difference (live vs the monitor's baseline) at the at-risk probes' noisy inputs, to see whether it marks the same
   band.
-* **The live band**, with hysteresis, at the σ the data prior says the sampler visits (``C_σ`` ≥
+* **The live band**, with hysteresis, decided at the σ the data prior says the sampler visits (``C_σ`` ≥
   ``coverage_threshold``: below that every trained image comes back and no held-out one does — plain fitting at the
-  calm low-noise end, not memorization that reaches generations): on when the largest excess there reaches
-  ``on_level``; off after ``release_patience``
-  measurements below ``release_level``; while on, the band is the run of σ around the peak where the excess is at
-  least ``release_level``, mapped to a ``[t_begin, t_end)`` timestep band (:attr:`zone`) with a strength
+  calm low-noise end, which must not raise an alarm on clean data): on when the largest excess there reaches
+  ``on_level``; off after ``release_patience`` measurements below ``release_level``; while on, the band is the run of
+  grid σ around that peak where the excess (at any σ, down to the grid's anchor at t ≈ 0) is at least
+  ``release_level``, mapped to a ``[t_begin, t_end)`` timestep band (:attr:`zone`) with a strength
   ``min(max_strength, largest excess)`` (:attr:`strength`) that :class:`~mnemoguard.callbacks.noise_gap.
   NoiseGapScheduler` follows with ``follow_danger_zone``.
 
@@ -171,7 +171,8 @@ class DangerZoneTracker(Callback):
         c, context, inp = self.config, self._context, self._inputs
         sched = context.noise_scheduler
         ddim = ddim_scheduler(sched, c.num_inference_steps)
-        starts = list(range(0, c.num_inference_steps, c.start_stride))
+        # every start_stride-th step, and the last (t ~ 0, where everything comes back: the band's lower anchor)
+        starts = sorted({*range(0, c.num_inference_steps, c.start_stride), c.num_inference_steps - 1})
         timesteps = [int(ddim.timesteps[s]) for s in starts]
         table = sigmas_from_alphas_cumprod(sched.alphas_cumprod)
         sigmas = [float(table[t]) for t in timesteps]
@@ -262,11 +263,12 @@ class DangerZoneTracker(Callback):
         return float(covered[0]) if covered else 0.0
 
     def _decide(self, step: int, profile: ReturnProfile, curvature: list[float] | None) -> dict[str, Any]:
-        """Hysteresis on the largest excess at covered σ (above :meth:`coverage_floor`); the band around the peak
-        while on."""
+        """Hysteresis on the largest excess at covered σ (above :meth:`coverage_floor`: no alarm from plain fitting
+        at low noise); while on, the band is the run around that peak where the excess (at any σ) holds."""
         c = self.config
         floor = self.coverage_floor()
-        excess = [e if s >= floor else float("nan") for e, s in zip(profile.excess(), profile.sigmas)]
+        full = profile.excess()
+        excess = [e if s >= floor else float("nan") for e, s in zip(full, profile.sigmas)]
         finite = [e for e in excess if math.isfinite(e)]
         top = max(finite) if finite else float("nan")
         if not self.active and top >= c.on_level:
@@ -280,7 +282,10 @@ class DangerZoneTracker(Callback):
                 logger.info("DangerZoneTracker: step %d: excess %.2f below %.2f for %d measurements: band off", step,
                             top, c.release_level, c.release_patience)
         band = None
-        run = band_from_excess(excess, c.release_level) if self.active else None
+        peak = max((k for k, e in enumerate(excess) if math.isfinite(e)), key=lambda k: excess[k], default=None)
+        # Where to gap: around the covered peak, as far as the excess holds, below the coverage onset too (on the
+        # testbed a gap from t ~ 50 up cut copies ~10x, one starting at the onset barely).
+        run = band_from_excess(full, c.release_level, peak) if self.active and peak is not None else None
         if run is not None:
             lo, hi = run
             t_begin, t_end = band_timesteps(profile.timesteps, lo, hi, self._context.num_train_timesteps)
