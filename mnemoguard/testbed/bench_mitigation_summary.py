@@ -25,14 +25,18 @@ from typing import Any
 
 from .bench_summary import _cell, load_runs, onset_step
 
-__all__ = ["arm_metrics", "early_stop_step", "mitigation_markdown", "stopping_markdown", "main"]
+__all__ = ["STOPPED_ARM", "arm_metrics", "early_stop_step", "mitigation_markdown", "stopping_markdown", "main"]
 
 TARGETS = {"ratio": 0.1, "heldout_change": 0.05, "fidelity_points": 2.0}
 
 
-def arm_metrics(run: dict[str, Any]) -> dict[str, float]:
-    """Memorized fractions, held-out loss and fidelity of a run's last checkpoint."""
-    cp = run["checkpoints"][-1]
+def arm_metrics(run: dict[str, Any], step: int | None = None) -> dict[str, float]:
+    """Memorized fractions, held-out loss and fidelity of a run's checkpoint at ``step`` (default: the last)."""
+    cps = run["checkpoints"]
+    cp = cps[-1] if step is None else next((c for c in cps if c["step"] == step), None)
+    if cp is None:
+        raise ValueError(f"expected a checkpoint at step {step} in seed {run['seed']}, found steps "
+                         f"{[c['step'] for c in cps]} (run `none` with train.eval_every at the tracker's cadence)")
     ws = sorted(cp["ground_truth"], key=lambda w: float(w.split("=")[1]))
     guided = ws[-1]
     fid = cp.get("fidelity", {})
@@ -48,11 +52,21 @@ def arm_metrics(run: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _arms(runs: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
+STOPPED_ARM = "none, stopped + rolled back"
+
+
+def _arms(runs: list[dict[str, Any]], stop: tuple[str, float, str] | None = None
+          ) -> dict[str, dict[int, dict[str, float]]]:
+    """Each arm's metrics by seed; with ``stop = (monitor, threshold, rollback)`` also :data:`STOPPED_ARM`: the
+    unmitigated run's checkpoint at the rollback step of that early-stopping rule replayed on its curve (the weights
+    a user who stopped there would export; the last checkpoint where the rule never stops)."""
     out: dict[str, dict[int, dict[str, float]]] = {}
     for run in runs:
         arm = run["config"]["train"].get("mitigation", "none")
         out.setdefault(arm, {})[run["seed"]] = arm_metrics(run)
+        if stop is not None and arm == "none":
+            _, back = early_stop_step(run["monitor"], stop[0], stop[1], rollback=stop[2])
+            out.setdefault(STOPPED_ARM, {})[run["seed"]] = arm_metrics(run, back)
     return out
 
 
@@ -71,14 +85,15 @@ def _vs(pairs: list[tuple[dict[str, float], dict[str, float] | None]], key: str,
     return out
 
 
-def mitigation_markdown(runs: list[dict[str, Any]]) -> str:
-    """The table: each arm's metrics (mean over seeds, then each seed) and its change vs ``none`` of the same seed."""
-    arms = _arms(runs)
+def mitigation_markdown(runs: list[dict[str, Any]], stop: tuple[str, float, str] | None = None) -> str:
+    """The table: each arm's metrics (mean over seeds, then each seed) and its change vs ``none`` of the same seed
+    (``stop``: add the unmitigated runs stopped and rolled back by that rule, see :func:`_arms`)."""
+    arms = _arms(runs, stop)
     if "none" not in arms:
         raise ValueError(f"expected unmitigated runs (train.mitigation=none) among the arms, found {sorted(arms)}")
     ref = arms["none"]
-    rest = sorted(a for a in arms if a not in ("none", "policy"))
-    order = ["none", *rest, *(["policy"] if "policy" in arms else [])]
+    last = [a for a in ("policy", STOPPED_ARM) if a in arms]
+    order = ["none", *sorted(a for a in arms if a != "none" and a not in last), *last]
     g = next(iter(ref.values()))["guided"]
     lines = [
         f"| arm | seeds | memorized w=1 | memorized w={g:g} | ratio to none (w=1, w={g:g}) | held-out loss | "
@@ -91,8 +106,9 @@ def mitigation_markdown(runs: list[dict[str, Any]]) -> str:
         pairs = [(arms[arm][s], ref.get(s)) for s in seeds]
         dash = arm == "none"
         ratio = f"{_cell(_vs(pairs, 'mem_w1', 'ratio'))}; {_cell(_vs(pairs, 'mem_guided', 'ratio'))}"
+        steps = "" if arm != STOPPED_ARM else f" (steps {', '.join(str(int(x['step'])) for x in m)})"
         lines.append(
-            f"| {arm} | {','.join(map(str, seeds))} | {_cell([x['mem_w1'] for x in m], 100, 1)} % | "
+            f"| {arm}{steps} | {','.join(map(str, seeds))} | {_cell([x['mem_w1'] for x in m], 100, 1)} % | "
             f"{_cell([x['mem_guided'] for x in m], 100, 1)} % | {'1' if dash else ratio} | "
             f"{_cell([x['heldout_loss'] for x in m], 1, 4)} | "
             f"{'-' if dash else _cell(_vs(pairs, 'heldout_loss', 'change'), 100, 1) + ' %'} | "
@@ -158,10 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--monitor", default="mem/probe_loss/band=low/contrast", help="early-stopping metric")
     p.add_argument("--thresholds", default="0.06,0.08,0.1,0.12", help="divergence thresholds to replay")
     p.add_argument("--rollback", default="best", choices=("best", "last_good"), help="early stopping's rollback")
+    p.add_argument("--stopped-arm", action="store_true",
+                   help="add the unmitigated runs stopped at the first threshold and rolled back (their checkpoint)")
     a = p.parse_args(argv)
     runs = load_runs(a.dirs)
     thresholds = [float(t) for t in a.thresholds.split(",")]
-    text = f"{mitigation_markdown(runs)}\n\n{stopping_markdown(runs, a.monitor, thresholds, a.rollback)}\n"
+    stop = (a.monitor, thresholds[0], a.rollback) if a.stopped_arm else None
+    text = f"{mitigation_markdown(runs, stop)}\n\n{stopping_markdown(runs, a.monitor, thresholds, a.rollback)}\n"
     print(text)
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,12 @@ from mnemoguard.config import ConfigError, GuardConfig, default_policy, load_con
 from mnemoguard.guard import build_components
 from mnemoguard.testbed.bench_config import load_bench_config
 from mnemoguard.testbed.bench_mitigation import MITIGATIONS, WEN_TAU_TESTBED, apply_mitigation
-from mnemoguard.testbed.bench_mitigation_summary import early_stop_step, mitigation_markdown, stopping_markdown
+from mnemoguard.testbed.bench_mitigation_summary import (
+    STOPPED_ARM,
+    early_stop_step,
+    mitigation_markdown,
+    stopping_markdown,
+)
 
 
 def _guard(arm: str, monitor_on: bool = True) -> GuardConfig:
@@ -130,6 +135,21 @@ def test_mitigation_table_compares_each_arm_with_none_of_the_same_seed():
     assert cells[9] == "-0.5 (-1.0, 0.0)"  # fidelity points
     with pytest.raises(ValueError, match="unmitigated runs"):
         mitigation_markdown(runs[2:])
+
+
+def test_stopped_arm_reads_the_checkpoint_the_stop_rolls_back_to():
+    stops = _run("none", 0, 0, 0.1, 0.9, monitor=[(300, 0.0), (400, 0.02), (500, 0.12)],
+                 checkpoints=[(300, 0.0), (400, 0.01), (500, 0.06), (1000, 0.5)])
+    never = _run("none", 1, 0, 0.1, 0.9, monitor=[(300, 0.0)], checkpoints=[(300, 0.0), (1000, 0.4)])
+    table = mitigation_markdown([stops, never], stop=("mem/x", 0.05, "last_good"))
+    row = next(line for line in table.splitlines() if line.startswith(f"| {STOPPED_ARM}"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[0].endswith("(steps 400, 1000)")  # rolled back to the check before the stop; no stop: the last
+    assert cells[2] == "20.5 (1.0, 40.0) %"
+    assert cells[4].startswith("0.51 (0.02, 1.00)")
+    missing = _run("none", 0, 0, 0.1, 0.9, monitor=[(400, 0.0), (500, 0.2)], checkpoints=[(1000, 0.5)])
+    with pytest.raises(ValueError, match="checkpoint at step 400"):
+        mitigation_markdown([missing], stop=("mem/x", 0.05, "last_good"))
 
 
 def test_early_stop_replay_uses_lightning_divergence_semantics():
