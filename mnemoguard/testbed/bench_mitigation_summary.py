@@ -31,12 +31,13 @@ TARGETS = {"ratio": 0.1, "heldout_change": 0.05, "fidelity_points": 2.0}
 
 
 def arm_metrics(run: dict[str, Any], step: int | None = None) -> dict[str, float]:
-    """Memorized fractions, held-out loss and fidelity of a run's checkpoint at ``step`` (default: the last)."""
+    """Memorized fractions, held-out loss and fidelity of a run's last checkpoint, or its last one at or before
+    ``step`` (evaluated checkpoints may be sparser than the checks a stop rolls back to)."""
     cps = run["checkpoints"]
-    cp = cps[-1] if step is None else next((c for c in cps if c["step"] == step), None)
+    cp = cps[-1] if step is None else max((c for c in cps if c["step"] <= step), key=lambda c: c["step"], default=None)
     if cp is None:
-        raise ValueError(f"expected a checkpoint at step {step} in seed {run['seed']}, found steps "
-                         f"{[c['step'] for c in cps]} (run `none` with train.eval_every at the tracker's cadence)")
+        raise ValueError(f"expected a checkpoint at or before step {step} in seed {run['seed']}, found steps "
+                         f"{[c['step'] for c in cps]}")
     ws = sorted(cp["ground_truth"], key=lambda w: float(w.split("=")[1]))
     guided = ws[-1]
     fid = cp.get("fidelity", {})
@@ -58,8 +59,8 @@ STOPPED_ARM = "none, stopped + rolled back"
 def _arms(runs: list[dict[str, Any]], stop: tuple[str, float, str] | None = None
           ) -> dict[str, dict[int, dict[str, float]]]:
     """Each arm's metrics by seed; with ``stop = (monitor, threshold, rollback)`` also :data:`STOPPED_ARM`: the
-    unmitigated run's checkpoint at the rollback step of that early-stopping rule replayed on its curve (the weights
-    a user who stopped there would export; the last checkpoint where the rule never stops)."""
+    unmitigated run's last checkpoint at or before the rollback step of that early-stopping rule replayed on its
+    curve (the weights a user who stopped there would export; the last checkpoint where the rule never stops)."""
     out: dict[str, dict[int, dict[str, float]]] = {}
     for run in runs:
         arm = run["config"]["train"].get("mitigation", "none")
