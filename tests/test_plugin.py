@@ -96,6 +96,22 @@ def test_a_stop_leaves_both_loops_and_writes_a_checkpoint_at_the_stop_step(model
     assert summary["run"]["stop_step"] == 3 and summary["early_stopping"][0]["stopped_step"] == 3
 
 
+def test_the_danger_zone_tracker_and_the_default_stop_run_in_the_script_on_a_latent_model(model_dir, tmp_path):
+    dz = {"enabled": True, "every_n_checks": 1, "num_inference_steps": 4, "draws": 1, "prior_rows": 32}
+    guard_yaml = write_guard(tmp_path / "g.yaml", danger_zone=dz, default_stop=True,
+                             noise_gap={"enabled": True, "follow_danger_zone": True})
+    result = run(model_dir, tmp_path, "--lora", "--max_train_steps", "4", "--checkpointing_steps", "100",
+                 guard=guard_yaml)
+    guard = result["guard_object"]
+    tracker = guard.components.danger_zone
+    # The prior on the VAE latents of the script's own images, a measurement at every check, the band's scalars.
+    assert tracker.prior is not None and len(tracker.prior["sigmas"]) > 0
+    assert [h["step"] for h in tracker.history] == [2, 4]
+    assert all(guard.state.metric_steps[f"mem/danger_zone/{name}"] == 4 for name in ("excess", "copy_rate", "active"))
+    # The default stop's rollback target: each check that does not stop asks the script to save a checkpoint.
+    assert result["global_step"] == 4 and (tmp_path / "checkpoint-2" / "mnemoguard_state.json").is_file()
+
+
 def test_resume_latest_replays_the_uninterrupted_run(model_dir, tmp_path):
     guard = write_guard(tmp_path / "g.yaml")
     common = ("--lora", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2")
