@@ -7,7 +7,10 @@ arm's settings are the action's published default where one exists, scaled to th
 * ``noise_gap_low`` / ``noise_gap_mid``: the noise-gap scheduler with ``timestep_bias_strategy: gap`` and
   multiplier 0 over t in [0, 333) / [333, 666) — that band is never trained (Dodson et al.'s "under-train the
   danger zone"; the testbed's loss gap sits in the low band, its danger zone at mid to high noise);
-  ``noise_gap_low_half``: the low band at half its weight (multiplier 0.5).
+  ``noise_gap_low_half``: the low band at half its weight (multiplier 0.5); ``noise_gap_prior``: Dodson et al.'s
+  gap training as the paper runs it, static from step 0 over the data prior's band — t in [180, 740), the union of
+  the prior bands the tracker found on the digits fine-tuning testbed in 3 seeds (sigma ~0.29-2.35; another data
+  set has another band: read it off ``mem/danger_zone/prior_sigma_{lo,hi}``).
 * ``adaptive_gap``: the danger-zone tracker on, and the noise gap following its live band (switched on when the
   at-risk probes' return rate rises above the held-out images', at a strength that follows the excess, released
   when it falls; ``guard.noise_gap.follow_danger_zone``).
@@ -46,6 +49,7 @@ MITIGATIONS: dict[str, dict[str, Any]] = {
     "noise_gap_low": _noise_gap(0, 333),
     "noise_gap_mid": _noise_gap(333, 666),
     "noise_gap_low_half": {"noise_gap": {**_noise_gap(0, 333)["noise_gap"], "timestep_bias_multiplier": 0.5}},
+    "noise_gap_prior": _noise_gap(180, 740),
     "adaptive_gap": {"noise_gap": {"enabled": True, "follow_danger_zone": True}, "danger_zone": True},
     "wen_filter": {"regularizers": {"wen_filter": {"threshold": WEN_TAU_TESTBED}}},
     "iet_agc": {"regularizers": {"iet_agc": {}}},

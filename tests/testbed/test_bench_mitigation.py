@@ -36,7 +36,8 @@ def test_every_arm_turns_the_guard_on_and_builds(arm, tmp_path):
     callbacks = build_components(guard).ordered()
     names = {type(c).__name__ for c in callbacks} | {getattr(c, "name", "") for c in callbacks}
     expected = {"noise_gap_low": "NoiseGapScheduler", "noise_gap_mid": "NoiseGapScheduler",
-                "noise_gap_low_half": "NoiseGapScheduler", "adaptive_gap": "DangerZoneTracker",
+                "noise_gap_low_half": "NoiseGapScheduler", "noise_gap_prior": "NoiseGapScheduler",
+                "adaptive_gap": "DangerZoneTracker",
                 "policy": "MitigationPolicy", "caption_replacement": "random_caption_replacement",
                 "embedding_noise": "gaussian_embedding_noise", "preservation": "baseline_preservation"}.get(arm, arm)
     assert expected in names  # the arm's action (for the policy: the policy) is among the callbacks
@@ -55,6 +56,8 @@ def test_arms_set_the_documented_actions():
     assert _guard("noise_gap_low").noise_gap.timestep_bias_end == 333
     half = _guard("noise_gap_low_half").noise_gap
     assert (half.timestep_bias_end, half.timestep_bias_multiplier) == (333, 0.5)
+    prior = _guard("noise_gap_prior").noise_gap  # Dodson's gap training over the digits testbed's prior band
+    assert (prior.timestep_bias_begin, prior.timestep_bias_end, prior.timestep_bias_multiplier) == (180, 740, 0.0)
     assert _guard("wen_filter").regularizers == {"wen_filter": {"threshold": WEN_TAU_TESTBED}}
     assert _guard("caption_replacement").regularizers["random_caption_replacement"]["prob"] == 0.1
     assert _guard("embedding_noise").regularizers["gaussian_embedding_noise"]["lam"] == 0.1
