@@ -150,6 +150,8 @@ class MitigationPolicy(Callback):
         if new:
             self._update_actions(new)
             self.alarms.extend(new)
+        elif checked:
+            self._follow_bands()
             for alarm in new:
                 if self.verbose and state.is_world_process_zero:
                     logger.info("MitigationPolicy: %s", alarm["message"])
@@ -220,6 +222,18 @@ class MitigationPolicy(Callback):
         for alarm in alarms:
             alarm["strength"] = float(self.applied.get(alarm["action"], {}).get("strength", 0.0))
             alarm["message"] += f", {alarm['action']} strength now {alarm['strength']:g}"
+
+    def _follow_bands(self) -> None:
+        """Actions on with a band that moves (a rule whose band is a callable, e.g. the danger-zone tracker's live
+        band): re-applied when the band or strength they would get now differs from the applied one."""
+        for name, applied in list(self.applied.items()):
+            rule = next((r for r in self.rules if r.name == applied["rule"]), None)
+            if rule is None or not callable(rule.band):
+                continue
+            want = self._desired(name)
+            if want is not None and want != applied:
+                self._apply(name, want["strength"], tuple(want["band"]) if want["band"] else None)
+                self.applied[name] = want
 
     def _reapply_actions(self) -> None:
         """After a resume: put the actions back in the state the checkpoint had (idempotent for stateful ones)."""

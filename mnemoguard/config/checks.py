@@ -126,6 +126,9 @@ def check_guard_config(cfg: GuardConfig, where: str = "guard", heldout_given: bo
             raise ConfigError(f"{where}.policy[{i}].action {rule.action!r} is not configured, so the rule could never "
                               f"act: add {where}.regularizers.{rule.action}: {{enabled: false}} (the rule turns it "
                               "on)")
+        if rule.band == "danger_zone" and not tracker_enabled(cfg):
+            raise ConfigError(f"{where}.policy[{i}].band: 'danger_zone' follows the danger-zone tracker's live band; "
+                              f"turn it on with {where}.danger_zone.enabled: true (and the monitor), found it off")
     if cfg.default_policy and not (cfg.monitor.enabled and cfg.monitor.heldout_data):
         raise ConfigError(f"{where}.default_policy reads mem/probe_loss/band=low/contrast, the loss gap between "
                           "held-out (image, caption) pairs and training pairs: it needs guard.monitor.enabled and "

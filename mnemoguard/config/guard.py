@@ -161,8 +161,9 @@ class Rule:
     release_patience: int = 1  # consecutive fresh checks beyond the release level before turning off
     direction: Literal["above", "below"] = "above"  # which side of the on-level means "memorizing"
     strength: float = 1.0  # passed to the action
-    band: tuple[int, int] | None = None  # [begin, end) timesteps passed as band= (in code also a DangerZone or a
-    # callable returning one)
+    band: tuple[int, int] | Literal["danger_zone"] | None = None  # [begin, end) timesteps passed as band=;
+    # "danger_zone": the danger-zone tracker's live band, followed while the rule is on (needs the tracker); in code
+    # also a DangerZone or a callable returning one
     name: str | None = None  # key in the state and alarms; default "<action><-<signal>"
 
     def __post_init__(self) -> None:

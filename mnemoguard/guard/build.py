@@ -14,7 +14,7 @@ values they produce (a validation loss) reach the policy and early stopping at t
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..callbacks.base import Callback
@@ -112,6 +112,9 @@ def build_components(cfg: GuardConfig, callbacks: Sequence[Callback] = (), heldo
     if noise_gap or any(r.action == "noise_gap" for r in rules):
         out.noise_gap = NoiseGapScheduler(cfg.noise_gap, zone=out.danger_zone)
     out.regularizers = build_regularizers(regularizers)
+    if out.danger_zone is not None:  # band: danger_zone -> the tracker's live band, read at every check
+        tracker = out.danger_zone
+        rules = [replace(r, band=lambda: tracker.zone) if r.band == "danger_zone" else r for r in rules]
     if rules:
         actions: dict[str, Any] = {r.name: r for r in out.regularizers}
         if out.noise_gap is not None:

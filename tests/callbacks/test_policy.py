@@ -106,6 +106,44 @@ def test_drives_the_noise_gap_scheduler_with_a_band():
     assert float(gap.distribution()[400:600].sum()) == pytest.approx(0.2 * 200 / (800 + 0.2 * 200))
 
 
+def test_a_rule_on_the_danger_zone_band_follows_it_while_on():
+    from mnemoguard.signals.danger_zone import DangerZone
+
+    class Tracker:  # the tracker's live band (DangerZoneTracker.zone), moved by hand between checks
+        zone = DangerZone(0.2, 0.5, 50, 399)
+
+    gap = NoiseGapScheduler(num_train_timesteps=1000)
+    rule = Rule("mem/danger_zone/excess", "noise_gap", threshold=0.5, strength=0.5, band=lambda: Tracker.zone)
+    policy = MitigationPolicy([rule],
+                              actions={"noise_gap": gap})
+    policy.on_train_begin(TrainerState(), TrainerControl())
+    state, _ = drive(policy, "mem/danger_zone/excess", [0.6])
+    assert gap.active and gap.band == (50, 400)
+    Tracker.zone = DangerZone(0.2, 1.0, 50, 599)  # the band grows while the rule stays on: the action follows it
+    state, _ = drive(policy, "mem/danger_zone/excess", [0.7], state=state, start_step=1)
+    assert gap.band == (50, 600) and policy.applied["noise_gap"]["band"] == [50, 600] and len(policy.alarms) == 1
+    Tracker.zone = None  # no band while the rule is on: the action's own band (here: the whole schedule)
+    drive(policy, "mem/danger_zone/excess", [0.7], state=state, start_step=2)
+    assert gap.active and gap.band == (0, 1000)
+
+
+def test_a_danger_zone_band_in_a_rule_needs_the_tracker():
+    from mnemoguard.config import ConfigError, load_config
+    from mnemoguard.guard.build import build_components
+
+    rule = {"signal": "mem/danger_zone/excess", "action": "noise_gap", "threshold": 0.5, "band": "danger_zone"}
+    base = ["guard.enabled=true", "guard.noise_gap.enabled=true", "guard.monitor.num_random_probes=2"]
+    cfg = load_config(None, [*base, "guard.danger_zone.enabled=true"])
+    cfg.guard.policy = [Rule(**rule)]
+    parts = build_components(cfg.guard)
+    assert parts.policy.rules[0].band() is parts.danger_zone.zone  # bound to the tracker's live band
+    with pytest.raises(ConfigError, match="danger_zone.enabled"):
+        load_config(None, [*base, f"guard.policy=[{rule}]".replace("'", "")])
+    with pytest.raises(ConfigError, match="band"):
+        load_config(None, [*base, "guard.danger_zone.enabled=true",
+                           f"guard.policy=[{ {**rule, 'band': 'middle'} }]".replace("'", "")])
+
+
 def test_state_round_trip_resumes_the_state_machine_and_the_actions():
     values = [0.1, 0.6, 0.7, 0.3, 0.2, 0.9, 0.95]
 
