@@ -137,6 +137,12 @@ def test_a_danger_zone_band_in_a_rule_needs_the_tracker():
     cfg.guard.policy = [Rule(**rule)]
     parts = build_components(cfg.guard)
     assert parts.policy.rules[0].band() is parts.danger_zone.zone  # bound to the tracker's live band
+    documented = load_config(None, [*base, "guard.danger_zone.enabled=true",
+                                    "guard.regularizers.iet_agc.enabled=false",
+                                    "guard.policy=[{signal: mem/danger_zone/excess, threshold: 0.5, action: iet_agc, "
+                                    "band: danger_zone}]"])  # docs/guard.md's example
+    agc = build_components(documented.guard).policy.actions["iet_agc"]
+    assert documented.guard.policy[0].band == "danger_zone" and not agc.active
     with pytest.raises(ConfigError, match="danger_zone.enabled"):
         load_config(None, [*base, f"guard.policy=[{rule}]".replace("'", "")])
     with pytest.raises(ConfigError, match="band"):
