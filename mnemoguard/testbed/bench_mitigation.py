@@ -26,13 +26,15 @@ arm's settings are the action's published default where one exists, scaled to th
 * ``preservation``: MSE to the EMA's prediction on every training sample (weight 1, ai-toolkit's default).
 * ``policy``: ``guard.default_policy: true``, the rule of :func:`mnemoguard.config.default_policy` on the
   monitor's held-out image probes.
+* ``danger_zone_policy``: a scale-free rule in its place: the danger-zone tracker on, IET-AGC's gating switched on
+  when the excess reaches the band's on-level (0.5) and off after 2 measurements below its release level (0.25).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..config import ConfigError
+from ..config import ConfigError, Rule
 
 __all__ = ["MITIGATIONS", "WEN_TAU_TESTBED", "apply_mitigation"]
 
@@ -58,6 +60,9 @@ MITIGATIONS: dict[str, dict[str, Any]] = {
     "caption_dropout": {"regularizers": {"caption_dropout": {"prob": 0.1}}},
     "preservation": {"regularizers": {"baseline_preservation": {"weight": 1.0}}},
     "policy": {"policy": "default"},
+    "danger_zone_policy": {"danger_zone": True, "regularizers": {"iet_agc": {"enabled": False}},
+                           "rules": [{"signal": "mem/danger_zone/excess", "action": "iet_agc", "threshold": 0.5,
+                                      "release": 0.25, "release_patience": 2}]},
 }
 
 
@@ -84,6 +89,8 @@ def apply_mitigation(guard: Any, name: str, monitor_on: bool) -> None:
             raise ConfigError(f"train.mitigation={name}: the tracker reads the monitor's probes; set "
                               "train.monitor_every > 0, found 0")
         guard.danger_zone.enabled = True
+    if arm.get("rules"):
+        guard.policy = [*guard.policy, *(Rule(**rule) for rule in arm["rules"])]
     if arm.get("policy") == "default":
         if not monitor_on:
             raise ConfigError("train.mitigation=policy: the policy reads the monitor's signals; set "

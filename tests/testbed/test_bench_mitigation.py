@@ -28,7 +28,7 @@ def test_none_leaves_the_guard_off():
 
 @pytest.mark.parametrize("arm", sorted(set(MITIGATIONS) - {"none"}))
 def test_every_arm_turns_the_guard_on_and_builds(arm, tmp_path):
-    reads_monitor = arm in ("policy", "adaptive_gap")
+    reads_monitor = arm in ("policy", "adaptive_gap", "danger_zone_policy")
     guard = _guard(arm, monitor_on=reads_monitor)
     if arm == "policy":
         guard = _with_heldout(guard, tmp_path)
@@ -37,7 +37,7 @@ def test_every_arm_turns_the_guard_on_and_builds(arm, tmp_path):
     names = {type(c).__name__ for c in callbacks} | {getattr(c, "name", "") for c in callbacks}
     expected = {"noise_gap_low": "NoiseGapScheduler", "noise_gap_mid": "NoiseGapScheduler",
                 "noise_gap_low_half": "NoiseGapScheduler", "noise_gap_prior": "NoiseGapScheduler",
-                "adaptive_gap": "DangerZoneTracker",
+                "adaptive_gap": "DangerZoneTracker", "danger_zone_policy": "MitigationPolicy",
                 "policy": "MitigationPolicy", "caption_replacement": "random_caption_replacement",
                 "embedding_noise": "gaussian_embedding_noise", "preservation": "baseline_preservation"}.get(arm, arm)
     assert expected in names  # the arm's action (for the policy: the policy) is among the callbacks
@@ -56,6 +56,8 @@ def test_arms_set_the_documented_actions():
     assert _guard("noise_gap_low").noise_gap.timestep_bias_end == 333
     half = _guard("noise_gap_low_half").noise_gap
     assert (half.timestep_bias_end, half.timestep_bias_multiplier) == (333, 0.5)
+    rule = _guard("danger_zone_policy", monitor_on=True).policy[0]  # scale-free: a difference of return rates
+    assert (rule.signal, rule.action, rule.threshold, rule.release) == ("mem/danger_zone/excess", "iet_agc", 0.5, 0.25)
     prior = _guard("noise_gap_prior").noise_gap  # Dodson's gap training over the digits testbed's prior band
     assert (prior.timestep_bias_begin, prior.timestep_bias_end, prior.timestep_bias_multiplier) == (180, 740, 0.0)
     assert _guard("wen_filter").regularizers == {"wen_filter": {"threshold": WEN_TAU_TESTBED}}
