@@ -98,10 +98,13 @@ def stop_markdown(runs: list[dict[str, Any]], thresholds: list[float] | None = N
     (default: the rule's own)."""
     levels = thresholds or [default_stop()["divergence_threshold"]]
     head = " | ".join(f"stop at copy rate > {t:g} (rollback): within ±10 % and before 10 %?" for t in levels)
-    lines = [f"| seed | oracle (5 %) | passes 10 % | {head} | copy rate by measurement |",
-             "|" + "---|" * (4 + len(levels))]
+    lines = [f"| seed | oracle (5 %) | passes 10 % | band on at (steps before the oracle) | {head} | "
+             "copy rate by measurement |", "|" + "---|" * (5 + len(levels))]
     for run in runs:
         oracle, ten = onset_step(run, 0.05), onset_step(run, 0.10)
+        history = _tracker(run)["history"]
+        on = next((h["step"] for h in history if h["active"]), None)
+        lead = "never" if on is None else f"{on} ({oracle - on})" if oracle is not None else f"{on} (no onset)"
         cells = []
         for level in levels:
             stop, back = early_stop_step(run["monitor"], COPY_RATE, level, rollback="last_good")
@@ -112,8 +115,8 @@ def stop_markdown(runs: list[dict[str, Any]], thresholds: list[float] | None = N
             else:
                 ok = abs(stop - oracle) <= 0.1 * oracle and (ten is None or stop < ten)
                 cells.append(f"{stop} ({back}): {stop / oracle - 1:+.0%}, {'yes' if ok else 'no'}")
-        curve = ", ".join(f"{h['step']}: {h['copy_rate']:.2f}" for h in _tracker(run)["history"])
-        lines.append(f"| {run['seed']} | {oracle} | {ten} | {' | '.join(cells)} | {curve} |")
+        curve = ", ".join(f"{h['step']}: {h['copy_rate']:.2f}" for h in history)
+        lines.append(f"| {run['seed']} | {oracle} | {ten} | {lead} | {' | '.join(cells)} | {curve} |")
     return "\n".join(lines)
 
 

@@ -31,9 +31,10 @@ def test_the_default_stop_is_judged_against_the_oracle_with_its_rollback():
     run = _run([(100, 0.0), (200, 0.03), (300, 0.06), (400, 0.2)], [(100, 0.0), (200, 0.01), (300, 0.06),
                                                                      (400, 0.2)])
     row = stop_markdown([run]).splitlines()[-1].split(" | ")
-    assert row[1:4] == ["300", "400", "300 (200): +0%, yes"]  # oracle 300, stop 300, rollback to 200
+    assert row[1:3] == ["300", "400"] and row[4] == "300 (200): +0%, yes"  # oracle 300, stop 300, rollback 200
+    assert row[3] == "100 (200)"  # the band turned on at the first measurement, 200 steps before the oracle
     late = _run([(100, 0.0), (200, 0.0), (300, 0.0), (400, 0.2)], [(100, 0.0), (200, 0.06), (300, 0.2)])
-    assert stop_markdown([late], [0.05, 0.5]).splitlines()[-1].split(" | ")[3:5] == ["400 (300): +100%, no",
+    assert stop_markdown([late], [0.05, 0.5]).splitlines()[-1].split(" | ")[4:6] == ["400 (300): +100%, no",
                                                                                        "no stop"]
 
 
