@@ -25,7 +25,7 @@ from typing import Any
 
 from .bench_summary import _cell, load_runs, onset_step
 
-__all__ = ["STOPPED_ARM", "arm_metrics", "early_stop_step", "mitigation_markdown", "stopping_markdown", "main"]
+__all__ = ["STOPPED", "arm_metrics", "early_stop_step", "mitigation_markdown", "stopping_markdown", "main"]
 
 TARGETS = {"ratio": 0.1, "heldout_change": 0.05, "fidelity_points": 2.0}
 
@@ -53,21 +53,21 @@ def arm_metrics(run: dict[str, Any], step: int | None = None) -> dict[str, float
     }
 
 
-STOPPED_ARM = "none, stopped + rolled back"
+STOPPED = ", stopped + rolled back"  # suffix of an arm replayed with a stop rule
 
 
 def _arms(runs: list[dict[str, Any]], stop: tuple[str, float, str] | None = None
           ) -> dict[str, dict[int, dict[str, float]]]:
-    """Each arm's metrics by seed; with ``stop = (monitor, threshold, rollback)`` also :data:`STOPPED_ARM`: the
-    unmitigated run's last checkpoint at or before the rollback step of that early-stopping rule replayed on its
+    """Each arm's metrics by seed; with ``stop = (monitor, threshold, rollback)`` also ``<arm>`` + :data:`STOPPED`:
+    each run's last evaluated checkpoint at or before the rollback step of that early-stopping rule replayed on its
     curve (the weights a user who stopped there would export; the last checkpoint where the rule never stops)."""
     out: dict[str, dict[int, dict[str, float]]] = {}
     for run in runs:
         arm = run["config"]["train"].get("mitigation", "none")
         out.setdefault(arm, {})[run["seed"]] = arm_metrics(run)
-        if stop is not None and arm == "none":
+        if stop is not None:
             _, back = early_stop_step(run["monitor"], stop[0], stop[1], rollback=stop[2])
-            out.setdefault(STOPPED_ARM, {})[run["seed"]] = arm_metrics(run, back)
+            out.setdefault(arm + STOPPED, {})[run["seed"]] = arm_metrics(run, back)
     return out
 
 
@@ -93,8 +93,8 @@ def mitigation_markdown(runs: list[dict[str, Any]], stop: tuple[str, float, str]
     if "none" not in arms:
         raise ValueError(f"expected unmitigated runs (train.mitigation=none) among the arms, found {sorted(arms)}")
     ref = arms["none"]
-    last = [a for a in ("policy", STOPPED_ARM) if a in arms]
-    order = ["none", *sorted(a for a in arms if a != "none" and a not in last), *last]
+    plain = ["none", *sorted(a for a in arms if a != "none" and not a.endswith(STOPPED))]
+    order = [*plain, *(a + STOPPED for a in plain if a + STOPPED in arms)]
     g = next(iter(ref.values()))["guided"]
     lines = [
         f"| arm | seeds | memorized w=1 | memorized w={g:g} | ratio to none (w=1, w={g:g}) | held-out loss | "
@@ -107,7 +107,7 @@ def mitigation_markdown(runs: list[dict[str, Any]], stop: tuple[str, float, str]
         pairs = [(arms[arm][s], ref.get(s)) for s in seeds]
         dash = arm == "none"
         ratio = f"{_cell(_vs(pairs, 'mem_w1', 'ratio'))}; {_cell(_vs(pairs, 'mem_guided', 'ratio'))}"
-        steps = "" if arm != STOPPED_ARM else f" (steps {', '.join(str(int(x['step'])) for x in m)})"
+        steps = "" if not arm.endswith(STOPPED) else f" (steps {', '.join(str(int(x['step'])) for x in m)})"
         lines.append(
             f"| {arm}{steps} | {','.join(map(str, seeds))} | {_cell([x['mem_w1'] for x in m], 100, 1)} % | "
             f"{_cell([x['mem_guided'] for x in m], 100, 1)} % | {'1' if dash else ratio} | "
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thresholds", default="0.06,0.08,0.1,0.12", help="divergence thresholds to replay")
     p.add_argument("--rollback", default="best", choices=("best", "last_good"), help="early stopping's rollback")
     p.add_argument("--stopped-arm", action="store_true",
-                   help="add the unmitigated runs stopped at the first threshold and rolled back (their checkpoint)")
+                   help="add each arm stopped at the first threshold and rolled back (its checkpoint there)")
     a = p.parse_args(argv)
     runs = load_runs(a.dirs)
     thresholds = [float(t) for t in a.thresholds.split(",")]

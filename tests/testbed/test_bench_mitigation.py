@@ -9,7 +9,7 @@ from mnemoguard.guard import build_components
 from mnemoguard.testbed.bench_config import load_bench_config
 from mnemoguard.testbed.bench_mitigation import MITIGATIONS, WEN_TAU_TESTBED, apply_mitigation
 from mnemoguard.testbed.bench_mitigation_summary import (
-    STOPPED_ARM,
+    STOPPED,
     early_stop_step,
     mitigation_markdown,
     stopping_markdown,
@@ -147,7 +147,7 @@ def test_stopped_arm_reads_the_checkpoint_the_stop_rolls_back_to():
                  checkpoints=[(300, 0.0), (400, 0.01), (500, 0.06), (1000, 0.5)])
     never = _run("none", 1, 0, 0.1, 0.9, monitor=[(300, 0.0)], checkpoints=[(300, 0.0), (1000, 0.4)])
     table = mitigation_markdown([stops, never], stop=("mem/x", 0.05, "last_good"))
-    row = next(line for line in table.splitlines() if line.startswith(f"| {STOPPED_ARM}"))
+    row = next(line for line in table.splitlines() if line.startswith(f"| none{STOPPED}"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[0].endswith("(steps 400, 1000)")  # rolled back to the check before the stop; no stop: the last
     assert cells[2] == "20.5 (1.0, 40.0) %"
