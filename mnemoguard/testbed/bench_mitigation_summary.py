@@ -67,7 +67,7 @@ def _arms(runs: list[dict[str, Any]], stop: tuple[str, float, str] | None = None
         out.setdefault(arm, {})[run["seed"]] = arm_metrics(run)
         if stop is not None:
             _, back = early_stop_step(run["monitor"], stop[0], stop[1], rollback=stop[2])
-            out.setdefault(arm + STOPPED, {})[run["seed"]] = arm_metrics(run, back)
+            out.setdefault(arm + STOPPED, {})[run["seed"]] = {**arm_metrics(run, back), "rollback": back}
     return out
 
 
@@ -107,7 +107,8 @@ def mitigation_markdown(runs: list[dict[str, Any]], stop: tuple[str, float, str]
         pairs = [(arms[arm][s], ref.get(s)) for s in seeds]
         dash = arm == "none"
         ratio = f"{_cell(_vs(pairs, 'mem_w1', 'ratio'))}; {_cell(_vs(pairs, 'mem_guided', 'ratio'))}"
-        steps = "" if not arm.endswith(STOPPED) else f" (steps {', '.join(str(int(x['step'])) for x in m)})"
+        steps = "" if not arm.endswith(STOPPED) else " (rollback → checkpoint read: " + ", ".join(
+            f"{x['rollback'] if x['rollback'] is not None else 'no stop'} → {int(x['step'])}" for x in m) + ")"
         lines.append(
             f"| {arm}{steps} | {','.join(map(str, seeds))} | {_cell([x['mem_w1'] for x in m], 100, 1)} % | "
             f"{_cell([x['mem_guided'] for x in m], 100, 1)} % | {'1' if dash else ratio} | "

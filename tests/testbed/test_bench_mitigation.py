@@ -149,12 +149,12 @@ def test_stopped_arm_reads_the_checkpoint_the_stop_rolls_back_to():
     table = mitigation_markdown([stops, never], stop=("mem/x", 0.05, "last_good"))
     row = next(line for line in table.splitlines() if line.startswith(f"| none{STOPPED}"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
-    assert cells[0].endswith("(steps 400, 1000)")  # rolled back to the check before the stop; no stop: the last
+    assert cells[0].endswith("(rollback → checkpoint read: 400 → 400, no stop → 1000)")  # no stop: the last
     assert cells[2] == "20.5 (1.0, 40.0) %"
     assert cells[4].startswith("0.51 (0.02, 1.00)")
     sparse = _run("none", 0, 0, 0.1, 0.9, monitor=[(400, 0.0), (500, 0.2)], checkpoints=[(200, 0.0), (1000, 0.5)])
     row = mitigation_markdown([sparse], stop=("mem/x", 0.05, "last_good")).splitlines()[-1]
-    assert "(steps 200)" in row  # the last evaluated checkpoint at or before the rollback step
+    assert "400 → 200)" in row  # the last evaluated checkpoint at or before the rollback step
     missing = _run("none", 0, 0, 0.1, 0.9, monitor=[(400, 0.0), (500, 0.2)], checkpoints=[(1000, 0.5)])
     with pytest.raises(ValueError, match="checkpoint at or before step 400"):
         mitigation_markdown([missing], stop=("mem/x", 0.05, "last_good"))
