@@ -61,8 +61,8 @@ def guard_tags(cfg: GuardConfig, heldout_given: bool = False) -> set[str]:
 
 
 def tracker_enabled(cfg: GuardConfig) -> bool:
-    """Whether the danger-zone tracker runs: asked for, or needed by the default stop rule."""
-    return cfg.enabled and cfg.monitor.enabled and (cfg.danger_zone.enabled or cfg.default_stop)
+    """Whether the danger-zone tracker runs: asked for, or needed by the default stop rule or the default policy."""
+    return cfg.enabled and cfg.monitor.enabled and (cfg.danger_zone.enabled or cfg.default_stop or cfg.default_policy)
 
 
 def early_stopping_settings(cfg: GuardConfig) -> EarlyStoppingSettings:
@@ -129,11 +129,13 @@ def check_guard_config(cfg: GuardConfig, where: str = "guard", heldout_given: bo
         if rule.band == "danger_zone" and not tracker_enabled(cfg):
             raise ConfigError(f"{where}.policy[{i}].band: 'danger_zone' follows the danger-zone tracker's live band; "
                               f"turn it on with {where}.danger_zone.enabled: true (and the monitor), found it off")
-    if cfg.default_policy and not (cfg.monitor.enabled and cfg.monitor.heldout_data):
-        raise ConfigError(f"{where}.default_policy reads mem/probe_loss/band=low/contrast, the loss gap between "
-                          "held-out (image, caption) pairs and training pairs: it needs guard.monitor.enabled and "
-                          f"guard.monitor.heldout_data, found enabled={cfg.monitor.enabled} and heldout_data="
-                          f"{cfg.monitor.heldout_data!r}")
+    if cfg.default_policy and not (cfg.monitor.enabled and (cfg.monitor.heldout_data or
+                                                            cfg.monitor.num_random_probes > 0)):
+        raise ConfigError(f"{where}.default_policy reads mem/danger_zone/excess, the at-risk probes' return rate "
+                          "over a reference's (held-out images, or random training probes): it needs "
+                          f"{where}.monitor.enabled and monitor.heldout_data or monitor.num_random_probes > 0, "
+                          f"found enabled={cfg.monitor.enabled}, heldout_data={cfg.monitor.heldout_data!r}, "
+                          f"num_random_probes={cfg.monitor.num_random_probes}")
     if cfg.early_stopping.enabled and not cfg.early_stopping.monitor:
         raise ConfigError(f"{where}.early_stopping.enabled needs {where}.early_stopping.monitor (a metric key)")
     if cfg.default_stop and cfg.early_stopping.enabled:

@@ -292,7 +292,7 @@ class GuardConfig:
     loss_flags: LossFlagsConfig = field(default_factory=LossFlagsConfig)
     noise_gap: NoiseGapConfig = field(default_factory=NoiseGapConfig)
     policy: list[Rule] = field(default_factory=list)
-    default_policy: bool = False  # add default_policy()'s rule (needs the monitor with monitor.heldout_data)
+    default_policy: bool = False  # add default_policy()'s rule (turns the danger-zone tracker on; needs the monitor)
     # name -> settings, e.g. {wen_filter: {threshold: 4.0}, iet_agc: {enabled: false}}; names are those of
     # mnemoguard.config.regularizers.REGULARIZER_CONFIGS, settings the fields of each one's config class.
     regularizers: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -316,10 +316,13 @@ class DefaultPolicy:
 
 def default_policy() -> DefaultPolicy:
     """The default rule, chosen on the testbed (docs/guard.md, "Defaults and the evidence behind them"): when the
-    held-out − training probe-loss gap at low noise (``mem/probe_loss/band=low/contrast``, held-out image probes)
-    stays at or above 0.1 for 2 checks, turn on IET-AGC's low-loss gating (drop the samples whose loss falls below
-    the running mean of their timestep / 1.25, the authors' SD setting); below 0.08 for 2 checks, turn it off. The
-    gating reads the training loss only: no extra forward pass, and its table is kept warm while it is off."""
-    rule = Rule(signal="mem/probe_loss/band=low/contrast", action="iet_agc", threshold=0.1, patience=2,
-                        release_patience=2)
+    danger-zone tracker's excess (``mem/danger_zone/excess``: how much more often the at-risk training probes come
+    back as themselves from the noise levels the sampler visits than held-out images do; a difference of rates, so
+    no loss units) reaches the band's on-level 0.5, turn on IET-AGC's low-loss gating (drop the samples whose loss
+    falls below the running mean of their timestep / 1.25, the authors' SD setting); after 2 measurements below
+    0.25, turn it off. The gating reads the training loss only: no extra forward pass, and its table is kept warm
+    while it is off. (Until issue 13 the rule watched ``mem/probe_loss/band=low/contrast`` >= 0.1, a level in the
+    loss units of the testbed's model; that rule can still be written as a ``guard.policy`` item.)"""
+    rule = Rule(signal="mem/danger_zone/excess", action="iet_agc", threshold=0.5, release=0.25, patience=1,
+                release_patience=2)
     return DefaultPolicy(rules=[rule], regularizers={"iet_agc": {"enabled": False}}, needs_noise_gap=False)

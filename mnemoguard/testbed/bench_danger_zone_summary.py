@@ -120,13 +120,18 @@ def stop_markdown(runs: list[dict[str, Any]], thresholds: list[float] | None = N
     return "\n".join(lines)
 
 
-def _policy_alarm(history: list[dict[str, Any]]) -> int | None:
-    """The step at which the default policy's rule would have switched its action on (replayed)."""
+def _policy_alarm(run: dict[str, Any]) -> int | None:
+    """The step at which the default policy's rule would have switched its action on (replayed on the monitor's
+    rows, the tracker's signals taken from its replayed decisions)."""
     from ..config import default_policy
 
     rule = default_policy().rules[0]
+    rows = run["monitor"]
+    if rule.signal.startswith("mem/danger_zone/"):
+        key = rule.signal.removeprefix("mem/danger_zone/")
+        rows = [{"step": h["step"], rule.signal: h[key]} for h in _tracker(run)["history"]]
     count = 0
-    for row in history:
+    for row in rows:
         value = row.get(rule.signal)
         if value is None:
             continue
@@ -145,7 +150,7 @@ def false_alarm_markdown(runs: list[dict[str, Any]]) -> str:
         on = next((h["step"] for h in history if h["active"]), None)
         stop, _ = early_stop_step(run["monitor"], COPY_RATE, rule["divergence_threshold"], rollback="last_good")
         gt = run["checkpoints"][-1]["ground_truth"]["w=1"]["planted"]["memorized_fraction"]["fraction"]
-        lines.append(f"| {run['seed']} | {on or 'no'} | {stop or 'no'} | {_policy_alarm(run['monitor']) or 'no'} | "
+        lines.append(f"| {run['seed']} | {on or 'no'} | {stop or 'no'} | {_policy_alarm(run) or 'no'} | "
                      f"{max(h['excess'] for h in history):.2f} | {max(h['copy_rate'] for h in history):.2f} | "
                      f"{100 * gt:.1f} % |")
     return "\n".join(lines)

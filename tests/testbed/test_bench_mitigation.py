@@ -72,7 +72,9 @@ def test_policy_arm_installs_the_default_policy(tmp_path):
 
     guard = _guard("policy")
     assert guard.default_policy and guard.policy == []
-    with pytest.raises(ConfigError, match="needs guard.monitor.enabled and guard.monitor.heldout_data"):
+    check_guard_config(guard)  # the random training probes are the tracker's reference without held-out images
+    guard.monitor.num_random_probes = 0
+    with pytest.raises(ConfigError, match="needs guard.monitor.enabled and monitor.heldout_data or monitor.num_rand"):
         check_guard_config(guard)
     callbacks = build_components(_with_heldout(guard, tmp_path)).ordered()
     policy = next(c for c in callbacks if isinstance(c, MitigationPolicy))
@@ -81,6 +83,7 @@ def test_policy_arm_installs_the_default_policy(tmp_path):
     actions = {c.name: c for c in callbacks if getattr(c, "name", "") in default_policy().regularizers}
     assert set(actions) == set(default_policy().regularizers)  # installed, and off until the rule turns them on
     assert not any(c.active for c in actions.values())
+    assert any(type(c).__name__ == "DangerZoneTracker" for c in callbacks)  # the rule's signal is the tracker's
 
 
 def _with_heldout(guard: GuardConfig, tmp_path) -> GuardConfig:
