@@ -6,11 +6,11 @@
    The guard only watches (monitor and danger-zone tracker on, no action, no stop), and every ``eval_every`` steps
    the demo generates ``eval_seeds`` images from each duplicated caption and counts the *copies* (a generation whose
    nearest training image is its own duplicated image, Gu et al.'s d1/d2 < 1/3): copies appear;
-3. **with the guard** (``<out>/guarded``), same seed and data: the danger-zone tracker sees the rise (the duplicated
-   digits come back as themselves from noise levels where held-out digits do not), turns its band on, the noise gap
-   trains that band less (``noise_gap.follow_danger_zone``), the default stop rule stops when the duplicated digits
-   come back as copies from pure noise too often (``guard.default_stop``) and the export rolls back to the last
-   check before that;
+3. **with the guard** (``<out>/guarded``), same seed and data, the guard's defaults: the danger-zone tracker sees the
+   rise (the duplicated digits come back as themselves from noise levels where held-out digits do not), the default
+   policy turns IET-AGC's low-loss gating on (``guard.default_policy``), the default stop rule stops when the
+   duplicated digits come back as copies from pure noise too often (``guard.default_stop``) and the export rolls
+   back to the last check before that;
 4. prints both stories in plain words, the copies of each export side by side, and where to look (TensorBoard,
    ``report/report.md``, ``copies.png``).
 
@@ -108,7 +108,7 @@ def demo_recipe(gt: Any, out: Path, settings: DemoSettings, guarded: bool) -> Re
         "guard.danger_zone.every_n_checks=1",
         "guard.danger_zone.draws=8",
     ]
-    act = ["guard.noise_gap.follow_danger_zone=true", "guard.default_stop=true", "training.export=best"]
+    act = ["guard.default_policy=true", "guard.default_stop=true", "training.export=best"]
     cfg = load_config(None, [
         *gt.recipe_overrides(),
         f"training.output_dir={out}",
@@ -141,13 +141,18 @@ def _train(gt: Any, out: Path, settings: DemoSettings, guarded: bool, overrides:
     state = trainer.train()
     seconds = time.perf_counter() - start
     exported = counter.exported
-    tracker = trainer.guard.components.danger_zone
+    parts = trainer.guard.components
+    tracker = parts.danger_zone
+    agc = next((r for r in parts.regularizers if r.name == "iet_agc"), None)
+    alarms = parts.policy.alarms if parts.policy is not None else []
     _copies_figure(counter.last, out / "copies.png")
     return {"steps": state.global_step, "seconds": seconds, "counts": counter.counts, "exported": exported,
             "stop_reason": state.stop_reason, "best_step": state.best_step, "final_dir": str(trainer.final_dir),
             "tracker": [{k: h[k] for k in ("step", "excess", "copy_rate", "active", "band", "strength")}
                         for h in tracker.history],
-            "prior": tracker.prior["band"] if tracker.prior else None, "export": cfg.training.export}
+            "prior": tracker.prior["band"] if tracker.prior else None, "export": cfg.training.export,
+            "alarm": next((a for a in alarms if a["on"]), None),
+            "kept": agc.totals["kept"] / agc.totals["eligible"] if agc and agc.totals.get("eligible") else None}
 
 
 def _copies_figure(last: dict[str, Any] | None, path: Path) -> None:
@@ -176,9 +181,10 @@ def _copies_figure(last: dict[str, Any] | None, path: Path) -> None:
 
 
 def run_demo(out_dir: str | os.PathLike = "outputs/demo", settings: DemoSettings | None = None,
-             overrides: list[str] | None = None) -> dict[str, Any]:
+             overrides: list[str] | None = None, guarded_overrides: list[str] | None = None) -> dict[str, Any]:
     """Build the testbed, train without and with the guard, print both stories; returns ``{"unguarded",
-    "guarded"}`` summaries (``unguarded`` is None with ``guarded_only``)."""
+    "guarded"}`` summaries (``unguarded`` is None with ``guarded_only``). ``overrides`` apply to both runs,
+    ``guarded_overrides`` to the guarded one only."""
     from .testbed import build_testbed
     from .trainer.base_model import BUILTIN_BASES
 
@@ -196,7 +202,7 @@ def run_demo(out_dir: str | os.PathLike = "outputs/demo", settings: DemoSettings
         print("mnemoguard demo 1/2: fine-tuning WITHOUT the guard acting (it only watches) ...", flush=True)
         story["unguarded"] = _train(gt, out / "unguarded", s, False, overrides)
     print("mnemoguard demo 2/2: the same fine-tune WITH the guard ...", flush=True)
-    story["guarded"] = _train(gt, out / "guarded", s, True, overrides)
+    story["guarded"] = _train(gt, out / "guarded", s, True, [*(overrides or []), *(guarded_overrides or [])])
     _print_story(story, gt, out)
     return story
 
@@ -232,14 +238,17 @@ def _print_story(story: dict[str, Any], gt: Any, out: Path) -> None:
     on = next((h for h in g["tracker"] if h["active"]), None)
     if on is not None and on["band"]:
         b = on["band"]
-        print(f"  the alarm: at step {on['step']} the danger zone turned on: timesteps [{b['t_begin']}, {b['t_end']})"
-              f" (σ {b['sigma_lo']:.2g}–{b['sigma_hi']:.2g})")
-        strengths = [h["strength"] for h in g["tracker"] if h["active"]]
-        print(f"  the mitigation: the noise gap follows the band while it is on, training those timesteps at "
-              f"{1 - max(strengths):.0%}–{1 - min(strengths):.0%} of their weight (1 − the excess, at least "
-              "20 %)" if max(strengths) > 0 else "  the mitigation: none yet (the excess was 0)")
+        print(f"  the alarm: at step {on['step']} the danger zone turned on (the excess reached 0.5), at timesteps "
+              f"[{b['t_begin']}, {b['t_end']}) (σ {b['sigma_lo']:.2g}–{b['sigma_hi']:.2g})")
     else:
         print("  the alarm: the danger zone never turned on")
+    if g["alarm"] is not None:
+        kept = f" (it kept {g['kept']:.0%} of the samples it saw while on)" if g["kept"] is not None else ""
+        print(f"  the mitigation: from step {g['alarm']['step']}, IET-AGC's low-loss gating leaves out of each "
+              "batch the samples the model already fits much better than others at the same noise level (the "
+              f"duplicated digits first), so they stop being learned ever more exactly{kept}")
+    else:
+        print("  the mitigation: none (the policy's rule never fired)")
     if g["stop_reason"]:
         print(f"  the stop: {g['stop_reason']}")
     else:
