@@ -99,3 +99,17 @@ def test_the_whole_guard_from_a_recipe_monitors_acts_and_reports(tmp_path):
     assert policy.alarms and policy.alarms[0]["action"] == "noise_gap"
     assert [s for s, _ in scalars(tmp_path / "logs", signal)] == [2, 4]
     assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "report" / "summary.json").is_file()
+
+
+def test_the_guard_docs_first_example_loads_and_turns_on_the_defaults(tmp_path):
+    import re
+    from pathlib import Path
+
+    from mnemoguard.config.checks import early_stopping_settings, tracker_enabled
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "guard.md").read_text()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(re.search(r"```yaml\n(guard:.*?)```", text, re.S).group(1))
+    guard = load_config(recipe).guard
+    assert guard.default_policy and tracker_enabled(guard) and guard.danger_zone.every_n_checks == 1
+    assert early_stopping_settings(guard).monitor == "mem/danger_zone/copy_rate"
