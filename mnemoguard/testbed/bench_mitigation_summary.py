@@ -57,18 +57,23 @@ STOPPED = ", stopped + rolled back"  # suffix of an arm replayed with a stop rul
 
 
 def _arms(runs: list[dict[str, Any]], stop: tuple[str, float, str] | None = None
-          ) -> dict[str, dict[int, dict[str, float]]]:
+          ) -> tuple[dict[str, dict[int, dict[str, float]]], dict[str, dict[int, int]]]:
     """Each arm's metrics by seed; with ``stop = (monitor, threshold, rollback)`` also ``<arm>`` + :data:`STOPPED`:
     each run's last evaluated checkpoint at or before the rollback step of that early-stopping rule replayed on its
-    curve (the weights a user who stopped there would export; the last checkpoint where the rule never stops)."""
+    curve (the weights a user who stopped there would export; the last checkpoint where the rule never stops).
+    Second: per stopped arm, the seeds left out because no checkpoint was evaluated by their rollback step."""
     out: dict[str, dict[int, dict[str, float]]] = {}
+    missing: dict[str, dict[int, int]] = {}
     for run in runs:
         arm = run["config"]["train"].get("mitigation", "none")
         out.setdefault(arm, {})[run["seed"]] = arm_metrics(run)
         if stop is not None:
             _, back = early_stop_step(run["monitor"], stop[0], stop[1], rollback=stop[2])
+            if back is not None and all(c["step"] > back for c in run["checkpoints"]):
+                missing.setdefault(arm + STOPPED, {})[run["seed"]] = back
+                continue
             out.setdefault(arm + STOPPED, {})[run["seed"]] = {**arm_metrics(run, back), "rollback": back}
-    return out
+    return out, missing
 
 
 def _vs(pairs: list[tuple[dict[str, float], dict[str, float] | None]], key: str, mode: str) -> list[float | None]:
@@ -89,12 +94,12 @@ def _vs(pairs: list[tuple[dict[str, float], dict[str, float] | None]], key: str,
 def mitigation_markdown(runs: list[dict[str, Any]], stop: tuple[str, float, str] | None = None) -> str:
     """The table: each arm's metrics (mean over seeds, then each seed) and its change vs ``none`` of the same seed
     (``stop``: add the unmitigated runs stopped and rolled back by that rule, see :func:`_arms`)."""
-    arms = _arms(runs, stop)
+    arms, missing = _arms(runs, stop)
     if "none" not in arms:
         raise ValueError(f"expected unmitigated runs (train.mitigation=none) among the arms, found {sorted(arms)}")
     ref = arms["none"]
     plain = ["none", *sorted(a for a in arms if a != "none" and not a.endswith(STOPPED))]
-    order = [*plain, *(a + STOPPED for a in plain if a + STOPPED in arms)]
+    order = [*plain, *(a + STOPPED for a in plain if a + STOPPED in arms or a + STOPPED in missing)]
     g = next(iter(ref.values()))["guided"]
     lines = [
         f"| arm | seeds | memorized w=1 | memorized w={g:g} | ratio to none (w=1, w={g:g}) | held-out loss | "
@@ -102,13 +107,19 @@ def mitigation_markdown(runs: list[dict[str, Any]], stop: tuple[str, float, str]
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in order:
+        left_out = "".join(f"; seed {seed} left out: rollback to {back} precedes the first evaluated checkpoint"
+                           for seed, back in sorted(missing.get(arm, {}).items()))
+        if arm not in arms:
+            lines.append(f"| {arm} ({left_out.removeprefix('; ')}) |" + " - |" * 9)
+            continue
         seeds = sorted(arms[arm])
         m = [arms[arm][s] for s in seeds]
         pairs = [(arms[arm][s], ref.get(s)) for s in seeds]
         dash = arm == "none"
         ratio = f"{_cell(_vs(pairs, 'mem_w1', 'ratio'))}; {_cell(_vs(pairs, 'mem_guided', 'ratio'))}"
-        steps = "" if not arm.endswith(STOPPED) else " (rollback → checkpoint read: " + ", ".join(
-            f"{x['rollback'] if x['rollback'] is not None else 'no stop'} → {int(x['step'])}" for x in m) + ")"
+        read = ", ".join(f"{x['rollback'] if x['rollback'] is not None else 'no stop'} → {int(x['step'])}"
+                         for x in m) if arm.endswith(STOPPED) else ""
+        steps = f" (rollback → checkpoint read: {read}{left_out})" if arm.endswith(STOPPED) else ""
         lines.append(
             f"| {arm}{steps} | {','.join(map(str, seeds))} | {_cell([x['mem_w1'] for x in m], 100, 1)} % | "
             f"{_cell([x['mem_guided'] for x in m], 100, 1)} % | {'1' if dash else ratio} | "

@@ -158,9 +158,9 @@ def test_stopped_arm_reads_the_checkpoint_the_stop_rolls_back_to():
     sparse = _run("none", 0, 0, 0.1, 0.9, monitor=[(400, 0.0), (500, 0.2)], checkpoints=[(200, 0.0), (1000, 0.5)])
     row = mitigation_markdown([sparse], stop=("mem/x", 0.05, "last_good")).splitlines()[-1]
     assert "400 → 200)" in row  # the last evaluated checkpoint at or before the rollback step
-    missing = _run("none", 0, 0, 0.1, 0.9, monitor=[(400, 0.0), (500, 0.2)], checkpoints=[(1000, 0.5)])
-    with pytest.raises(ValueError, match="checkpoint at or before step 400"):
-        mitigation_markdown([missing], stop=("mem/x", 0.05, "last_good"))
+    early = _run("wen_filter", 0, 0, 0.1, 0.9, monitor=[(400, 0.0), (500, 0.2)], checkpoints=[(1000, 0.5)])
+    table = mitigation_markdown([stops, early], stop=("mem/x", 0.05, "last_good"))
+    assert "seed 0 left out: rollback to 400 precedes the first evaluated checkpoint" in table
 
 
 def test_early_stop_replay_uses_lightning_divergence_semantics():
