@@ -2,7 +2,7 @@
 
 Examples::
 
-    mnemoguard demo                                  # the guard's whole story on a planted testbed (~1 min on 2 cores)
+    mnemoguard demo                                  # the guard's story, unguarded vs guarded (~4.5 min on 2 cores)
     mnemoguard train recipes/sd15_lora.yaml --set training.max_train_steps=2000
     accelerate launch --config_file recipes/accelerate/zero2.yaml -m mnemoguard.cli train recipes/sd15_full.yaml
     mnemoguard bench --out outputs/bench --set seed=1   # planted-memorization benchmark (sized for ~15 min on 2 cores)

@@ -13,23 +13,24 @@ DANGER_ZONE_SIGNAL = "mem/danger_zone/excess"
 
 
 def watched_signals(policy: Any, stoppers: list[Any], tracker: Any = None) -> list[tuple[str, str]]:
-    """``[(signal, who)]``: the signals the policy's rules, the danger-zone tracker's band and early stopping watch,
-    in that order, no repeats."""
-    out: dict[str, str] = {}
+    """``[(signal, who)]``: the signals the danger-zone tracker's band, the policy's rules and early stopping watch,
+    in that order, each once with everyone who watches it."""
+    out: dict[str, list[str]] = {}
     if tracker is not None:
-        out[DANGER_ZONE_SIGNAL] = "the danger-zone band"
+        out[DANGER_ZONE_SIGNAL] = ["the danger-zone band"]
     for rule in getattr(policy, "rules", []):
-        out.setdefault(rule.signal, f"rule {rule.name}")
+        out.setdefault(rule.signal, []).append(f"rule {rule.name}")
     for es in stoppers:
-        out.setdefault(es.monitor, f"early stopping ({es.mode})")
-    return list(out.items())
+        out.setdefault(es.monitor, []).append(f"early stopping ({es.mode})")
+    return [(signal, ", ".join(who)) for signal, who in out.items()]
 
 
 def signal_levels(policy: Any, stoppers: list[Any], tracker: Any = None) -> dict[str, list[tuple[str, float]]]:
     """``{signal: [(name, value)]}`` at this moment: each rule's on-level (``threshold``) and ``release`` level (a rule
     with only a rise factor has them once it measured its first value), the tracker's ``on_level`` and
     ``release_level``, early stopping's ``best`` value so far, its ``stopping_threshold`` (``threshold``) and
-    ``divergence_threshold`` (``divergence``)."""
+    ``divergence_threshold`` (``divergence``). A level two watchers share (the band's and the default policy's
+    on-level) is listed once."""
     levels: dict[str, list[tuple[str, float]]] = {}
     if tracker is not None:
         levels[DANGER_ZONE_SIGNAL] = [("threshold", float(tracker.config.on_level)),
@@ -45,4 +46,4 @@ def signal_levels(policy: Any, stoppers: list[Any], tracker: Any = None) -> dict
         for name, value in (("threshold", es.stopping_threshold), ("divergence", es.divergence_threshold)):
             if value is not None:
                 levels.setdefault(es.monitor, []).append((name, float(value)))
-    return levels
+    return {signal: list(dict.fromkeys(pairs)) for signal, pairs in levels.items()}

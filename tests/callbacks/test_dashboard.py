@@ -149,3 +149,23 @@ def test_probe_panels_put_generation_nearest_and_map_side_by_side_and_label_each
     assert fig._suptitle.get_text() == "Probe generations step 7"
     assert titles[0].startswith('"a seven"\nd1/d2 = 0.200 (COPY') and "its own image" in titles[0]
     assert "(not a copy" in titles[1] and "another image" in titles[1]
+
+
+def test_a_signal_watched_by_the_band_and_the_default_policy_is_one_card_with_both_and_its_levels_once():
+    from types import SimpleNamespace
+
+    from mnemoguard.callbacks import EarlyStopping, MitigationPolicy
+    from mnemoguard.callbacks.danger_zone import DangerZoneTracker
+    from mnemoguard.callbacks.watched import signal_levels, watched_signals
+    from mnemoguard.config import default_policy
+    from mnemoguard.config.danger_zone import default_stop
+
+    tracker = DangerZoneTracker(None, monitor=SimpleNamespace())
+    policy = MitigationPolicy(default_policy().rules)
+    stop = EarlyStopping(**{k: v for k, v in default_stop().items() if k != "enabled"})
+    watched = dict(watched_signals(policy, [stop], tracker))
+    assert list(watched) == ["mem/danger_zone/excess", "mem/danger_zone/copy_rate"]
+    assert watched["mem/danger_zone/excess"] == "the danger-zone band, rule iet_agc<-mem/danger_zone/excess"
+    levels = signal_levels(policy, [stop], tracker)
+    assert levels["mem/danger_zone/excess"] == [("threshold", 0.5), ("release", 0.25)]
+    assert levels["mem/danger_zone/copy_rate"] == [("divergence", 0.05)]
