@@ -73,7 +73,7 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    output_dir: str = "outputs/demo"
+    output_dir: str = "outputs/train"  # `mnemoguard demo` writes outputs/demo: the two never share a folder
     seed: int = 0
     max_train_steps: int = 600  # optimizer steps (after gradient accumulation)
     train_batch_size: int = 32  # per process
