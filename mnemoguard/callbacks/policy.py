@@ -150,7 +150,7 @@ class MitigationPolicy(Callback):
         if new:
             self._update_actions(new)
             self.alarms.extend(new)
-        elif checked:
+        if checked:
             self._follow_bands()
             for alarm in new:
                 if self.verbose and state.is_world_process_zero:

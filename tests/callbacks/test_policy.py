@@ -127,6 +127,28 @@ def test_a_rule_on_the_danger_zone_band_follows_it_while_on():
     assert gap.active and gap.band == (0, 1000)
 
 
+def test_the_band_is_followed_also_at_a_check_where_another_rule_raises_an_alarm():
+    from mnemoguard.signals.danger_zone import DangerZone
+
+    class Tracker:
+        zone = DangerZone(0.2, 0.5, 50, 399)
+
+    gap, other = NoiseGapScheduler(num_train_timesteps=1000), Switch()
+    follow = Rule("mem/a", "noise_gap", threshold=0.5, strength=0.5, band=lambda: Tracker.zone)
+    policy = MitigationPolicy([follow, Rule("mem/b", "other", threshold=0.5)],
+                              actions={"noise_gap": gap, "other": other})
+    policy.on_train_begin(TrainerState(), TrainerControl())
+    state = TrainerState(global_step=1)
+    state.update_metrics({"mem/a": 0.6, "mem/b": 0.0})
+    policy.on_step_end(state, TrainerControl(), logs={})
+    assert gap.band == (50, 400)
+    Tracker.zone = DangerZone(0.2, 1.0, 50, 599)
+    state.global_step = 2
+    state.update_metrics({"mem/a": 0.6, "mem/b": 0.9})  # rule b turns its action on at the step the band moves
+    policy.on_step_end(state, TrainerControl(), logs={})
+    assert other.calls[-1][0] == "on" and gap.band == (50, 600)
+
+
 def test_a_danger_zone_band_in_a_rule_needs_the_tracker():
     from mnemoguard.config import ConfigError, load_config
     from mnemoguard.guard.build import build_components
