@@ -7,11 +7,12 @@
   (the scheduler's own spacing, as its generations use; ``trailing`` would start at the last timestep, where an
   ε-model's x₀ estimate is ill-conditioned) with fixed noise, denoised by the live model and compared with a
   reference set of training (and held-out) images (:mod:`.measure`): per σ, the return rate of each kind of probe;
-  the *excess* ``r_at_risk(σ) − max(r_heldout(σ), r_random(σ))``; the *copy rate*: the share of generations from
-  the at-risk probes' captions (DDIM from fixed pure noise, the same steps and guidance) that copy their own
-  training image — the ground truth's criterion on fewer samples and steps; beside it, per σ, Kim & Lee's curvature
-  difference (live vs the monitor's baseline) at the at-risk probes' noisy inputs, to see whether it marks the same
-  band.
+  the *excess* ``r_at_risk(σ) − r_heldout(σ)`` (the held-out images' self-return; without held-out images the random
+  training probes' return stands in, :meth:`.measure.ReturnProfile.excess`); the *copy rate*: the share of
+  generations from the at-risk probes' captions (DDIM from fixed pure noise, the same steps and guidance) that
+  copy their own training image — the ground truth's criterion on fewer samples and steps; beside it, per σ, Kim &
+  Lee's curvature difference (live vs the monitor's baseline) at the at-risk probes' noisy inputs, to see whether it
+  marks the same band.
 * **The live band**, with hysteresis, decided at the σ the data prior says the sampler visits (``C_σ`` ≥
   ``coverage_threshold``: below that every trained image comes back and no held-out one does — plain fitting at the
   calm low-noise end, which must not raise an alarm on clean data): on when the largest excess there reaches
@@ -283,8 +284,8 @@ class DangerZoneTracker(Callback):
                             top, c.release_level, c.release_patience)
         band = None
         peak = max((k for k, e in enumerate(excess) if math.isfinite(e)), key=lambda k: excess[k], default=None)
-        # Where to gap: around the covered peak, as far as the excess holds, below the coverage onset too (on the
-        # testbed a gap from t ~ 50 up cut copies ~10x, one starting at the onset barely).
+        # Where: around the covered peak, as far as the excess holds, below the coverage onset too (where the
+        # planted images come back and held-out ones do not: memorization reaches down to the calm end).
         run = band_from_excess(full, c.release_level, peak) if self.active and peak is not None else None
         if run is not None:
             lo, hi = run
