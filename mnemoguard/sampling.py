@@ -31,8 +31,6 @@ def generate(
         latents: the initial noise ``(B, C, H, W)``; drawn from ``generator`` when ``None``.
         decode: maps the UNet's sample space to images in [-1, 1] (a VAE decode); identity when ``None``.
     """
-    from diffusers import DDIMScheduler
-
     if guidance_scale != 1.0 and uncond is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs the unconditional embedding `uncond`")
     param = next(unet.parameters())
@@ -44,23 +42,26 @@ def generate(
         latents = torch.randn(shape, generator=generator, dtype=torch.float32)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents: expected shape {shape}, found {tuple(latents.shape)}")
-    scheduler = DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False, set_alpha_to_one=False)
-    scheduler.set_timesteps(num_inference_steps)
+    scheduler = ddim_scheduler(noise_scheduler, num_inference_steps)
     x = latents.to(device) * scheduler.init_noise_sigma
     cond = cond.to(device=device, dtype=dtype)
-    guided = guidance_scale != 1.0
-    if guided:
-        uncond = uncond.to(device=device, dtype=dtype).expand(batch, -1, -1)
-        text = torch.cat([uncond, cond])
+    uncond = uncond.to(device=device, dtype=dtype) if uncond is not None else None
     for t in scheduler.timesteps:
-        model_in = torch.cat([x, x]) if guided else x
-        out = unet(model_in.to(dtype), t, encoder_hidden_states=text if guided else cond).sample.float()
-        if guided:
-            out_u, out_c = out.chunk(2)
-            out = out_u + guidance_scale * (out_c - out_u)
-        x = scheduler.step(out, t, x).prev_sample
+        x = scheduler.step(_eps(unet, x, t, cond, uncond, guidance_scale, dtype), t, x).prev_sample
     images = decode(x) if decode is not None else x
     return ((images.float() + 1) / 2).clamp(0, 1).cpu()
+
+
+def _eps(unet: nn.Module, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor | None,
+         guidance_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """The guided noise prediction ``eps_u + w (eps_c − eps_u)`` (one UNet call on the doubled batch), float32;
+    ``w = 1``: the conditional call alone."""
+    if guidance_scale == 1.0:
+        return unet(x.to(dtype), t, encoder_hidden_states=cond).sample.float()
+    u = uncond.expand(x.shape[0], -1, -1)
+    out = unet(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=torch.cat([u, cond])).sample.float()
+    out_u, out_c = out.chunk(2)
+    return out_u + guidance_scale * (out_c - out_u)
 
 
 def ddim_scheduler(noise_scheduler, num_inference_steps: int, timestep_spacing: str | None = None):
@@ -110,8 +111,7 @@ def denoise_from(
     x = torch.zeros((S * B, *x0.shape[1:]), dtype=torch.float32, device=device)
     x0_all, noise_all = x0.float().to(device).repeat(S, 1, 1, 1), noise.float().to(device).repeat(S, 1, 1, 1)
     cond_all = cond.to(device=device, dtype=dtype).repeat(S, 1, 1)
-    guided = guidance_scale != 1.0
-    if guided:
+    if guidance_scale != 1.0:
         if uncond is None:
             raise ValueError(f"guidance_scale={guidance_scale} needs the unconditional embedding `uncond`")
         uncond = uncond.to(device=device, dtype=dtype)
@@ -122,14 +122,8 @@ def denoise_from(
             x[joining] = noise_scheduler.add_noise(x0_all[joining], noise_all[joining], t_b).float()
         active = torch.nonzero(starts <= k).reshape(-1).to(device)
         for chunk in active.split(batch_size):
-            xc, cc = x[chunk], cond_all[chunk]
-            if guided:
-                u = uncond.expand(chunk.numel(), -1, -1)
-                out = unet(torch.cat([xc, xc]).to(dtype), t, encoder_hidden_states=torch.cat([u, cc])).sample.float()
-                out_u, out_c = out.chunk(2)
-                out = out_u + guidance_scale * (out_c - out_u)
-            else:
-                out = unet(xc.to(dtype), t, encoder_hidden_states=cc).sample.float()
-            x[chunk] = scheduler.step(out, t, xc).prev_sample
+            xc = x[chunk]
+            x[chunk] = scheduler.step(_eps(unet, xc, t, cond_all[chunk], uncond, guidance_scale, dtype), t,
+                                      xc).prev_sample
     images = torch.cat([decode(c) if decode is not None else c for c in x.split(batch_size)])
     return ((images.float() + 1) / 2).clamp(0, 1).cpu().reshape(S, B, *images.shape[1:])

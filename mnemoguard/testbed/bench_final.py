@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from ..evaluation import nearest_neighbour_ratio
+from ..sampling import ddim_scheduler
 from ..signals import danger_zone_band, danger_zone_curves, distinct_rows, sigmas_from_alphas_cumprod
 from .bench_config import BenchConfig
 from .bench_probes import (
     ProbeModel,
-    ddim_schedule,
     denoise_from,
     probe_latents,
     sample_with_trajectory,
@@ -134,7 +134,7 @@ def danger_zone_analysis(cfg: BenchConfig, gt: GroundTruth, train: TrainingImage
     band = danger_zone_band(curves.sigmas, curves.max_posterior_weight, curves.coverage,
                             alphas_cumprod=model.scheduler.alphas_cumprod)
     curve_seconds = time.perf_counter() - start
-    ddim = ddim_schedule(model.scheduler, pc.num_inference_steps)
+    ddim = ddim_scheduler(model.scheduler, pc.num_inference_steps)
     ts = [int(t) for t in ddim.timesteps]
     starts = sorted({nearest_step(ts, t) for t in dz.start_timesteps}, reverse=True)
     rates: dict[str, list[float]] = {}

@@ -24,7 +24,7 @@ from ..evaluation import (
     template_verbatim,
 )
 from ..parameterisation import denoising_loss
-from ..sampling import generate
+from ..sampling import ddim_scheduler, generate
 from .ground_truth import GroundTruth
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
     "Trajectory",
     "band_losses",
     "copy_ground_truth",
-    "ddim_schedule",
     "denoise_from",
     "probe_latents",
     "sample_with_trajectory",
@@ -87,15 +86,6 @@ class Trajectory:
     eps_uncond: Tensor | None
     images: Tensor
     seconds: float
-
-
-def ddim_schedule(scheduler: Any, num_inference_steps: int):
-    """The DDIM scheduler :func:`mnemoguard.sampling.generate` uses, with its timesteps set."""
-    from diffusers import DDIMScheduler
-
-    ddim = DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=False)
-    ddim.set_timesteps(num_inference_steps)
-    return ddim
 
 
 def probe_latents(seeds: Sequence[int], shape: tuple[int, int, int]) -> Tensor:
@@ -262,7 +252,7 @@ def denoise_from(
 ) -> tuple[Tensor, int]:
     """Noise training images (in [-1, 1]) to DDIM timestep ``timesteps[start_index]`` and denoise them back with
     DDIM (+ CFG): Dodson et al.'s per-noise-level memorization probe. Returns (images in [0, 1], the start t)."""
-    ddim = ddim_schedule(model.scheduler, num_inference_steps)
+    ddim = ddim_scheduler(model.scheduler, num_inference_steps)
     timesteps = ddim.timesteps[start_index:]
     t0 = int(timesteps[0])
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
