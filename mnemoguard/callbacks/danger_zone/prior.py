@@ -13,17 +13,9 @@ from typing import Any
 import torch
 
 from ...signals import danger_zone_band, danger_zone_curves, distinct_rows, sigmas_from_alphas_cumprod
+from ..monitor.tensors import encode_pixels
 
-__all__ = ["data_prior", "encode_rows"]
-
-
-def encode_rows(context: Any, pixels: list[torch.Tensor], batch_size: int = 16) -> torch.Tensor:
-    """Canonical images in [-1, 1] -> the UNet's input space (the VAE posterior mean), float32 on the CPU."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(pixels), batch_size):
-            out.append(context.encode_images(torch.stack(pixels[i:i + batch_size]).to(context.device)).float().cpu())
-    return torch.cat(out)
+__all__ = ["data_prior"]
 
 
 def data_prior(context: Any, config: Any, seed: int, heldout: torch.Tensor | None = None) -> dict[str, Any]:
@@ -41,7 +33,7 @@ def data_prior(context: Any, config: Any, seed: int, heldout: torch.Tensor | Non
             used.append(r)
         except ValueError:  # unreadable rows are reported by the data check and the probe choice
             continue
-    latents = encode_rows(context, pixels)
+    latents = encode_pixels(context, pixels).float().cpu()
     distinct, multiplicity, _ = distinct_rows(latents)
     table = sigmas_from_alphas_cumprod(context.noise_scheduler.alphas_cumprod)
     lo, hi = float(table[1].clamp_min(1e-4)), float(table[-1])

@@ -17,7 +17,7 @@ from torch import Tensor
 from ...data import decode_image, preprocess_image
 from .probes import heldout_item
 
-__all__ = ["ProbeTensors", "build_probe_tensors"]
+__all__ = ["ProbeTensors", "build_probe_tensors", "encode_pixels"]
 
 
 @dataclass
@@ -55,7 +55,9 @@ def _to_pixels(image: Any, resolution: int, channels: int) -> Tensor:
     return preprocess_image(decode_image(image), resolution, channels, center_crop=True, flip=False)
 
 
-def _encode_images(context: Any, pixels: list[Tensor]) -> Tensor:
+def encode_pixels(context: Any, pixels: list[Tensor]) -> Tensor:
+    """Canonical images in [-1, 1] -> the UNet's input space (``context.encode_images``, 16 at a time), on the
+    context's device."""
     with torch.no_grad():
         return torch.cat([context.encode_images(torch.stack(pixels[i:i + 16]).to(context.device))
                           for i in range(0, len(pixels), 16)])
@@ -72,7 +74,7 @@ def build_probe_tensors(spec: dict[str, Any], context: Any, heldout: Any, curvat
     if spec["heldout_source"] == "samples":
         cols = (ds.cfg.image_column, ds.cfg.caption_column)
         own_px += [_to_pixels(heldout_item(heldout, j, *cols)[0], res, channels) for j in spec["heldout_rows"]]
-    x0_own = _encode_images(context, own_px)
+    x0_own = encode_pixels(context, own_px)
     nb, nd = len(spec["bands"]), spec["draws_per_band"]
     per = nb * nd
     gn = torch.Generator().manual_seed(spec["seed"] + 1)
