@@ -39,20 +39,22 @@ def _tracker(run: dict[str, Any]) -> dict[str, Any]:
     return {**tracker, "history": replay_band(tracker)}
 
 
-def replay_band(tracker: dict[str, Any], config: Any = None) -> list[dict[str, Any]]:
+def replay_band(tracker: dict[str, Any], config: Any = None, num_train_timesteps: int = 1000
+                ) -> list[dict[str, Any]]:
     """The band decisions (excess, active, band, strength) of :class:`DangerZoneTracker` replayed on recorded
-    measurements (their profiles, the prior); the copy rate and the rest as recorded."""
+    measurements (their profiles, the prior); the copy rate and the rest as recorded. ``num_train_timesteps``: the
+    run's noise schedule (the bench's UNets train on 1,000 steps)."""
     from types import SimpleNamespace
 
     from ..callbacks.danger_zone import DangerZoneTracker, ReturnProfile
 
     replay = DangerZoneTracker(config, monitor=SimpleNamespace())
     replay.prior = tracker.get("prior")
-    replay._context = SimpleNamespace(num_train_timesteps=1000)
     out = []
     for h in tracker["history"]:
         p = h["profile"]
-        entry = replay._decide(h["step"], ReturnProfile(p["timesteps"], p["sigmas"], p["rates"], p["counts"]), None)
+        profile = ReturnProfile(p["timesteps"], p["sigmas"], p["rates"], p["counts"])
+        entry = replay.decide(h["step"], profile, num_train_timesteps)
         out.append({**h, **{k: entry[k] for k in ("excess", "active", "band", "strength")}})
     return out
 

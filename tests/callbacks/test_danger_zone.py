@@ -109,7 +109,6 @@ def test_hysteresis_turns_on_at_the_on_level_and_off_after_release_patience(top,
 
     tracker = DangerZoneTracker(DangerZoneConfig(on_level=0.5, release_level=0.25, release_patience=2),
                                 monitor=SimpleNamespace())
-    tracker._context = SimpleNamespace(num_train_timesteps=1000)
     ts, sig = [1, 301, 601, 901], [0.01, 0.5, 2.0, 10.0]
 
     def profile(peak):
@@ -117,12 +116,12 @@ def test_hysteresis_turns_on_at_the_on_level_and_off_after_release_patience(top,
                                        "heldout_self": [1.0, 1.0 - peak, 1.0 - peak, 0.0]},
                              {"at_risk": 4, "heldout_self": 4})
 
-    first = tracker._decide(10, profile(0.6), None)
+    first = tracker.decide(10, profile(0.6), 1000)
     assert tracker.active and (first["band"]["t_begin"], first["band"]["t_end"]) == (151, 751)
     assert tracker.strength == pytest.approx(0.6) and (tracker.zone.t_lo, tracker.zone.t_hi) == (151, 750)
-    tracker._decide(20, profile(top), None)
+    tracker.decide(20, profile(top), 1000)
     assert (tracker.active, tracker._below) == (active, below)
-    tracker._decide(30, profile(0.1), None)
+    tracker.decide(30, profile(0.1), 1000)
     assert tracker.active == (top >= 0.25)  # two measurements below release_level turn it off
 
 
@@ -258,14 +257,13 @@ def test_the_alarm_ignores_noise_levels_the_sampler_does_not_visit_but_the_band_
     from mnemoguard.config.danger_zone import DangerZoneConfig
 
     tracker = DangerZoneTracker(DangerZoneConfig(), monitor=SimpleNamespace())
-    tracker._context = SimpleNamespace(num_train_timesteps=1000)
     tracker.prior = {"sigmas": [0.01, 0.1, 1.0, 10.0], "coverage": [0.0, 0.2, 0.6, 1.0]}
     assert tracker.coverage_floor() == 1.0  # where C_σ first reaches 0.5
     # Every training image comes back from σ = 0.5 and no held-out one does: below the floor, not memorization.
     low = ReturnProfile([100, 500, 900], [0.5, 2.0, 8.0], {"at_risk": [1.0, 0.1, 0.0], "heldout_self": [0.0] * 3}, {})
-    assert tracker._decide(10, low, None)["band"] is None and not tracker.active
+    assert tracker.decide(10, low, 1000)["band"] is None and not tracker.active
     high = ReturnProfile([100, 500, 900], [0.5, 2.0, 8.0], {"at_risk": [1.0, 0.9, 0.2], "heldout_self": [0.0] * 3},
                          {})
-    entry = tracker._decide(20, high, None)
+    entry = tracker.decide(20, high, 1000)
     # Decided at the covered σ (0.9 at σ = 2); the band then reaches down as far as the excess holds (σ = 0.5).
     assert tracker.active and entry["excess"] == pytest.approx(0.9) and entry["band"]["sigma_lo"] == 0.5

@@ -186,7 +186,7 @@ class DangerZoneTracker(Callback):
             returns, lands, copies = self._from_rank_zero(returns, lands, copies)
             curvature = _ascending(self._curvature(timesteps), timesteps) if c.curvature_probes else None
         profile = return_profile(timesteps, sigmas, returns, lands, inp["groups"])
-        entry = self._decide(step, profile, curvature)
+        entry = self.decide(step, profile, context.num_train_timesteps, curvature)
         entry["copy_rate"] = float(copies.float().mean()) if copies.numel() else float("nan")
         self.history.append(entry)
         self.seconds["measure"] += time.perf_counter() - start
@@ -263,9 +263,12 @@ class DangerZoneTracker(Callback):
         covered = [s for s, cov in zip(prior["sigmas"], prior["coverage"]) if cov >= self.config.coverage_threshold]
         return float(covered[0]) if covered else 0.0
 
-    def _decide(self, step: int, profile: ReturnProfile, curvature: list[float] | None) -> dict[str, Any]:
-        """Hysteresis on the largest excess at covered σ (above :meth:`coverage_floor`: no alarm from plain fitting
-        at low noise); while on, the band is the run around that peak where the excess (at any σ) holds."""
+    def decide(self, step: int, profile: ReturnProfile, num_train_timesteps: int,
+               curvature: list[float] | None = None) -> dict[str, Any]:
+        """Update the band from one measurement's ``profile`` (also used to replay recorded measurements): hysteresis
+        on the largest excess at covered σ (above :meth:`coverage_floor`: no alarm from plain fitting at low noise);
+        while on, the band is the run around that peak where the excess (at any σ) holds, in timesteps of a
+        ``num_train_timesteps`` schedule. Returns the history entry (its ``copy_rate`` still NaN)."""
         c = self.config
         floor = self.coverage_floor()
         full = profile.excess()
@@ -289,7 +292,7 @@ class DangerZoneTracker(Callback):
         run = band_from_excess(full, c.release_level, peak) if self.active and peak is not None else None
         if run is not None:
             lo, hi = run
-            t_begin, t_end = band_timesteps(profile.timesteps, lo, hi, self._context.num_train_timesteps)
+            t_begin, t_end = band_timesteps(profile.timesteps, lo, hi, num_train_timesteps)
             band = {"sigma_lo": profile.sigmas[lo], "sigma_hi": profile.sigmas[hi], "t_begin": t_begin,
                     "t_end": t_end}
             self.zone = DangerZone(band["sigma_lo"], band["sigma_hi"], t_begin, t_end - 1)
