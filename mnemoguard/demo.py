@@ -6,11 +6,11 @@
    The guard only watches (monitor and danger-zone tracker on, no action, no stop), and every ``eval_every`` steps
    the demo generates ``eval_seeds`` images from each duplicated caption and counts the *copies* (a generation whose
    nearest training image is its own duplicated image, Gu et al.'s d1/d2 < 1/3): copies appear;
-3. **with the guard** (``<out>/guarded``), same seed and data, the guard's defaults: the danger-zone tracker sees the
-   rise (the duplicated digits come back as themselves from noise levels where held-out digits do not), the default
-   policy turns IET-AGC's low-loss gating on (``guard.default_policy``), the default stop rule stops when the
-   duplicated digits come back as copies from pure noise too often (``guard.default_stop``) and the export rolls
-   back to the last check before that;
+3. **with the guard** (``<out>/guarded``), same seed and data, the tracker at every check: it sees the rise (the
+   duplicated digits come back as themselves from noise levels where held-out digits do not), the default policy
+   turns IET-AGC's low-loss gating on (``guard.default_policy``), the default stop rule stops when the duplicated
+   digits come back as copies from pure noise too often (``guard.default_stop``) and the export rolls back to the
+   last check before that;
 4. prints both stories in plain words, the copies of each export side by side, and where to look (TensorBoard,
    ``report/report.md``, ``copies.png``).
 
