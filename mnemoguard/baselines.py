@@ -1,13 +1,14 @@
 """"The less-trained model" behind one interface.
 
-Every baseline answers ``baseline.eps(x_t, t, cond, **unet_kwargs)`` at the same inputs and with the same signature
-as the live :meth:`mnemoguard.denoiser.Denoiser.eps`, so any signal comparing the live model with a baseline
+Every baseline answers ``baseline.eps(x_t, t, cond, **kwargs)`` at the same inputs and with the same signature
+as the live :meth:`mnemoguard.denoiser.Denoiser.eps` (any family: the baseline runs through the live denoiser's model
+adapter and noise schedule), so any signal comparing the live model with a baseline
 (live-vs-baseline score gap, Kim & Lee's :math:`\\Delta h_{\\tilde\\theta}` and :math:`\\Delta s_{\\tilde\\theta}`)
 takes any of them:
 
 =============================  ==========================================================================
-``UnconditionalBaseline``      the same network with the empty-prompt embedding (Wen et al.'s baseline)
-``AdapterDisabledBaseline``    a peft-LoRA-adapted UNet with its adapters switched off (= the base model)
+``UnconditionalBaseline``      the same network with the empty caption's conditioning (Wen et al.'s baseline)
+``AdapterDisabledBaseline``    a peft-LoRA-adapted model with its adapters switched off (= the base model)
 ``WeightsBaseline``            other weights for (part of) the live module, run with
                                ``torch.func.functional_call``: EMA weights, earlier snapshots
                                (:class:`mnemoguard.ema.EMAModel`), a LoRA checkpoint file
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from mnemoguard.denoiser import Denoiser, _unwrap
+from mnemoguard.family.conditioning import Conditioning
 
 __all__ = [
     "AdapterDisabledBaseline",
@@ -45,20 +47,23 @@ __all__ = [
 ]
 
 
+Cond = Conditioning | Tensor | None
+
+
 class Baseline:
-    """Interface: ``eps(x_t, t, cond=None, **unet_kwargs) -> Tensor``, like :meth:`Denoiser.eps`."""
+    """Interface: ``eps(x_t, t, cond=None, **kwargs) -> Tensor``, like :meth:`Denoiser.eps`."""
 
     name: str = "baseline"
 
-    def eps(self, x_t: Tensor, t: Tensor | float, cond: Tensor | None = None, **unet_kwargs: Any) -> Tensor:
+    def eps(self, x_t: Tensor, t: Tensor | float, cond: Cond = None, **kwargs: Any) -> Tensor:
         raise NotImplementedError
 
-    def __call__(self, x_t: Tensor, t: Tensor | float, cond: Tensor | None = None, **unet_kwargs: Any) -> Tensor:
-        return self.eps(x_t, t, cond, **unet_kwargs)
+    def __call__(self, x_t: Tensor, t: Tensor | float, cond: Cond = None, **kwargs: Any) -> Tensor:
+        return self.eps(x_t, t, cond, **kwargs)
 
-    def eps_fn(self, t: Tensor | float, cond: Tensor | None = None, **unet_kwargs: Any) -> Callable[[Tensor], Tensor]:
+    def eps_fn(self, t: Tensor | float, cond: Cond = None, **kwargs: Any) -> Callable[[Tensor], Tensor]:
         """``x -> eps(x, t, cond)``, the ``baseline_eps_fn`` of the curvature maps."""
-        return lambda x: self.eps(x, t, cond, **unet_kwargs)
+        return lambda x: self.eps(x, t, cond, **kwargs)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -68,19 +73,17 @@ class Baseline:
 class UnconditionalBaseline(Baseline):
     """The live network on the unconditional input: :math:`\\varepsilon_\\theta(x_t, t, \\varnothing)`.
 
-    ``cond`` passed to :meth:`eps` is ignored and replaced by ``uncond`` (e.g. the empty-prompt embedding, batch 1,
-    tiled). ``uncond_kwargs`` replace the UNet kwargs when given (SDXL: the empty prompt's ``added_cond_kwargs``).
+    ``cond`` passed to :meth:`eps` is ignored and replaced by ``uncond`` (the empty caption's conditioning, batch 1,
+    tiled; for SDXL its pooled embeddings too).
     """
 
     name = "uncond"
 
-    def __init__(self, denoiser: Denoiser, uncond: Tensor, uncond_kwargs: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, denoiser: Denoiser, uncond: Conditioning | Tensor) -> None:
         self.denoiser = denoiser
         self.uncond = uncond
-        self.uncond_kwargs = None if uncond_kwargs is None else dict(uncond_kwargs)
 
-    def eps(self, x_t: Tensor, t: Tensor | float, cond: Tensor | None = None, **unet_kwargs: Any) -> Tensor:
-        kwargs = unet_kwargs if self.uncond_kwargs is None else self.uncond_kwargs
+    def eps(self, x_t: Tensor, t: Tensor | float, cond: Cond = None, **kwargs: Any) -> Tensor:
         return self.denoiser.eps(x_t, t, self.uncond, **kwargs)
 
 
@@ -95,9 +98,10 @@ def _tuner_layers(module: nn.Module) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def adapters_disabled(unet: nn.Module) -> Iterator[nn.Module]:
-    """Switch off every peft adapter of ``unet`` for the block; restore each layer's previous state on exit.
+    """Switch off every peft adapter of ``unet`` (any diffusers model) for the block; restore each layer's previous
+    state on exit.
 
-    Uses diffusers' ``unet.disable_adapters()`` where available (peft's per-layer ``enable_adapters(False)``
+    Uses diffusers' ``model.disable_adapters()`` where available (peft's per-layer ``enable_adapters(False)``
     otherwise). On exit each tuner layer gets back its own enabled/disabled state and every parameter its own
     ``requires_grad`` flag (peft's toggles rewrite them), even if the block raised.
     """
@@ -105,7 +109,7 @@ def adapters_disabled(unet: nn.Module) -> Iterator[nn.Module]:
     layers = _tuner_layers(model)
     if not layers:
         raise ValueError(
-            f"{type(model).__name__} has no peft adapter layers to disable; add a LoRA with `unet.add_adapter(...)` "
+            f"{type(model).__name__} has no peft adapter layers to disable; add a LoRA with `model.add_adapter(...)` "
             "or pick another baseline"
         )
     was_disabled = [bool(layer.disable_adapters) for layer in layers]
@@ -125,7 +129,7 @@ def adapters_disabled(unet: nn.Module) -> Iterator[nn.Module]:
 
 
 class AdapterDisabledBaseline(Baseline):
-    """The live LoRA-adapted UNet with its adapters switched off, i.e. the frozen base model.
+    """The live LoRA-adapted model with its adapters switched off, i.e. the frozen base model.
 
     The natural "less-trained self" of a LoRA fine-tune (Kim & Lee's :math:`\\tilde\\theta` = the pre-fine-tuning
     model), at the cost of one more forward pass and no extra memory.
@@ -134,13 +138,13 @@ class AdapterDisabledBaseline(Baseline):
     name = "adapters_disabled"
 
     def __init__(self, denoiser: Denoiser) -> None:
-        if not _tuner_layers(_unwrap(denoiser.unet)):
-            raise ValueError("the denoiser's UNet has no peft adapter layers; AdapterDisabledBaseline needs a LoRA")
+        if not _tuner_layers(_unwrap(denoiser.model)):
+            raise ValueError("the denoiser's model has no peft adapter layers; AdapterDisabledBaseline needs a LoRA")
         self.denoiser = denoiser
 
-    def eps(self, x_t: Tensor, t: Tensor | float, cond: Tensor | None = None, **unet_kwargs: Any) -> Tensor:
-        with adapters_disabled(self.denoiser.unet):
-            return self.denoiser.eps(x_t, t, cond, **unet_kwargs)
+    def eps(self, x_t: Tensor, t: Tensor | float, cond: Cond = None, **kwargs: Any) -> Tensor:
+        with adapters_disabled(self.denoiser.model):
+            return self.denoiser.eps(x_t, t, cond, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------- other weights
@@ -181,7 +185,7 @@ class WeightsBaseline(Baseline):
         name: str = "weights",
         check: bool = True,
     ) -> None:
-        module = _unwrap(denoiser.unet)
+        module = _unwrap(denoiser.model)
         get = weights if callable(weights) else (lambda w=weights: w)
         if check:
             _check_weights(module, get())
@@ -189,12 +193,10 @@ class WeightsBaseline(Baseline):
         self.denoiser = denoiser
         self.module = module
         self._functional = _Functional(module, get)
-        self._inner = Denoiser(
-            self._functional, prediction_type=denoiser.prediction_type, alphas_cumprod=denoiser.alphas_cumprod
-        )
+        self._inner = denoiser.with_model(self._functional)
 
-    def eps(self, x_t: Tensor, t: Tensor | float, cond: Tensor | None = None, **unet_kwargs: Any) -> Tensor:
-        return self._inner.eps(x_t, t, cond, **unet_kwargs)
+    def eps(self, x_t: Tensor, t: Tensor | float, cond: Cond = None, **kwargs: Any) -> Tensor:
+        return self._inner.eps(x_t, t, cond, **kwargs)
 
 
 def _check_weights(module: nn.Module, weights: Mapping[str, Tensor]) -> None:
@@ -217,53 +219,58 @@ def ema_baseline(denoiser: Denoiser, ema: Any, source: str | int = "ema") -> Wei
     The weights are read from the EMA at every call (a live view: it follows ``ema.step``), so for a snapshot the
     index is relative to the ring at call time (``-1`` = newest, ``0`` = oldest).
     """
-    module = _unwrap(denoiser.unet)
+    module = _unwrap(denoiser.model)
     missing = [n for n in ema.names if n not in dict(module.named_parameters())]
     if missing:
-        raise KeyError(f"the EMA tracks parameters the UNet lacks, e.g. {missing[:3]}: build the EMA from the same "
+        raise KeyError(f"the EMA tracks parameters the model lacks, e.g. {missing[:3]}: build the EMA from the same "
                        "(unwrapped) model")
     name = "ema" if source == "ema" else f"snapshot[{source}]"
     return WeightsBaseline(denoiser, lambda: ema.weights(source), name=name, check=False)
 
 
+MODEL_PREFIXES = ("unet.", "transformer.")  # how diffusers' LoRA files name the denoiser's keys
+
+
 def load_lora_baseline(denoiser: Denoiser, path: str | os.PathLike, *, adapter_name: str = "default",
                        weight_name: str | None = None) -> WeightsBaseline:
-    """An earlier LoRA checkpoint (diffusers' ``pytorch_lora_weights.safetensors``) as the baseline.
+    """An earlier LoRA checkpoint (diffusers' ``pytorch_lora_weights.safetensors``, a UNet's or a transformer's) as
+    the baseline.
 
-    The file's UNet LoRA weights replace the live adapter's (``adapter_name``) through ``functional_call``; the live
-    module and its current LoRA stay untouched. The live UNet must carry an adapter of the same rank and targets.
-    ``path`` is the file or its folder.
+    The file's LoRA weights of the denoising model (keys ``unet.*`` or ``transformer.*``) replace the live adapter's
+    (``adapter_name``) through ``functional_call``; the live module and its current LoRA stay untouched. The live
+    model must carry an adapter of the same rank and targets. ``path`` is the file or its folder.
     """
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     path = os.fspath(path)
-    if os.path.isfile(path):
-        folder, weight_name = os.path.dirname(path) or ".", os.path.basename(path)
-    else:
-        folder = path
-    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(folder, weight_name=weight_name)
-    if alphas:
+    file = path if os.path.isfile(path) else os.path.join(path, weight_name or "pytorch_lora_weights.safetensors")
+    try:
+        state = load_file(file)
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"{file}: not a readable LoRA .safetensors file ({err})") from None
+    if any(k.endswith(".alpha") for k in state):
         raise ValueError("LoRA files with network alphas (kohya format) are not supported as a baseline; load them "
-                         "into a separate UNet and use DenoiserBaseline")
-    unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    if not unet_state:
-        raise ValueError(
-            f"{path} holds no UNet LoRA weights (keys starting with 'unet.'); found e.g. {list(state)[:3]}"
-        )
-    unet_state = convert_unet_state_dict_to_peft(unet_state)
-    module = _unwrap(denoiser.unet)
+                         "into a separate model and use DenoiserBaseline")
+    prefix = next((p for p in MODEL_PREFIXES if any(k.startswith(p) for k in state)), None)
+    if prefix is None:
+        raise ValueError(f"{path} holds no LoRA weights of a denoising model (keys starting with "
+                         f"{' or '.join(repr(p) for p in MODEL_PREFIXES)}); found e.g. {list(state)[:3]}")
+    model_state = convert_unet_state_dict_to_peft({k[len(prefix):]: v for k, v in state.items()
+                                                   if k.startswith(prefix)})
+    module = _unwrap(denoiser.model)
     tag = f".{adapter_name}."
     live = {n.replace(tag, "."): n for n, _ in module.named_parameters() if tag in n}
     if not live:
         raise ValueError(
-            f"the live UNet has no adapter named {adapter_name!r}; add the LoRA before loading a baseline"
+            f"the live model has no adapter named {adapter_name!r}; add the LoRA before loading a baseline"
         )
-    unknown = [k for k in unet_state if k not in live]
+    unknown = [k for k in model_state if k not in live]
     if unknown:
         raise KeyError(f"{len(unknown)} LoRA key(s) in {path} match no parameter of adapter {adapter_name!r}, e.g. "
                        f"{unknown[:3]} (different targets?)")
-    weights = {live[k]: v for k, v in unet_state.items()}
+    weights = {live[k]: v for k, v in model_state.items()}
     return WeightsBaseline(denoiser, weights, name=f"lora:{os.path.basename(os.path.normpath(path))}")
 
 
@@ -275,32 +282,32 @@ class DenoiserBaseline(Baseline):
         self.denoiser = denoiser
         self.name = name
 
-    def eps(self, x_t: Tensor, t: Tensor | float, cond: Tensor | None = None, **unet_kwargs: Any) -> Tensor:
-        return self.denoiser.eps(x_t, t, cond, **unet_kwargs)
+    def eps(self, x_t: Tensor, t: Tensor | float, cond: Cond = None, **kwargs: Any) -> Tensor:
+        return self.denoiser.eps(x_t, t, cond, **kwargs)
 
 
 def load_unet_baseline(
     path: str | os.PathLike, like: Denoiser, *, device: Any = None, dtype: torch.dtype | None = None
 ) -> DenoiserBaseline:
-    """Load an earlier diffusers UNet checkpoint (a ``unet/`` folder, or a pipeline folder holding one) as a frozen
-    baseline, with the live denoiser's schedule and parameterisation. Costs a second copy of the UNet in memory."""
+    """Load an earlier diffusers model checkpoint (a ``unet/`` or ``transformer/`` folder, or a pipeline folder holding
+    one) as a frozen baseline, with the live denoiser's family, schedule and parameterisation. Costs a second copy of
+    the model in memory."""
     import diffusers
 
     path = os.fspath(path)
     subfolder = None
     if not os.path.isfile(os.path.join(path, "config.json")):
-        if os.path.isfile(os.path.join(path, "unet", "config.json")):
-            subfolder = "unet"
-        else:
-            raise FileNotFoundError(f"no diffusers model at {path}: expected {path}/config.json or "
-                                    f"{path}/unet/config.json")
+        subfolder = next((d for d in ("unet", "transformer") if os.path.isfile(os.path.join(path, d, "config.json"))),
+                         None)
+        if subfolder is None:
+            raise FileNotFoundError(f"no diffusers model at {path}: expected {path}/config.json, "
+                                    f"{path}/unet/config.json or {path}/transformer/config.json")
     with open(os.path.join(path, subfolder or "", "config.json")) as f:
         class_name = json.load(f).get("_class_name", "UNet2DConditionModel")
     cls = getattr(diffusers, class_name, None)
     if cls is None:
         raise ValueError(f"unknown diffusers model class {class_name!r} in {path}")
     unet = cls.from_pretrained(path, subfolder=subfolder)
-    ref = next(_unwrap(like.unet).parameters())
+    ref = next(_unwrap(like.model).parameters())
     unet = unet.to(device=device or ref.device, dtype=dtype or ref.dtype).eval().requires_grad_(False)
-    base = Denoiser(unet, prediction_type=like.prediction_type, alphas_cumprod=like.alphas_cumprod)
-    return DenoiserBaseline(base, name=f"checkpoint:{os.path.basename(os.path.normpath(path))}")
+    return DenoiserBaseline(like.with_model(unet), name=f"checkpoint:{os.path.basename(os.path.normpath(path))}")

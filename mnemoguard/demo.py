@@ -74,9 +74,9 @@ class CopyCounter(Callback):
 
         caps = [c for c in self.captions for _ in range(self.seeds)]
         own = torch.tensor([o for o in self.own for _ in range(self.seeds)])
-        with preserved_rng_state(), eval_mode(context.unwrapped_unet), torch.no_grad():
+        with preserved_rng_state(), eval_mode(context.unwrapped_model), torch.no_grad():
             cond = context.prompts(caps)
-            images = generate(context.unwrapped_unet, context.noise_scheduler, cond, num_inference_steps=25,
+            images = generate(context.denoiser, cond, num_inference_steps=25,
                               generator=torch.Generator().manual_seed(1234), decode=context.decode)
         nn = nearest_neighbour_ratio(images, self.pool, check_unique=False)
         copies = (nn.ratio < 1 / 3) & (nn.indices[:, 0] == own)
@@ -89,7 +89,7 @@ class CopyCounter(Callback):
             self.counts.append(self.count(context, state.global_step))
 
     def on_train_end(self, state, control, context=None, **kwargs) -> None:
-        """The exported weights (the guard's end hooks run with them in the UNet)."""
+        """The exported weights (the guard's end hooks run with them in the model)."""
         exported = (getattr(context, "exported", None) or {})
         self.exported = self.count(context, int(exported.get("step") or state.global_step))
 

@@ -1,24 +1,20 @@
-"""A diffusers UNet and its noise schedule seen as a denoiser: eps, score and x0-predictions at (x_t, t, cond).
+"""A model family seen as a denoiser: eps / score / x0-predictions at ``(x_t, t, cond)``, for every family.
 
-Conventions (DDPM / Stable Diffusion, diffusers):
+A :class:`Denoiser` is a model adapter (:mod:`mnemoguard.family.adapters`, the only place the network is called) plus
+a noise schedule (:mod:`mnemoguard.family.schedule`, the only place a timestep becomes ``α_t, σ_t``):
 
 .. math::
 
-    x_t = \\alpha_t x_0 + \\sigma_t \\varepsilon, \\qquad
-    \\alpha_t = \\sqrt{\\bar\\alpha_t}, \\quad \\sigma_t = \\sqrt{1 - \\bar\\alpha_t},
+    x_t = \\alpha_t x_0 + \\sigma_t \\varepsilon
 
-with :math:`\\bar\\alpha_t` = ``scheduler.alphas_cumprod[t]``. The network predicts one of
+with DDPM's ``α = sqrt(ᾱ_t), σ = sqrt(1 − ᾱ_t)`` or flow matching's ``α = 1 − σ``. Whatever the network predicts
+(``epsilon``, ``v_prediction``, ``sample``, ``flow_prediction``: :mod:`mnemoguard.parameterisation`), the denoiser
+hands out the noise prediction, the score ``∇_x log p_t(x_t) ≈ −ε̂/σ_t`` and the clean-sample prediction, so every
+signal works unchanged on every family. Timesteps are the loop's own (integers for DDPM, ``σ·T`` floats for flow).
 
-- ``epsilon``: :math:`\\hat\\varepsilon`;
-- ``v_prediction``: :math:`v = \\alpha_t \\varepsilon - \\sigma_t x_0` (Salimans & Ho 2022), so
-  :math:`\\varepsilon = \\alpha_t v + \\sigma_t x_t` and :math:`x_0 = \\alpha_t x_t - \\sigma_t v`;
-- ``sample``: :math:`\\hat x_0`, so :math:`\\varepsilon = (x_t - \\alpha_t \\hat x_0) / \\sigma_t`.
-
-The score is :math:`\\nabla_x \\log p_t(x_t) \\approx -\\hat\\varepsilon / \\sigma_t`.
-
-Batches: every per-sample argument (timesteps, conditioning, tensors inside UNet kwargs) whose batch size divides the
-batch of ``x_t`` is *tiled* (repeated as whole blocks, like ``x.repeat(K, ...)``). This is what lets curvature
-estimators stack K probe copies of ``x`` along the batch and call the same ``eps`` function once.
+Batches: every per-sample argument (timesteps, conditioning, tensors in extra keyword arguments) whose batch size
+divides the batch of ``x_t`` is *tiled* (repeated as whole blocks, like ``x.repeat(K, ...)``). This is what lets
+curvature estimators stack K probe copies of ``x`` along the batch and call the same ``eps`` function once.
 """
 
 from __future__ import annotations
@@ -28,8 +24,11 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .family.adapters import ModelAdapter, model_adapter, unwrap_model
+from .family.conditioning import Conditioning, as_conditioning
+from .family.schedule import DDPMSchedule, NoiseSchedule, noise_schedule
 from .parameterisation import (
     PREDICTION_TYPES,
     _check_prediction_type,
@@ -51,13 +50,18 @@ __all__ = [
     "x0_from_prediction",
 ]
 
+_unwrap = unwrap_model  # the name the rest of the package imports
+
 
 def tile_batch(obj: Any, batch_size: int, *, name: str = "argument") -> Any:
-    """Tile the batch dimension of ``obj`` (a tensor, or a dict / list / tuple of them) up to ``batch_size``.
+    """Tile the batch dimension of ``obj`` (a tensor, a :class:`Conditioning`, or a dict / list / tuple of them) up
+    to ``batch_size``.
 
     Tensors with a batch that divides ``batch_size`` are repeated as whole blocks (``t.repeat(k, ...)``); 0-dim
     tensors are expanded to ``[batch_size]``; non-tensors pass through unchanged.
     """
+    if isinstance(obj, Conditioning):
+        return obj.tile(batch_size, name)
     if isinstance(obj, Tensor):
         if obj.ndim == 0:
             return obj.expand(batch_size)
@@ -92,19 +96,6 @@ def _concat_batches(a: Any, b: Any, *, name: str) -> Any:
     return a
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """Look through DDP / DeepSpeed (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers: registered
-    submodules of those names (a DeepSpeed engine forwards unknown attributes to its model, so attribute checks would
-    stop at the engine)."""
-    for _ in range(8):
-        children = getattr(module, "_modules", {})
-        inner = children.get("module") or children.get("_orig_mod")
-        if not isinstance(inner, torch.nn.Module):
-            return module
-        module = inner
-    return module
-
-
 def _math_sdpa() -> contextlib.AbstractContextManager:
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -114,7 +105,7 @@ def _math_sdpa() -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def ad_safe(unet: torch.nn.Module, backend: Literal["classic", "math"] = "classic") -> Iterator[torch.nn.Module]:
+def ad_safe(model: nn.Module, backend: Literal["classic", "math"] = "classic") -> Iterator[nn.Module]:
     """Make a diffusers model safe for forward-mode AD (``torch.func.jvp``) and double backward.
 
     PyTorch's fused scaled-dot-product attention kernels (the default ``AttnProcessor2_0`` path; the CPU flash
@@ -122,7 +113,8 @@ def ad_safe(unet: torch.nn.Module, backend: Literal["classic", "math"] = "classi
 
     - ``backend="classic"`` (default) swaps every attention processor for diffusers' classic matmul-softmax
       ``AttnProcessor`` and puts the original processors back on exit, also when the body raises. Models without
-      attention processors (plain ``nn.Module``) fall back to ``"math"``.
+      attention processors, and transformers whose joint attention needs its own processor (SD3, Flux), fall back
+      to ``"math"``.
     - ``backend="math"`` keeps the processors and restricts SDPA to its math kernel for the duration
       (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``); use it to keep custom processors (e.g. attention
       capture) in place.
@@ -131,91 +123,96 @@ def ad_safe(unet: torch.nn.Module, backend: Literal["classic", "math"] = "classi
     """
     if backend not in ("classic", "math"):
         raise ValueError(f"backend must be 'classic' or 'math', found {backend!r}")
-    model = _unwrap(unet)
-    if backend == "math" or not hasattr(model, "set_attn_processor"):
+    module = unwrap_model(model)
+    classic_ok = hasattr(module, "set_attn_processor") and "Transformer" not in type(module).__name__
+    if backend == "math" or not classic_ok:
         with _math_sdpa():
-            yield model
+            yield module
         return
     from diffusers.models.attention_processor import AttnProcessor
 
-    original = dict(model.attn_processors)
-    model.set_attn_processor(AttnProcessor())
+    original = dict(module.attn_processors)
+    module.set_attn_processor(AttnProcessor())
     try:
-        yield model
+        yield module
     finally:
         # set_attn_processor consumes the dict it is given: hand it a copy.
-        model.set_attn_processor(dict(original))
+        module.set_attn_processor(dict(original))
 
 
 class Denoiser:
-    """A (possibly LoRA-adapted) diffusers UNet plus its noise schedule, seen as eps / score / x0 predictors.
+    """A (possibly LoRA-adapted) denoising network and its noise schedule, seen as eps / score / x0 predictors.
 
     Args:
-        unet: a ``UNet2DConditionModel`` (or any module with the same call signature returning
-            ``(sample,)`` with ``return_dict=False``), possibly wrapped by DDP / ``torch.compile``.
-        scheduler: a DDPM-like scheduler with ``alphas_cumprod`` and ``config.prediction_type``. May be omitted when
-            ``alphas_cumprod`` is given.
-        prediction_type: override the scheduler's ``config.prediction_type``.
-        alphas_cumprod: override the scheduler's :math:`\\bar\\alpha` table (shape ``[T]``).
+        model: the network (a diffusers UNet / transformer, possibly wrapped by DDP / ``torch.compile``; its adapter is
+            chosen by :func:`~mnemoguard.family.adapters.model_adapter`) or a
+            :class:`~mnemoguard.family.adapters.ModelAdapter`.
+        scheduler: the training noise scheduler (DDPM-family or ``FlowMatchEulerDiscreteScheduler``) or a
+            :class:`~mnemoguard.family.schedule.NoiseSchedule`. May be omitted when ``alphas_cumprod`` is given.
+        prediction_type: override what the network predicts (default: the adapter's — velocity for flow
+            transformers — else the scheduler's ``config.prediction_type``).
+        alphas_cumprod: a DDPM ``ᾱ`` table (shape ``[T]``) instead of a scheduler.
 
-    Timesteps may be Python numbers, 0-dim tensors or ``[B]`` tensors, integer or floating point. Floating-point
-    timesteps between two table entries use linear interpolation of :math:`\\bar\\alpha` (differentiable in t,
-    which is what carrying a tangent through t needs).
+    Timesteps may be Python numbers, 0-dim tensors or ``[B]`` tensors. DDPM timesteps are integers or, between two
+    table entries, floats (linear interpolation of ``ᾱ``: differentiable in t, which is what carrying a tangent
+    through t needs); flow-matching timesteps are ``σ·T``.
     """
 
     def __init__(
         self,
-        unet: torch.nn.Module,
+        model: nn.Module | ModelAdapter,
         scheduler: Any = None,
         *,
         prediction_type: str | None = None,
         alphas_cumprod: Tensor | None = None,
     ) -> None:
-        if alphas_cumprod is None:
-            if scheduler is None or not hasattr(scheduler, "alphas_cumprod"):
-                raise ValueError("pass a scheduler with `alphas_cumprod`, or `alphas_cumprod=` explicitly")
-            alphas_cumprod = scheduler.alphas_cumprod
-        if prediction_type is None:
-            config = getattr(scheduler, "config", None)
-            prediction_type = getattr(config, "prediction_type", None) or "epsilon"
+        adapter = model_adapter(model)
+        if alphas_cumprod is not None:
+            schedule = DDPMSchedule(alphas_cumprod, prediction_type or adapter.prediction_type or "epsilon")
+        elif scheduler is None:
+            raise ValueError("pass the noise scheduler (or a NoiseSchedule), or `alphas_cumprod=` explicitly")
+        else:
+            schedule = noise_schedule(scheduler)
+        prediction_type = prediction_type or adapter.prediction_type or schedule.prediction_type
         _check_prediction_type(prediction_type)
-        ac = torch.as_tensor(alphas_cumprod).detach().to(device="cpu", dtype=torch.float64)
-        if ac.ndim != 1 or ac.numel() < 2:
-            raise ValueError(f"alphas_cumprod must be a 1-D table, found shape {tuple(ac.shape)}")
-        self.unet = unet
-        self.scheduler = scheduler
+        schedule.check_prediction_type(prediction_type)
+        self.adapter = adapter
+        self.schedule: NoiseSchedule = schedule
         self.prediction_type = prediction_type
-        self.alphas_cumprod = ac
+
+    @property
+    def model(self) -> nn.Module:
+        """The network as given (wrappers included)."""
+        return self.adapter.module
+
+    unet = model  # the name of the SD-only releases
+
+    def with_model(self, model: nn.Module) -> Denoiser:
+        """The same family, schedule and parameterisation around another module (other weights)."""
+        return self.with_adapter(self.adapter.with_module(model))
+
+    def with_adapter(self, adapter: ModelAdapter) -> Denoiser:
+        """The same schedule and parameterisation with another adapter (e.g. one that records its calls)."""
+        clone = object.__new__(Denoiser)
+        clone.adapter, clone.schedule, clone.prediction_type = adapter, self.schedule, self.prediction_type
+        return clone
 
     # ------------------------------------------------------------------ schedule
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.alphas_cumprod.numel())
+        return int(self.schedule.num_train_timesteps)
+
+    def alpha(self, t: Tensor | float, *, dtype: torch.dtype = torch.float32, device: Any = None) -> Tensor:
+        """Signal scale :math:`\\alpha_t`."""
+        return self.schedule.alpha_sigma(t, dtype=dtype, device=device)[0]
+
+    def sigma(self, t: Tensor | float, *, dtype: torch.dtype = torch.float32, device: Any = None) -> Tensor:
+        """Noise scale :math:`\\sigma_t`."""
+        return self.schedule.alpha_sigma(t, dtype=dtype, device=device)[1]
 
     def alpha_bar(self, t: Tensor | float, *, dtype: torch.dtype = torch.float32, device: Any = None) -> Tensor:
-        """:math:`\\bar\\alpha_t`, same shape as ``t`` (linear interpolation for fractional float t)."""
-        t = torch.as_tensor(t)
-        device = t.device if device is None else device
-        T = self.num_train_timesteps
-        if not t.is_floating_point():
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
-                raise ValueError(f"timesteps must lie in [0, {T - 1}], found range [{int(t.min())}, {int(t.max())}]")
-            return self.alphas_cumprod.to(t.device)[t.long()].to(device=device, dtype=dtype)
-        if t.numel() and (float(t.detach().min()) < 0 or float(t.detach().max()) > T - 1):
-            raise ValueError(f"timesteps must lie in [0, {T - 1}], found {t.detach().min()}..{t.detach().max()}")
-        table = self.alphas_cumprod.to(device=t.device, dtype=torch.float64)
-        lo = t.detach().floor().long().clamp(0, T - 2)
-        frac = t.to(torch.float64) - lo.to(torch.float64)
-        ab = table[lo] + frac * (table[lo + 1] - table[lo])
-        return ab.to(device=device, dtype=dtype)
-
-    def alpha(self, t: Tensor | float, **kwargs: Any) -> Tensor:
-        """Signal scale :math:`\\alpha_t = \\sqrt{\\bar\\alpha_t}`."""
-        return self.alpha_bar(t, **kwargs).sqrt()
-
-    def sigma(self, t: Tensor | float, **kwargs: Any) -> Tensor:
-        """Noise scale :math:`\\sigma_t = \\sqrt{1 - \\bar\\alpha_t}`."""
-        return (1 - self.alpha_bar(t, **kwargs)).sqrt()
+        """:math:`\\alpha_t^2` (DDPM's :math:`\\bar\\alpha_t`)."""
+        return self.alpha(t, dtype=dtype, device=device) ** 2
 
     # ------------------------------------------------------------------ network calls
     def _timesteps(self, t: Tensor | float, x_t: Tensor) -> Tensor:
@@ -224,32 +221,28 @@ class Denoiser:
             raise ValueError(f"timesteps must be a scalar or a [B] tensor, found shape {tuple(t.shape)}")
         return tile_batch(t, x_t.shape[0], name="t")
 
-    def raw(self, x_t: Tensor, t: Tensor | float, cond: Tensor | None = None, **unet_kwargs: Any) -> Tensor:
+    def raw(self, x_t: Tensor, t: Tensor | float, cond: Conditioning | Tensor | None = None, **kwargs: Any) -> Tensor:
         """The network output in its own parameterisation, after batch tiling (no conversion)."""
         if x_t.ndim < 2:
             raise ValueError(f"x_t must be batched [B, C, ...], found shape {tuple(x_t.shape)}")
         B = x_t.shape[0]
-        t_in = self._timesteps(t, x_t)
-        kwargs = tile_batch(unet_kwargs, B, name="unet_kwargs")
-        if cond is not None:
-            kwargs["encoder_hidden_states"] = tile_batch(cond, B, name="cond")
-        model_dtype = getattr(_unwrap(self.unet), "dtype", x_t.dtype)
-        x_in = x_t.to(model_dtype) if model_dtype.is_floating_point else x_t
-        if "encoder_hidden_states" in kwargs and model_dtype.is_floating_point:
-            kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"].to(model_dtype)
-        out = self.unet(x_in, t_in, return_dict=False, **kwargs)
-        out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
-        C = x_t.shape[1]
-        if out.shape[1] == 2 * C:  # learned-variance heads: [prediction, variance]
-            out = out[:, :C]
-        if out.shape != x_t.shape:
-            raise ValueError(f"the UNet returned shape {tuple(out.shape)} for an input of shape {tuple(x_t.shape)}")
-        return out.to(x_t.dtype)
+        c = None if cond is None else as_conditioning(cond, what="cond").tile(B, "cond")
+        return self.adapter(x_t, self._timesteps(t, x_t), c, **tile_batch(kwargs, B, name="kwargs"))
 
     def _coefs(self, t: Tensor | float, x_t: Tensor) -> tuple[Tensor, Tensor]:
-        t_in = self._timesteps(t, x_t)
-        ab = self.alpha_bar(t_in, dtype=x_t.dtype, device=x_t.device)
-        return ab.sqrt(), (1 - ab).sqrt()
+        return self.schedule.alpha_sigma(self._timesteps(t, x_t), dtype=x_t.dtype, device=x_t.device)
+
+    def to_eps(self, pred: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """A raw network output at ``(x_t, t)`` as a noise prediction (the one conversion every caller uses)."""
+        if self.prediction_type == "epsilon":
+            return pred
+        alpha, sigma = self._coefs(t, x_t)
+        return eps_from_prediction(pred, x_t, alpha, sigma, self.prediction_type)
+
+    def to_x0(self, pred: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """A raw network output at ``(x_t, t)`` as a clean-sample prediction (no clipping)."""
+        alpha, sigma = self._coefs(t, x_t)
+        return x0_from_prediction(pred, x_t, alpha, sigma, self.prediction_type)
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
         """The training target at ``x_t = α_t x_0 + σ_t ε`` in this network's parameterisation
@@ -257,99 +250,78 @@ class Denoiser:
         alpha, sigma = self._coefs(t, x0)
         return training_target(x0, noise, alpha, sigma, self.prediction_type)
 
-    def eps(self, x_t: Tensor, t: Tensor | float, cond: Tensor | None = None, **unet_kwargs: Any) -> Tensor:
+    def eps(self, x_t: Tensor, t: Tensor | float, cond: Conditioning | Tensor | None = None, **kwargs: Any) -> Tensor:
         """Noise prediction :math:`\\hat\\varepsilon(x_t, t, c)`, whatever the network's parameterisation."""
-        pred = self.raw(x_t, t, cond, **unet_kwargs)
-        if self.prediction_type == "epsilon":
-            return pred
-        alpha, sigma = self._coefs(t, x_t)
-        return eps_from_prediction(pred, x_t, alpha, sigma, self.prediction_type)
+        return self.to_eps(self.raw(x_t, t, cond, **kwargs), x_t, t)
 
-    def score(self, x_t: Tensor, t: Tensor | float, cond: Tensor | None = None, **unet_kwargs: Any) -> Tensor:
+    def score(self, x_t: Tensor, t: Tensor | float, cond: Conditioning | Tensor | None = None,
+              **kwargs: Any) -> Tensor:
         """Score :math:`\\nabla_x \\log p_t(x_t \\mid c) \\approx -\\hat\\varepsilon / \\sigma_t`."""
         _, sigma = self._coefs(t, x_t)
-        return -self.eps(x_t, t, cond, **unet_kwargs) / _expand_like(sigma, x_t)
+        return -self.eps(x_t, t, cond, **kwargs) / _expand_like(sigma, x_t)
 
-    def x0(self, x_t: Tensor, t: Tensor | float, cond: Tensor | None = None, **unet_kwargs: Any) -> Tensor:
+    def x0(self, x_t: Tensor, t: Tensor | float, cond: Conditioning | Tensor | None = None, **kwargs: Any) -> Tensor:
         """Clean-sample prediction :math:`\\hat x_0(x_t, t, c)` (no clipping)."""
-        pred = self.raw(x_t, t, cond, **unet_kwargs)
-        alpha, sigma = self._coefs(t, x_t)
-        return x0_from_prediction(pred, x_t, alpha, sigma, self.prediction_type)
+        return self.to_x0(self.raw(x_t, t, cond, **kwargs), x_t, t)
 
-    def _cond_uncond(
-        self,
-        call: Callable[..., Tensor],
-        x_t: Tensor,
-        t: Tensor | float,
-        cond: Tensor,
-        uncond: Tensor,
-        uncond_kwargs: Mapping[str, Any] | None,
-        unet_kwargs: dict[str, Any],
-    ) -> tuple[Tensor, Tensor]:
+    def raw_cond_uncond(self, x_t: Tensor, t: Tensor | float, cond: Conditioning | Tensor,
+                        uncond: Conditioning | Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Conditional and unconditional raw outputs ``(out_c, out_u)`` from ONE batched network call on
+        ``cat([x_t, x_t])`` with conditioning ``cat([uncond, cond])`` (diffusers' CFG order). ``uncond`` (e.g. the
+        empty caption's, batch 1) is tiled to the batch."""
         B = x_t.shape[0]
         t_in = self._timesteps(t, x_t)
-        kw_c = tile_batch(dict(unet_kwargs), B, name="unet_kwargs")
-        kw_u = kw_c if uncond_kwargs is None else tile_batch(dict(uncond_kwargs), B, name="uncond_kwargs")
-        cond_b = tile_batch(cond, B, name="cond")
-        uncond_b = tile_batch(uncond, B, name="uncond")
-        if cond_b.shape[1:] != uncond_b.shape[1:]:
+        cond_b = as_conditioning(cond, what="cond").tile(B, "cond")
+        uncond_b = as_conditioning(uncond, what="uncond").tile(B, "uncond")
+        if cond_b.embeds.shape[1:] != uncond_b.embeds.shape[1:]:
             raise ValueError(
-                f"cond and uncond must have the same per-sample shape, found {tuple(cond_b.shape[1:])}"
-                f" and {tuple(uncond_b.shape[1:])}"
+                f"cond and uncond must have the same per-sample shape, found {tuple(cond_b.embeds.shape[1:])}"
+                f" and {tuple(uncond_b.embeds.shape[1:])}"
             )
-        kwargs = _concat_batches(kw_u, kw_c, name="unet_kwargs")
-        out = call(torch.cat([x_t, x_t]), torch.cat([t_in, t_in]), torch.cat([uncond_b, cond_b]), **kwargs)
-        out_u, out_c = out.chunk(2)
+        kw = tile_batch(kwargs, B, name="kwargs")
+        both = self.adapter(torch.cat([x_t, x_t]), torch.cat([t_in, t_in]), Conditioning.cat([uncond_b, cond_b]),
+                            **_concat_batches(kw, kw, name="kwargs"))
+        out_u, out_c = both.chunk(2)
         return out_c, out_u
 
-    def eps_cond_uncond(
-        self,
-        x_t: Tensor,
-        t: Tensor | float,
-        cond: Tensor,
-        uncond: Tensor,
-        *,
-        uncond_kwargs: Mapping[str, Any] | None = None,
-        **unet_kwargs: Any,
-    ) -> tuple[Tensor, Tensor]:
-        """Conditional and unconditional noise predictions ``(eps_c, eps_u)`` from ONE batched UNet call.
+    def eps_cond_uncond(self, x_t: Tensor, t: Tensor | float, cond: Conditioning | Tensor,
+                        uncond: Conditioning | Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Conditional and unconditional noise predictions ``(eps_c, eps_u)`` from ONE batched network call."""
+        out_c, out_u = self.raw_cond_uncond(x_t, t, cond, uncond, **kwargs)
+        return self.to_eps(out_c, x_t, t), self.to_eps(out_u, x_t, t)
 
-        The call is made on ``cat([x_t, x_t])`` with conditioning ``cat([uncond, cond])`` (diffusers' CFG order).
-        ``uncond`` (e.g. the empty-prompt embedding, batch 1) is tiled to the batch. ``unet_kwargs`` go to both
-        halves unless ``uncond_kwargs`` gives the unconditional half its own (SDXL: the empty prompt's
-        ``added_cond_kwargs``).
-        """
-        return self._cond_uncond(self.eps, x_t, t, cond, uncond, uncond_kwargs, unet_kwargs)
-
-    def raw_cond_uncond(
-        self,
-        x_t: Tensor,
-        t: Tensor | float,
-        cond: Tensor,
-        uncond: Tensor,
-        *,
-        uncond_kwargs: Mapping[str, Any] | None = None,
-        **unet_kwargs: Any,
-    ) -> tuple[Tensor, Tensor]:
-        """As :meth:`eps_cond_uncond`, but the raw network outputs (e.g. v for v-prediction models)."""
-        return self._cond_uncond(self.raw, x_t, t, cond, uncond, uncond_kwargs, unet_kwargs)
+    def guided(self, x_t: Tensor, t: Tensor | float, cond: Conditioning | Tensor,
+               uncond: Conditioning | Tensor | None = None, guidance_scale: float = 1.0) -> Tensor:
+        """The classifier-free-guided raw output ``out_∅ + w (out_c − out_∅)`` (one call on the doubled batch), in
+        float32; ``w = 1``: the conditional call alone. (Guidance is linear, so guiding the raw output and guiding ε
+        or x̂₀ are the same.)"""
+        if guidance_scale == 1.0:
+            return self.raw(x_t, t, cond).float()
+        if uncond is None:
+            raise ValueError(f"guidance_scale={guidance_scale} needs the unconditional conditioning `uncond`")
+        out_c, out_u = self.raw_cond_uncond(x_t, t, cond, uncond)
+        out_c, out_u = out_c.float(), out_u.float()
+        return out_u + guidance_scale * (out_c - out_u)
 
     # ------------------------------------------------------------------ callables for the signals
-    def eps_fn(self, t: Tensor | float, cond: Tensor | None = None, **unet_kwargs: Any) -> Callable[[Tensor], Tensor]:
+    def eps_fn(self, t: Tensor | float, cond: Conditioning | Tensor | None = None,
+               **kwargs: Any) -> Callable[[Tensor], Tensor]:
         """``x -> eps(x, t, cond)``: the ``eps_fn`` the curvature estimators take."""
-        return lambda x: self.eps(x, t, cond, **unet_kwargs)
+        return lambda x: self.eps(x, t, cond, **kwargs)
 
-    def guidance_fn(
-        self, t: Tensor | float, cond: Tensor, uncond: Tensor, **unet_kwargs: Any
-    ) -> Callable[[Tensor], Tensor]:
+    def guidance_fn(self, t: Tensor | float, cond: Conditioning | Tensor,
+                    uncond: Conditioning | Tensor, **kwargs: Any) -> Callable[[Tensor], Tensor]:
         """``x -> eps_c(x) - eps_u(x)`` from one batched call (the difference field of Kim & Lee's Δh_∅)."""
 
         def fn(x: Tensor) -> Tensor:
-            eps_c, eps_u = self.eps_cond_uncond(x, t, cond, uncond, **unet_kwargs)
+            eps_c, eps_u = self.eps_cond_uncond(x, t, cond, uncond, **kwargs)
             return eps_c - eps_u
 
         return fn
 
     def ad_safe(self, backend: Literal["classic", "math"] = "classic") -> contextlib.AbstractContextManager:
-        """:func:`ad_safe` on this denoiser's UNet."""
-        return ad_safe(self.unet, backend)
+        """:func:`ad_safe` on this denoiser's network."""
+        return ad_safe(self.model, backend)
+
+    def __repr__(self) -> str:
+        return f"Denoiser({self.adapter!r}, {self.schedule!r}, prediction_type={self.prediction_type!r})"

@@ -1,20 +1,18 @@
-"""The three network parameterisations of diffusion models and the conversions between them (pure functions).
+"""The network parameterisations of diffusion and flow models and the conversions between them (pure functions).
 
-Conventions (DDPM / Stable Diffusion, diffusers):
-
-.. math::
-
-    x_t = \\alpha_t x_0 + \\sigma_t \\varepsilon, \\qquad
-    \\alpha_t = \\sqrt{\\bar\\alpha_t}, \\quad \\sigma_t = \\sqrt{1 - \\bar\\alpha_t},
-
-with :math:`\\bar\\alpha_t` = ``scheduler.alphas_cumprod[t]``. The network predicts one of
+Every family noises as ``x_t = α_t x_0 + σ_t ε`` (:mod:`mnemoguard.family.schedule`: DDPM's
+``α = sqrt(ᾱ_t), σ = sqrt(1 − ᾱ_t)``, flow matching's ``α = 1 − σ``). The network predicts one of
 
 - ``epsilon``: :math:`\\hat\\varepsilon`;
-- ``v_prediction``: :math:`v = \\alpha_t \\varepsilon - \\sigma_t x_0` (Salimans & Ho 2022), so
-  :math:`\\varepsilon = \\alpha_t v + \\sigma_t x_t` and :math:`x_0 = \\alpha_t x_t - \\sigma_t v`;
-- ``sample``: :math:`\\hat x_0`, so :math:`\\varepsilon = (x_t - \\alpha_t \\hat x_0) / \\sigma_t`.
+- ``v_prediction``: :math:`v = \\alpha_t \\varepsilon - \\sigma_t x_0` (Salimans & Ho 2022; variance-preserving
+  schedules, α² + σ² = 1), so :math:`\\varepsilon = \\alpha_t v + \\sigma_t x_t` and
+  :math:`x_0 = \\alpha_t x_t - \\sigma_t v`;
+- ``sample``: :math:`\\hat x_0`, so :math:`\\varepsilon = (x_t - \\alpha_t \\hat x_0) / \\sigma_t`;
+- ``flow_prediction``: the velocity :math:`v = \\varepsilon - x_0` of the linear interpolant (rectified flow:
+  Liu et al. 2023, Lipman et al. 2023; SD3, Flux), so with α = 1 − σ:
+  :math:`\\varepsilon = x_t + \\alpha_t v` and :math:`x_0 = x_t - \\sigma_t v`.
 
-:class:`mnemoguard.denoiser.Denoiser` applies these to a UNet's output; :mod:`mnemoguard.denoiser` re-exports them.
+:class:`mnemoguard.denoiser.Denoiser` applies these to a network's output; :mod:`mnemoguard.denoiser` re-exports them.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ __all__ = [
     "x0_from_prediction",
 ]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
 
 def _check_prediction_type(prediction_type: str) -> None:
@@ -56,7 +54,8 @@ def eps_from_prediction(
 
         \\varepsilon = \\begin{cases} \\text{pred} & \\text{epsilon} \\\\
         \\alpha_t\\, v + \\sigma_t x_t & \\text{v\\_prediction} \\\\
-        (x_t - \\alpha_t \\hat x_0)/\\sigma_t & \\text{sample} \\end{cases}
+        (x_t - \\alpha_t \\hat x_0)/\\sigma_t & \\text{sample} \\\\
+        x_t + \\alpha_t\\, v & \\text{flow\\_prediction} \\end{cases}
 
     ``alpha`` and ``sigma`` are scalars or per-sample ``[B]`` tensors.
     """
@@ -66,6 +65,8 @@ def eps_from_prediction(
     a, s = _expand_like(alpha, x_t), _expand_like(sigma, x_t)
     if prediction_type == "v_prediction":
         return a * pred + s * x_t
+    if prediction_type == "flow_prediction":
+        return x_t + a * pred
     return (x_t - a * pred) / s
 
 
@@ -78,7 +79,8 @@ def x0_from_prediction(
 
         \\hat x_0 = \\begin{cases} (x_t - \\sigma_t \\hat\\varepsilon)/\\alpha_t & \\text{epsilon} \\\\
         \\alpha_t x_t - \\sigma_t v & \\text{v\\_prediction} \\\\
-        \\text{pred} & \\text{sample} \\end{cases}
+        \\text{pred} & \\text{sample} \\\\
+        x_t - \\sigma_t v & \\text{flow\\_prediction} \\end{cases}
     """
     _check_prediction_type(prediction_type)
     if prediction_type == "sample":
@@ -86,6 +88,8 @@ def x0_from_prediction(
     a, s = _expand_like(alpha, x_t), _expand_like(sigma, x_t)
     if prediction_type == "v_prediction":
         return a * x_t - s * pred
+    if prediction_type == "flow_prediction":
+        return x_t - s * pred
     return (x_t - s * pred) / a
 
 
@@ -97,13 +101,17 @@ def training_target(x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor,
 
         \\text{target} = \\begin{cases} \\varepsilon & \\text{epsilon} \\\\
         \\alpha_t\\, \\varepsilon - \\sigma_t x_0 & \\text{v\\_prediction (Salimans \\& Ho 2022)} \\\\
-        x_0 & \\text{sample} \\end{cases}
+        x_0 & \\text{sample} \\\\
+        \\varepsilon - x_0 & \\text{flow\\_prediction (diffusers' SD3 / Flux scripts' ``noise - model_input``)}
+        \\end{cases}
     """
     _check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "sample":
         return x0
+    if prediction_type == "flow_prediction":
+        return noise - x0
     return _expand_like(alpha, x0) * noise - _expand_like(sigma, x0) * x0
 
 

@@ -1,4 +1,4 @@
-"""Caption -> text-embedding encoding that does not depend on the batch a caption came in.
+"""Caption -> conditioning encoding that does not depend on the batch a caption came in.
 
 A text encoder's output for one caption is, mathematically, independent of the other captions in its batch, but its
 last bits are not: BLAS libraries pick kernels (and reduction orders) by the matrix shapes, so the same caption
@@ -11,6 +11,10 @@ order change the training run.
 the canonical layout), so its embedding is a function of the caption only, whoever asks and whenever. Results are
 kept in a bounded least-recently-used cache on the CPU (the frozen encoder gives the same answer every time), so a
 caption costs one batch-of-one forward the first time it is seen and a copy afterwards.
+
+What is cached is the caption's whole :class:`~mnemoguard.family.conditioning.Conditioning`: token embeddings and, for
+SDXL / SD3 / Flux, the pooled embeddings of the same encoders (one, two or three text encoders: the ``encode``
+function is the loop's own, e.g. diffusers' ``encode_prompt``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .family.conditioning import Conditioning, as_conditioning
 
 __all__ = ["PromptEncoder", "tokenize_and_encode"]
 
@@ -41,11 +47,13 @@ def tokenize_and_encode(text_encoder: Any, tokenizer: Any, captions: Sequence[st
 
 
 class PromptEncoder:
-    """Captions -> ``[B, L, D]`` text embeddings, each caption encoded alone and cached (module docstring).
+    """Captions -> their :class:`~mnemoguard.family.conditioning.Conditioning` (``embeds`` ``[B, L, D]``, ``pooled``),
+    each caption encoded alone and cached (module docstring).
 
     Args:
-        encode: ``fn(list[str]) -> Tensor [n, L, D]``, the raw (batched) encoder; it is only ever called with one
-            caption.
+        encode: ``fn(list[str]) ->`` token embeddings ``[n, L, D]``, an ``(embeds, pooled[, text_ids])`` tuple
+            (diffusers' SDXL / SD3 / Flux ``encode_prompt``) or a Conditioning: the raw (batched) encoder; it is only
+            ever called with one caption.
         device: where the returned embeddings go (default: where ``encode`` put them).
         dtype: their dtype (default: as encoded), e.g. the mixed-precision weight dtype.
         max_bytes: size of the CPU cache; the least recently used captions are dropped beyond it (0: no cache).
@@ -54,14 +62,15 @@ class PromptEncoder:
     def __init__(self, encode: Callable[[list[str]], Tensor], *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, max_bytes: int = 512 * 2**20) -> None:
         if not callable(encode):
-            raise TypeError(f"PromptEncoder: expected a callable list[str] -> Tensor [n, L, D], found {encode!r}")
+            raise TypeError(f"PromptEncoder: expected a callable list[str] -> token embeddings [n, L, D] (or an "
+                            f"(embeds, pooled) tuple), found {encode!r}")
         if int(max_bytes) < 0:
             raise ValueError(f"PromptEncoder: max_bytes must be >= 0, found {max_bytes}")
         self.encode = encode
         self.device = torch.device(device) if device is not None else None
         self.dtype = dtype
         self.max_bytes = int(max_bytes)
-        self._cache: OrderedDict[str, Tensor] = OrderedDict()
+        self._cache: OrderedDict[str, Conditioning] = OrderedDict()
         self._bytes = 0
         self.encoded = 0  # captions encoded (cache misses), for tests and diagnostics
 
@@ -71,19 +80,23 @@ class PromptEncoder:
         """The encoder of a frozen ``text_encoder`` + ``tokenizer`` (see :func:`tokenize_and_encode`)."""
         return cls(lambda captions: tokenize_and_encode(text_encoder, tokenizer, captions, max_length), **kwargs)
 
-    def _one(self, caption: str) -> Tensor:
-        emb = self.encode([caption])
-        if not isinstance(emb, Tensor) or emb.ndim != 3 or emb.shape[0] != 1:
-            found = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
-            raise ValueError(f"encode([caption]) must return a [1, L, D] tensor (the UNet's encoder_hidden_states); "
-                             f"found {found}")
+    def _one(self, caption: str) -> Conditioning:
+        out = self.encode([caption])
+        try:
+            cond = as_conditioning(out, what="encode([caption])")
+        except (TypeError, ValueError):
+            found = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"encode([caption]) must return [1, L, D] token embeddings (the network's "
+                             f"encoder_hidden_states) or an (embeds, pooled) tuple; found {found}") from None
+        if len(cond) != 1:
+            raise ValueError(f"encode([caption]) must return one row for one caption; found {len(cond)}")
         self.encoded += 1
-        return emb[0].detach()
+        return cond.detach()
 
     @torch.no_grad()
-    def __call__(self, captions: Sequence[str], cache: bool = True) -> Tensor:
-        """``[len(captions), L, D]`` on :attr:`device` in :attr:`dtype`; ``cache=False`` for one-off captions (random
-        caption edits): encoded alone all the same, but not kept."""
+    def __call__(self, captions: Sequence[str], cache: bool = True) -> Conditioning:
+        """The conditioning of ``len(captions)`` rows on :attr:`device` in :attr:`dtype`; ``cache=False`` for one-off
+        captions (random caption edits): encoded alone all the same, but not kept."""
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise TypeError(f"PromptEncoder: expected a list of strings, found {captions!r}")
         if not captions:
@@ -100,20 +113,25 @@ class PromptEncoder:
                 self._cache.move_to_end(caption)
             rows.append(emb)
         device = device or rows[0].device
-        return torch.stack([r.to(device=device, dtype=self.dtype or r.dtype) for r in rows])
+        return Conditioning.cat([r.to(device=device, dtype=self.dtype) for r in rows])
 
-    def _store(self, caption: str, emb: Tensor) -> None:
+    @staticmethod
+    def _size(cond: Conditioning) -> int:
+        parts = [cond.embeds, *([cond.pooled] if cond.pooled is not None else []), *cond.extra.values()]
+        return sum(p.numel() * p.element_size() for p in parts)
+
+    def _store(self, caption: str, emb: Conditioning) -> None:
         if not self.max_bytes:
             return
         cpu = emb.to("cpu")
-        size = cpu.numel() * cpu.element_size()
+        size = self._size(cpu)
         if size > self.max_bytes:
             return
         self._cache[caption] = cpu
         self._bytes += size
         while self._bytes > self.max_bytes:
             _, old = self._cache.popitem(last=False)
-            self._bytes -= old.numel() * old.element_size()
+            self._bytes -= self._size(old)
 
     def __len__(self) -> int:
         return len(self._cache)

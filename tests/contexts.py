@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mnemoguard.callbacks.bands import default_bands
-from mnemoguard.callbacks.timesteps import TimestepSlot, UniformTimestepSampler
+from mnemoguard.callbacks.bands import NoiseBand, default_bands
+from mnemoguard.callbacks.timesteps import DensitySampler, TimestepSlot
 from mnemoguard.denoiser import Denoiser
 from mnemoguard.guard.context import GuardContext
 
@@ -20,9 +20,10 @@ def make_context(unet: Any = None, scheduler: Any = None, **fields: Any) -> Guar
 
     unet = unet if unet is not None else make_tiny_unet()
     scheduler = scheduler if scheduler is not None else DDPMScheduler(num_train_timesteps=1000)
-    T = int(scheduler.config.num_train_timesteps)
+    den = Denoiser(unet, scheduler)
+    T = den.num_train_timesteps
     names = ["low", "mid", "high"]
-    defaults = dict(accelerator=Accelerator(cpu=True), unet=unet, noise_scheduler=scheduler,
-                    denoiser=Denoiser(unet, scheduler), timesteps=TimestepSlot(UniformTimestepSampler(T)),
-                    bands=dict(zip(names, default_bands(T))))
+    bands = {name: NoiseBand.of(den.schedule, lo, hi) for name, (lo, hi) in zip(names, default_bands(T))}
+    defaults = dict(accelerator=Accelerator(cpu=True), model=unet, denoiser=den,
+                    timesteps=TimestepSlot(DensitySampler(den.schedule)), bands=bands)
     return GuardContext(**{**defaults, **fields})

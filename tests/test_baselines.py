@@ -144,7 +144,7 @@ def test_ema_baseline_follows_the_moving_average():
 
 def test_ema_of_another_model_is_rejected(tiny_unet):
     ema = EMAModel(_lora_unet())
-    with pytest.raises(KeyError, match="the EMA tracks parameters the UNet lacks"):
+    with pytest.raises(KeyError, match="the EMA tracks parameters the model lacks"):
         ema_baseline(Denoiser(tiny_unet, _scheduler()), ema)
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mnemoguard.callbacks import Callback, CallbackList, TrainerControl, TrainerState, UniformTimestepSampler
+from mnemoguard.callbacks import Callback, CallbackList, DensitySampler, TrainerControl, TrainerState
 
 
 class Recorder(Callback):
@@ -66,7 +66,11 @@ def test_trainer_state_log_keeps_history_and_latest_metrics():
 
 
 def test_uniform_sampler_covers_the_range_with_unit_weights():
-    sampler = UniformTimestepSampler(1000)
+    from diffusers import DDPMScheduler
+
+    from mnemoguard.family import noise_schedule
+
+    sampler = DensitySampler(noise_schedule(DDPMScheduler(num_train_timesteps=1000)))
     t, w = sampler(20_000, "cpu", generator=torch.Generator().manual_seed(0))
     assert t.dtype == torch.int64 and t.min() >= 0 and t.max() < 1000
     assert torch.equal(w, torch.ones(20_000))

@@ -111,7 +111,11 @@ def test_random_probes_never_repeat_the_content_of_another_probe():
                                        "text": [base[i]["text"] for i in rows]}, features=features)
     ds = ImageCaptionDataset(data, DataConfig(resolution=16), 1)
     cfg = MonitorConfig(num_duplicate_probes=1, num_random_probes=5, num_heldout_probes=0)
-    spec = choose_probes(ds, cfg, resolve_bands(cfg, 1000), 1000)
+    from diffusers import DDPMScheduler
+
+    from mnemoguard.family import noise_schedule
+
+    spec = choose_probes(ds, cfg, resolve_bands(cfg, noise_schedule(DDPMScheduler())), 1000)
     contents = [(ds.canonical_image(r).numpy().tobytes(), ds.captions[r]) for r in spec["train_rows"]]
     assert spec["train_rows"][0] == 0 and spec["train_kinds"][0] == "image_duplicate"  # image and caption repeat
     assert len(set(contents)) == len(contents) == 6

@@ -54,7 +54,11 @@ def test_an_image_copied_under_different_captions_is_the_first_probe():
                                       features=features)
     ds = ImageCaptionDataset(data, DataConfig(resolution=16), 1)
     cfg = MonitorConfig(num_duplicate_probes=2, num_random_probes=1, num_heldout_probes=0)
-    spec = choose_probes(ds, cfg, resolve_bands(cfg, 1000), 1000)
+    from diffusers import DDPMScheduler
+
+    from mnemoguard.family import noise_schedule
+
+    spec = choose_probes(ds, cfg, resolve_bands(cfg, noise_schedule(DDPMScheduler())), 1000)
     assert spec["train_rows"][:2] == [0, 20] and spec["train_kinds"] == ["image_duplicate", "image_duplicate",
                                                                          "random"]
     assert spec["image_groups"]["groups"][0] == list(range(20))

@@ -9,7 +9,7 @@ def _unet_out(parts, batch=2):
     torch.manual_seed(1)
     cfg = parts.unet.config
     x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    emb = parts.encode_prompt(["a cat", "the dog"][:batch])
+    emb = parts.encode_prompt(["a cat", "the dog"][:batch]).embeds
     with torch.no_grad():
         return parts.unet(x, torch.tensor([10, 500][:batch]), emb).sample
 
@@ -22,7 +22,7 @@ def test_tiny_components_save_and_reload_offline(tmp_path, latent):
     loaded = load_components(tmp_path / "model")
     assert loaded.latent == latent and loaded.text_max_length == 16
     torch.testing.assert_close(_unet_out(parts), _unet_out(loaded))
-    torch.testing.assert_close(parts.encode_prompt(["a cat"]), loaded.encode_prompt(["a cat"]))
+    torch.testing.assert_close(parts.encode_prompt(["a cat"]).embeds, loaded.encode_prompt(["a cat"]).embeds)
 
 
 def test_latent_tiny_model_is_a_real_stable_diffusion_pipeline(tmp_path):
@@ -39,7 +39,7 @@ def test_latent_tiny_model_is_a_real_stable_diffusion_pipeline(tmp_path):
 
 def test_minilm_text_encoder_gives_real_per_token_states(tmp_path):
     parts = build_tiny_components(TinyModelConfig(text_encoder="minilm"), tmp_path)
-    emb = parts.encode_prompt(["a photo of a cat", "a photo of a kitten", "a handwritten digit seven"])
+    emb = parts.encode_prompt(["a photo of a cat", "a photo of a kitten", "a handwritten digit seven"]).embeds
     assert emb.shape == (3, 16, 384) and parts.unet.config.cross_attention_dim == 384
     pooled = torch.nn.functional.normalize(emb.mean(1), dim=-1)
     assert pooled[0] @ pooled[1] > pooled[0] @ pooled[2]

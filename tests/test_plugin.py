@@ -196,7 +196,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
     t = guard.sample_timesteps(4)
     with pytest.raises(ValueError, match=r"missing \['encoder_hidden_states \(or captions\)'\].*found \["):
         guard.before_forward(timesteps=t, noisy_model_input=x)
-    with pytest.raises(ValueError, match=r"timesteps must be a \[B\] integer tensor, found torch.float32"):
+    with pytest.raises(ValueError, match=r"DDPM model takes integer timesteps in \[0, 1000\); found a torch.float32"):
         guard.before_forward(timesteps=t.float(), noisy_model_input=x, captions=["a"] * 4)
     inputs = guard.before_forward(timesteps=t, noisy_model_input=x, captions=["a cat"] * 4)  # encoded by the guard
     assert inputs["encoder_hidden_states"].shape == (4, 16, 32) and inputs["indices"].tolist() == [-1] * 4
@@ -204,7 +204,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
     per_sample = torch.nn.functional.mse_loss(pred, x, reduction="none").mean(dim=(1, 2, 3))
     with pytest.raises(ValueError, match=r"expected per-sample losses of shape \[4\].*found shape \(\)"):
         guard.loss(per_sample.mean(), inputs, model_pred=pred)
-    with pytest.raises(ValueError, match="wen_filter compares the UNet's prediction: expected model_pred=; found"):
+    with pytest.raises(ValueError, match="wen_filter compares the network's prediction: expected model_pred=; found"):
         guard.loss(per_sample, inputs)
     with pytest.raises(ValueError, match="expected the dict returned by guard.before_forward"):
         guard.loss(per_sample, {"timesteps": t})

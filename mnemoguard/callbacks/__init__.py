@@ -25,10 +25,10 @@ from .regularizers import (
     register_regularizer,
 )
 from .report import MemorizationReport, memorization_metadata
-from .timesteps import TimestepSampler, TimestepSlot, UniformTimestepSampler
+from .timesteps import DensitySampler, TimestepSampler, TimestepSlot
 
 __all__ = ["NEEDS", "Callback", "CallbackList", "TimestepSampler", "TimestepSlot", "TrainerControl", "TrainerState",
-           "UniformTimestepSampler"]
+           "DensitySampler"]
 __all__ += ["EarlyStopping", "LowLossFlags", "MitigationPolicy", "NoiseGapScheduler"]
 __all__ += ["REGULARIZERS", "AntiGradientControl", "BaselinePreservation", "CaptionDropout", "CaptionWordRepetition",
             "GaussianEmbeddingNoise", "MultipleCaptions", "RandomCaptionReplacement", "RandomTokenAddition",

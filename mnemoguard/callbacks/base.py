@@ -94,7 +94,9 @@ class TrainerState:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "is_world_process_zero"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; every key must be a field of the right kind (a ``ValueError`` names it)."""
+        """Restore :meth:`state_dict`; every key must be a field of the right kind (a ``ValueError`` names it). The
+        planned ``max_steps`` is this run's (a resumed run may train longer than the checkpointed one planned), when
+        it is set."""
         from ..serialization import check_keys
 
         kinds = {"global_step": int, "epoch": int, "max_steps": int, "micro_step": int, "metrics": dict,
@@ -104,6 +106,8 @@ class TrainerState:
                  "finite_checkpoint": (str, type(None)), "warnings": list}
         check_keys(state, kinds, "trainer_state", required=("global_step", "micro_step", "log_history"))
         for key, value in state.items():
+            if key == "max_steps" and self.max_steps:
+                continue
             setattr(self, key, value)
 
 
@@ -133,7 +137,7 @@ class Callback:
 
     def on_before_forward(self, state: TrainerState, control: TrainerControl, context: Any = None,
                           inputs: dict | None = None, **kwargs: Any) -> None:
-        """Regularizer hook: may replace ``inputs`` entries (``encoder_hidden_states``, ``captions`` ...)."""
+        """Regularizer hook: may replace ``inputs`` entries (``conditioning``, ``captions`` ...)."""
 
     def on_loss(self, state: TrainerState, control: TrainerControl, context: Any = None, inputs: dict | None = None,
                 **kwargs: Any) -> None:

@@ -9,12 +9,13 @@ sample, in batch order, as the authors' code does:
     \\text{flag}_i = l_i \\cdot r < \\text{avg}[b_i], \\qquad
     \\text{avg}[b] \\leftarrow \\beta\\,\\text{avg}[b] + (1 - \\beta)\\,l_i \\ \\text{for each } i: b_i = b
 
-with ``r = mem_ratio`` (1.25, their SD setting), ``β = beta`` (0.8), one bucket per training timestep by default, the
-table starting at 0 (nothing is flagged until it fills). :class:`LowLossFlags` keeps the table on the device (no host
-synchronisation per micro-batch), writes ``inputs["low_loss_level"] = avg[b_i] / r`` (a loss below it is flagged)
-and ``inputs["low_loss"]`` for the components after it, and counts flags per band and per dataset row. The ``iet_agc``
-gate drops exactly the samples below ``strength · low_loss_level``, so at strength 1 the dashboard's flag rates are
-what the gate drops. Each rank keeps its own table (IET-AGC: each client its own); the checkpoint carries rank 0's.
+with ``r = mem_ratio`` (1.25, their SD setting), ``β = beta`` (0.8), one bucket per training timestep (level of the
+schedule) by default, the table starting at 0 (nothing is flagged until it fills). :class:`LowLossFlags` keeps the
+table on the device (no host synchronisation per micro-batch), writes ``inputs["low_loss_level"] = avg[b_i] / r`` (a
+loss below it is flagged) and ``inputs["low_loss"]`` for the components after it, and counts flags per band and per
+dataset row. The ``iet_agc`` gate drops exactly the samples below ``strength · low_loss_level``, so at strength 1 the
+dashboard's flag rates are what the gate drops. Each rank keeps its own table (IET-AGC: each client its own); the
+checkpoint carries rank 0's.
 
 Counts leave out samples trained on the empty caption (caption dropout; they train the unconditional branch) and
 non-finite losses (which also never enter the table). Per band: the flagged fraction since the last log,
@@ -36,9 +37,10 @@ from .base import Callback, TrainerControl, TrainerState
 __all__ = ["LowLossFlags", "agc_keep", "agc_update", "timestep_buckets"]
 
 
-def timestep_buckets(timesteps: Tensor, num_train_timesteps: int, num_buckets: int) -> Tensor:
-    """Bucket of each timestep: ``t·num_buckets // T`` (one bucket per timestep when ``num_buckets == T``)."""
-    return (timesteps.long() * num_buckets // num_train_timesteps).clamp_(0, num_buckets - 1)
+def timestep_buckets(levels: Tensor, num_train_timesteps: int, num_buckets: int) -> Tensor:
+    """Bucket of each training timestep from its level (:mod:`mnemoguard.callbacks.bands`): ``level·num_buckets //
+    T`` (one bucket per training timestep when ``num_buckets == T``)."""
+    return (levels.long() * num_buckets // num_train_timesteps).clamp_(0, num_buckets - 1)
 
 
 def agc_keep(loss: Tensor, level: Tensor, strength: float = 1.0) -> Tensor:
@@ -102,7 +104,7 @@ class LowLossFlags(Callback):
                 **kwargs: Any) -> None:
         c, table = self.config, self.table
         loss = inputs["loss_per_sample"].detach().to(table.device, torch.float64)
-        t = inputs["timesteps"].to(table.device)
+        t = inputs["levels"].to(table.device)
         buckets = timestep_buckets(t, self.num_train_timesteps, table.numel())
         avg = table[buckets]
         level = avg / c.mem_ratio

@@ -1,4 +1,5 @@
-"""Noise-gap timestep scheduling: train less (or not at all) on a band of noise levels.
+"""Noise-gap timestep scheduling: train less (or not at all) on a band of noise levels, on top of the loop's own
+timestep density.
 
 Dodson et al. (2026, "Two Calm Ends and the Wild Middle") find a *danger zone* at medium noise where memorization
 is induced and propose under-training it ("gap training"); Vu et al. (2026) show that moving the timestep
@@ -7,45 +8,50 @@ sampler that does this (installed in the run's timestep slot, which ``Guard.samp
 diffusers' SDXL vocabulary ``timestep_bias_{strategy,begin,end,multiplier,portion}`` plus a ``gap`` strategy:
 
 =========  ==========================================================================================================
-strategy   per-timestep weight ``m(t)`` before normalisation (``T = num_train_timesteps``; all bands are ``[a, b)``)
+strategy   per-level weight ``m(t)`` before normalisation (``T`` levels, :mod:`mnemoguard.family.schedule`; all bands
+           are ``[a, b)`` of levels: the DDPM timesteps, the flow-matching training timesteps by increasing σ)
 =========  ==========================================================================================================
-none       1 everywhere (uniform; samples drawn exactly as :class:`UniformTimestepSampler` draws them)
+none       1 everywhere (the loop's own density, drawn exactly as the loop draws it: :class:`DensitySampler`)
 earlier    ``multiplier`` on ``[0, int(portion·T))`` (low noise), 1 elsewhere — as diffusers
 later      ``multiplier`` on ``[T − int(portion·T), T)`` (high noise), 1 elsewhere — as diffusers
 range      ``multiplier`` on ``[begin, end)``, 1 elsewhere — as diffusers
 gap        ``multiplier`` ∈ [0, 1) on ``[begin, end)`` (0 excludes the band), 1 elsewhere
 =========  ==========================================================================================================
 
+The weights multiply the loop's timestep density ``p(t)`` (:class:`~mnemoguard.family.density.TimestepDensity`:
+uniform for DDPM scripts, diffusers' ``weighting_scheme`` — ``logit_normal``, ``mode``, ``cosmap`` … — for flow
+matching), so a flow model keeps its logit-normal shape outside the gap.
+
 Adaptive mode: the policy calls :meth:`NoiseGapScheduler.activate` ``(band, strength)`` and
 :meth:`~NoiseGapScheduler.deactivate`; with ``follow_danger_zone`` the scheduler follows the danger-zone tracker
 instead (:meth:`~NoiseGapScheduler.follow`: its live band and strength while on, released when it turns off).
 While active, the weights inside ``band`` are multiplied by
-``1 − strength`` on top of the static ones (strength 1 excludes the band, 0.5 halves its share). Timesteps are drawn
-with ``torch.multinomial`` over ``q(t) = m(t) / Σ m``.
+``1 − strength`` on top of the static ones (strength 1 excludes the band, 0.5 halves its share). Levels are drawn
+with ``torch.multinomial`` over ``q(t) = p(t) m(t) / Σ p m`` and handed out as the schedule's timesteps.
 
 **The loss-weight rule.** A band can be under-trained in two ways: draw fewer of its timesteps (sampling), or draw
-uniformly and weight their loss less (weighting). In expectation they are the same objective —
-``E_u[m(t)/E_u[m] · ℓ(t)] = E_q[ℓ(t)]`` — but weighting spends forward passes on samples that count little or
+as the loop does and weight their loss less (weighting). In expectation they are the same objective —
+``E_p[m(t)/E_p[m] · ℓ(t)] = E_q[ℓ(t)]`` — but weighting spends forward passes on samples that count little or
 nothing, so we sample. The per-sample loss weights returned with the timesteps are then
 
-    ``w(t) = (u(t) / q(t))^importance / Z``,  ``Z = E_q[(u/q)^importance]`` (so that ``E_q[w] = 1``),
+    ``w(t) = (p(t) / q(t))^importance / Z``,  ``Z = E_q[(p/q)^importance]`` (so that ``E_q[w] = 1``),
 
-with ``u`` the uniform distribution. The normalisation keeps the average per-sample weight of a batch at 1, as with
-the uniform sampler, so the loop's batch mean — hence the effective learning rate and the gradient-clipping scale
+with ``p`` the loop's own density. The normalisation keeps the average per-sample weight of a batch at 1, as with
+the loop's own draw, so the loop's batch mean — hence the effective learning rate and the gradient-clipping scale
 — stays comparable whatever the band and strength. With ``importance = 0`` (the default) every weight is 1 and the
 gradient is that of the biased objective ``E_q[ℓ]``: the band *is* under-trained, which is the point. With
-``importance = 1`` the weights are the full importance ratios ``u/q`` and ``E_q[(u/q)·ℓ] = E_u[ℓ]``: the estimator
-is unbiased for the *uniform* objective, so the band gets back exactly the expected gradient it had before (from
+``importance = 1`` the weights are the full importance ratios ``p/q`` and ``E_q[(p/q)·ℓ] = E_p[ℓ]``: the estimator
+is unbiased for the loop's *own* objective, so the band gets back exactly the expected gradient it had before (from
 fewer, heavier samples) — the under-training is undone and only variance is added. That is how to move compute
 without changing the objective, not how to mitigate memorization; values in between trade the two. Inside an
 excluded band (``q = 0``) nothing is drawn, so no weight can restore it. Note that ``train/loss`` shifts when a band
 is gapped: it is a mean over a different mix of timesteps, whose losses differ in scale.
 
-The scheduler is also a :class:`Callback`: ``on_train_begin`` installs it in ``context.timesteps`` (taking
-``num_train_timesteps`` from the run's noise scheduler) and ``on_step_end`` logs the active distribution as floats:
+The scheduler is also a :class:`Callback`: ``on_train_begin`` installs it in ``context.timesteps`` (taking the schedule
+and the loop's density from the run) and ``on_step_end`` logs the active distribution as floats:
 ``mem/noise_gap/strength``, ``mem/noise_gap/band_begin``, ``mem/noise_gap/band_end`` (the adaptive band; the
-static band when none is active) and ``mem/noise_gap/band_mass`` (the probability of drawing a timestep inside it).
-:meth:`~NoiseGapScheduler.distribution` gives the per-timestep probabilities for a histogram.
+static band when none is active; levels) and ``mem/noise_gap/band_mass`` (the probability of drawing a timestep inside
+it). :meth:`~NoiseGapScheduler.distribution` gives the per-level probabilities for a histogram.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from typing import Any
 import torch
 
 from ..config.guard import STRATEGIES, NoiseGapConfig
+from ..family.density import TimestepDensity
 from .bands import as_band
 from .base import Callback, TrainerControl, TrainerState
 
@@ -68,6 +75,11 @@ class NoiseGapScheduler(Callback):
     Call signature as every sampler: ``sampler(batch_size, device, generator=None) -> (timesteps, loss_weights)``.
     Keyword arguments override fields of ``config`` (``NoiseGapScheduler(timestep_bias_strategy="gap", ...)``).
     See the module docstring for the strategies and the loss-weight rule.
+
+    Args:
+        num_train_timesteps: the schedule's number of levels when it is used before a run hands over its schedule
+            (then a DDPM-like one: the timesteps are the levels, the density uniform).
+        zone: the danger-zone tracker to follow (``follow_danger_zone``).
     """
 
     def __init__(self, config: NoiseGapConfig | None = None, num_train_timesteps: int | None = None,
@@ -83,6 +95,9 @@ class NoiseGapScheduler(Callback):
         self.band: tuple[int, int] | None = None
         self.strength = 0.0
         self.num_train_timesteps = 0
+        self.schedule: Any = None  # the run's NoiseSchedule (None: timesteps are the levels)
+        self.density = TimestepDensity()
+        self._base: torch.Tensor | None = None  # the loop's own density over the levels
         self._probs: torch.Tensor | None = None
         self._weights: torch.Tensor | None = None
         self._uniform = True
@@ -95,6 +110,8 @@ class NoiseGapScheduler(Callback):
         if int(n) <= 0:
             raise ValueError(f"num_train_timesteps must be positive, found {n}")
         self.num_train_timesteps = int(n)
+        self._base = self.density.probabilities(self.schedule) if self.schedule is not None else \
+            torch.full((self.num_train_timesteps,), 1.0 / self.num_train_timesteps, dtype=torch.float64)
         self._static_weights()  # validates the static configuration against T
         if self.config.adaptive_band is not None:
             self._check_band(as_band(self.config.adaptive_band))
@@ -158,46 +175,50 @@ class NoiseGapScheduler(Callback):
         m = self._static_weights()
         if self.active and self.band is not None:
             m[self.band[0]:self.band[1]] *= 1.0 - self.strength
-        total = m.sum()
+        mass = self._base * m
+        total = mass.sum()
         if total <= 0:
             raise ValueError(
                 f"the active gap [{self.band[0]}, {self.band[1]}) with strength {self.strength} leaves no timestep "
                 "to sample"
             )
-        q = m / total
-        u = 1.0 / self.num_train_timesteps
+        q = mass / total
         a = self.config.importance
         w = torch.zeros_like(q)
         support = q > 0
         if a == 0.0:
             w[support] = 1.0
         else:
-            w[support] = (u / q[support]) ** a
+            w[support] = (self._base[support] / q[support]) ** a
             w[support] /= (q[support] * w[support]).sum()  # E_q[w] = 1
         self._probs, self._weights = q, w
-        self._uniform = bool(torch.all(m == m[0]))
+        self._uniform = bool(torch.all(m == m[0]))  # the loop's own density, unchanged
         self._changed = True
 
     def distribution(self) -> torch.Tensor:
-        """Current per-timestep sampling probabilities ``q(t)`` (float64, length ``num_train_timesteps``)."""
+        """Current per-level sampling probabilities ``q(t)`` (float64, length ``num_train_timesteps``)."""
         self._need_t()
         return self._probs.clone()
 
     def loss_weight_table(self) -> torch.Tensor:
-        """Current per-timestep loss weights ``w(t)`` (0 where ``q(t) = 0``); ``Σ q·w = 1``."""
+        """Current per-level loss weights ``w(t)`` (0 where ``q(t) = 0``); ``Σ q·w = 1``."""
         self._need_t()
         return self._weights.clone()
 
     def __call__(
         self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw ``batch_size`` timesteps from ``q`` and return them with their loss weights."""
+        """Draw ``batch_size`` levels from ``q`` and return their timesteps with their loss weights."""
         T = self._need_t()
-        if self._uniform:  # same draws as UniformTimestepSampler: installing the scheduler changes nothing
-            t = torch.randint(0, T, (batch_size,), generator=generator, device="cpu")
+        if self._uniform:  # the loop's own draw (DensitySampler's): installing the scheduler changes nothing
+            if self.schedule is not None:
+                levels = self.density.draw_levels(self.schedule, batch_size, generator)
+            else:
+                levels = torch.randint(0, T, (batch_size,), generator=generator, device="cpu")
         else:
-            t = torch.multinomial(self._probs, batch_size, replacement=True, generator=generator)
-        return t.to(device), self._weights[t].float().to(device)
+            levels = torch.multinomial(self._probs, batch_size, replacement=True, generator=generator)
+        t = self.schedule.timesteps_at(levels) if self.schedule is not None else levels
+        return t.to(device), self._weights[levels].float().to(device)
 
     # -------------------------------------------------------------------------------- adaptive mode
     def activate(self, band: Any = None, strength: float = 1.0) -> None:
@@ -243,8 +264,8 @@ class NoiseGapScheduler(Callback):
         if self.num_train_timesteps and self.num_train_timesteps != n:
             raise ValueError(f"NoiseGapScheduler was built for num_train_timesteps={self.num_train_timesteps}, the "
                              f"run's noise scheduler has {n}")
-        if not self.num_train_timesteps:
-            self._set_num_train_timesteps(n)
+        self.schedule, self.density = context.schedule, context.density
+        self._set_num_train_timesteps(n)
         context.timesteps.install(self, "noise_gap")
         self._changed = True
 
@@ -262,9 +283,10 @@ class NoiseGapScheduler(Callback):
         """With ``follow_danger_zone``: gap the tracker's live band at its strength while it is on, release it when
         the tracker turns the band off (the tracker's hysteresis decides both)."""
         tracker = self.zone
-        zone = getattr(tracker, "zone", None)
-        if tracker.active and zone is not None and zone.t_lo is not None and tracker.strength > 0:
-            band = (int(zone.t_lo), min(int(zone.t_hi) + 1, self.num_train_timesteps))
+        zone = tracker.zone
+        if tracker.active and zone is not None and tracker.strength > 0:
+            lo, hi = as_band(zone)
+            band = (lo, min(hi, self.num_train_timesteps))
             if not self.active or self.band != band or self.strength != tracker.strength:
                 self.activate(band, tracker.strength)
                 logger.info("NoiseGapScheduler: following the danger zone: t in [%d, %d) at strength %.2f", *band,
@@ -316,10 +338,10 @@ class NoiseGapScheduler(Callback):
                     f"the checkpoint's NoiseGapScheduler has num_train_timesteps={state['num_train_timesteps']}, "
                     f"this one {self.num_train_timesteps}"
                 )
-            self.num_train_timesteps = int(state["num_train_timesteps"])
         self.active = bool(state["active"])
         self.band = tuple(state["band"]) if state.get("band") is not None else None
         self.strength = float(state["strength"])
-        if self.num_train_timesteps:
-            self._rebuild()
+        n = int(state.get("num_train_timesteps") or self.num_train_timesteps)
+        if n:
+            self._set_num_train_timesteps(n)  # the run's density replaces the uniform one in on_train_begin
 

@@ -15,6 +15,8 @@ from .guard import (
     default_policy,
 )
 from .recipe import (
+    FAMILIES,
+    WEIGHTING_SCHEMES,
     DataConfig,
     EMASettings,
     LoggingConfig,
@@ -29,6 +31,7 @@ from .recipe import (
 from .schema import ConfigError, from_dict, load_dataclass, merge_dicts, parse_overrides, read_mapping
 
 __all__ = [
+    "FAMILIES", "WEIGHTING_SCHEMES",
     "ConfigError", "DashboardConfig", "DataConfig", "DefaultPolicy", "EMASettings", "EarlyStoppingSettings",
     "GuardConfig", "LoggingConfig", "LoraSettings", "LossFlagsConfig", "ModelConfig", "MonitorConfig",
     "NoiseGapConfig", "RecipeConfig", "ReportConfig", "Rule", "TinyModelConfig", "TrainingConfig",

@@ -13,24 +13,33 @@ from .checks import check_guard_config
 from .guard import GuardConfig
 from .schema import load_dataclass
 
-__all__ = ["DataConfig", "EMASettings", "LoggingConfig", "LoraSettings", "ModelConfig", "RecipeConfig",
-           "TinyModelConfig", "TrainingConfig", "ValidationConfig", "load_config"]
+__all__ = ["FAMILIES", "WEIGHTING_SCHEMES", "DataConfig", "EMASettings", "LoggingConfig", "LoraSettings",
+           "ModelConfig", "RecipeConfig", "TinyModelConfig", "TrainingConfig", "ValidationConfig", "load_config"]
+
+
+FAMILIES = ("sd", "sdxl", "sd3", "flux")  # SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1
+WEIGHTING_SCHEMES = ("none", "uniform", "sigma_sqrt", "cosmap", "logit_normal", "mode")  # diffusers' flow densities
 
 
 @dataclass
 class TinyModelConfig:
-    """The CPU-sized model built from configs when ``model.pretrained`` is empty."""
+    """The CPU-sized model built from configs when ``model.pretrained`` is empty (any family: ``model.family``)."""
 
-    sample_size: int = 16  # UNet input size (pixels in pixel space, latents with a VAE)
+    sample_size: int = 16  # network input size (pixels in pixel space, latents with a VAE)
     channels: int = 1  # image channels: 1 = grayscale, 3 = RGB
     latent: bool = False  # True: train in the latent space of a tiny AutoencoderKL (images are 2x sample_size)
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
-    layers_per_block: int = 1
-    attention_head_dim: int = 8
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])  # UNets (sd, sdxl)
+    layers_per_block: int = 1  # UNets
+    attention_head_dim: int = 8  # UNets and transformers
+    num_attention_heads: int = 4  # transformers (sd3, flux)
+    num_layers: int = 4  # transformers: SD3's joint blocks, Flux's double-stream blocks
+    num_single_layers: int = 2  # Flux's single-stream blocks
+    patch_size: int = 2  # SD3's patch size (Flux always packs 2x2 patches)
+    flow_shift: float = 1.0  # flow matching: FlowMatchEulerDiscreteScheduler's shift (SD3 ships 3.0)
     text_encoder: Literal["minilm", "clip"] = "minilm"  # minilm: real pretrained all-MiniLM-L6-v2 (384-d); clip: tiny
     text_max_length: int = 16  # tokens per caption
-    beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    beta_schedule: str = "squaredcos_cap_v2"  # DDPM families
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # DDPM families (flow models predict velocity)
     seed: int = 0  # weight-initialisation seed
     base: str | None = None  # initial UNet weights: "builtin:digits16" (shipped, see trainer/base_model.py) or a
     # diffusers UNet folder trained with these settings; None = random initialisation
@@ -38,7 +47,7 @@ class TinyModelConfig:
 
 @dataclass
 class LoraSettings:
-    """peft LoRA on the UNet attention projections (diffusers' train_text_to_image_lora.py defaults)."""
+    """peft LoRA on the attention projections of the UNet or transformer (diffusers' LoRA scripts' defaults)."""
 
     enabled: bool = False
     rank: int = 4
@@ -51,9 +60,12 @@ class LoraSettings:
 @dataclass
 class ModelConfig:
     pretrained: str | None = None  # local diffusers directory (or a hub id when online); None = tiny model
+    family: Literal["sd", "sdxl", "sd3", "flux"] | None = None  # None: the pretrained pipeline's (model_index.json),
+    # "sd" for the tiny model
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16"
-    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # override the scheduler's; None = keep
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # override a DDPM scheduler's; None = keep
+    guidance_scale: float = 3.5  # Flux: the guidance embedding's value in training (diffusers' --guidance_scale)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
@@ -89,7 +101,12 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     noise_offset: float = 0.0
-    snr_gamma: float | None = None  # Min-SNR weighting (5.0 recommended); None = plain MSE
+    snr_gamma: float | None = None  # DDPM families: Min-SNR weighting (5.0 recommended); None = plain MSE
+    weighting_scheme: Literal["none", "uniform", "sigma_sqrt", "cosmap", "logit_normal", "mode"] = "none"  # flow
+    # matching: diffusers' timestep density (logit_normal, mode) or loss weighting (sigma_sqrt, cosmap)
+    logit_mean: float = 0.0  # logit_normal
+    logit_std: float = 1.0  # logit_normal
+    mode_scale: float = 1.29  # mode
     caption_dropout: float = 0.1  # probability of training on the empty caption (classifier-free guidance)
     checkpointing_steps: int = 200
     checkpoints_total_limit: int | None = 3

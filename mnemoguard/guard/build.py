@@ -32,8 +32,8 @@ from ..config.checks import check_guard_config, early_stopping_settings, tracker
 from ..prompts import PromptEncoder, tokenize_and_encode
 from .data import as_training_dataset
 
-__all__ = ["Components", "build_components", "check_needs", "hparams_of", "load_guard_config", "make_dataset",
-           "make_ema", "make_prompts"]
+__all__ = ["Components", "adapter_kwargs", "build_components", "check_needs", "check_not_resumed", "hparams_of",
+           "load_guard_config", "make_dataset", "make_ema", "make_prompts"]
 
 
 def load_guard_config(source: Any = None, heldout_given: bool = False) -> tuple[GuardConfig, dict[str, Any] | None]:
@@ -146,14 +146,41 @@ def make_prompts(accelerator: Any, text_encoder: Any, tokenizer: Any, encode_pro
     return None
 
 
-def make_dataset(train_dataset: Any, unet: Any, vae: Any, image_column: str, caption_column: str,
+def adapter_kwargs(model: Any, resolution: int | None, codec: Any) -> dict[str, Any]:
+    """What the model adapter learns from the run: the latent size of the guard's own samples (the training
+    resolution over the VAE factor) and, for SDXL, the image size of its default ``time_ids``."""
+    from ..family.adapters import ModelAdapter, SDXLUNetAdapter, unwrap_model
+
+    if resolution is None or isinstance(model, ModelAdapter):
+        if isinstance(model, ModelAdapter) and resolution is not None:
+            model.with_sample_size(int(resolution) // codec.scale_factor)
+            if isinstance(model, SDXLUNetAdapter) and model.image_size is None:
+                model.image_size = int(resolution)
+        return {}
+    out: dict[str, Any] = {"sample_size": int(resolution) // codec.scale_factor}
+    if getattr(getattr(unwrap_model(model), "config", None), "addition_embed_type", None) == "text_time":
+        out["image_size"] = int(resolution)
+    return out
+
+
+def make_dataset(train_dataset: Any, adapter: Any, codec: Any, image_column: str, caption_column: str,
                  resolution: int | None) -> Any:
-    """The training data as the guard reads it, at the training resolution (default: the UNet's sample size times
+    """The training data as the guard reads it, at the training resolution (default: the model's sample size times
     the VAE's downsampling factor) and the images' channels."""
-    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-    channels = int(vae.config.in_channels) if vae is not None else int(unet.config.in_channels)
-    res = int(resolution) if resolution is not None else int(unet.config.sample_size) * scale
+    channels = codec.image_channels if codec.latent else adapter.latent_channels
+    res = int(resolution) if resolution is not None else adapter.sample_size[0] * codec.scale_factor
     return as_training_dataset(train_dataset, image_column, caption_column, res, channels)
+
+
+def check_not_resumed(accelerator: Any) -> None:
+    """A ``ValueError`` when the accelerator has already trained or loaded a checkpoint (``accelerator.step`` > 0):
+    the Guard registers the state hooks that save and restore its state, so built after ``load_state`` it would run
+    with the checkpoint's guard state dropped (and a fresh EMA)."""
+    step = int(getattr(accelerator, "step", 0) or 0)
+    if step > 0:
+        raise ValueError(f"Guard: the accelerator has already taken or loaded {step} micro-steps (accelerator.step); "
+                         "build the Guard before accelerator.load_state(...) so that the checkpoint's guard state is "
+                         "restored with it")
 
 
 def hparams_of(values: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Components read what they need from it (and declare it in ``needs``, checked when the Guard is built); nothing is
 discovered by scanning a trainer's attributes. The same context is built for the reference trainer and for a user's
-own loop: the components cannot tell which loop drives them.
+own loop: the components cannot tell which loop drives them, nor which model family runs (the family is the
+denoiser's model adapter and noise schedule, and the latent codec: :mod:`mnemoguard.family`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from torch import Tensor, nn
 
 from ..callbacks.timesteps import TimestepSlot
 from ..denoiser import Denoiser, _unwrap
+from ..family.density import TimestepDensity
+from ..family.latents import LatentCodec
 
 __all__ = ["GuardContext"]
+
 
 @dataclass
 class GuardContext:
@@ -25,14 +29,14 @@ class GuardContext:
 
     Attributes:
         accelerator: the loop's ``accelerate.Accelerator``.
-        unet: the trained UNet as the loop holds it (prepared / wrapped or not).
-        noise_scheduler: the training noise scheduler.
-        denoiser: the unwrapped UNet with that schedule (:class:`~mnemoguard.denoiser.Denoiser`).
+        model: the trained network as the loop holds it (prepared / wrapped or not): a UNet or a transformer.
+        denoiser: the unwrapped network with its adapter and noise schedule (:class:`~mnemoguard.denoiser.Denoiser`).
         timesteps: the timestep-sampler slot.
-        bands: the noise bands every per-band tag uses, name -> ``[t_lo, t_hi)``.
+        bands: the noise bands every per-band tag uses, name -> :class:`~mnemoguard.callbacks.bands.NoiseBand`.
+        codec: the latent space (:class:`~mnemoguard.family.latents.LatentCodec`; pixel space without a VAE).
+        density: how the loop draws its timesteps (:class:`~mnemoguard.family.density.TimestepDensity`).
         prompts: the guard's own caption encoder (:class:`~mnemoguard.prompts.PromptEncoder`), or None.
         tokenizer: the tokenizer, or None.
-        vae: the VAE of a latent model (None in pixel space).
         dataset: the training data as the guard reads it (:class:`~mnemoguard.guard.data.ProbeDataset`), or None.
         ema: the EMA baseline: an object with ``names``, ``weights(source)``, ``snapshots`` (our
             :class:`~mnemoguard.ema.EMAModel`, or a diffusers ``EMAModel`` seen through
@@ -45,14 +49,14 @@ class GuardContext:
     """
 
     accelerator: Any
-    unet: nn.Module
-    noise_scheduler: Any
+    model: nn.Module
     denoiser: Denoiser
     timesteps: TimestepSlot
-    bands: dict[str, tuple[int, int]]
+    bands: dict[str, Any]
+    codec: LatentCodec = field(default_factory=LatentCodec)
+    density: TimestepDensity = field(default_factory=TimestepDensity)
     prompts: Any = None
     tokenizer: Any = None
-    vae: nn.Module | None = None
     dataset: Any = None
     ema: Any = None
     output_dir: Path | None = None
@@ -62,9 +66,25 @@ class GuardContext:
     error: str | None = None
 
     @property
-    def unwrapped_unet(self) -> nn.Module:
-        """The UNet without DDP / DeepSpeed / compile wrappers."""
-        return _unwrap(self.unet)
+    def unet(self) -> nn.Module:
+        """:attr:`model` (its name when only UNets were supported)."""
+        return self.model
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        """The network without DDP / DeepSpeed / compile wrappers."""
+        return _unwrap(self.model)
+
+    unwrapped_unet = unwrapped_model
+
+    @property
+    def schedule(self) -> Any:
+        """The noise schedule (:class:`~mnemoguard.family.schedule.NoiseSchedule`)."""
+        return self.denoiser.schedule
+
+    @property
+    def vae(self) -> nn.Module | None:
+        return self.codec.vae
 
     @property
     def device(self) -> torch.device:
@@ -72,7 +92,7 @@ class GuardContext:
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.noise_scheduler.config.num_train_timesteps)
+        return int(self.schedule.num_train_timesteps)
 
     @property
     def num_processes(self) -> int:
@@ -88,23 +108,17 @@ class GuardContext:
 
     @property
     def is_lora(self) -> bool:
-        """Whether the UNet carries peft adapters (the LoRA base is then a baseline)."""
-        return bool(getattr(self.unwrapped_unet, "peft_config", None))
+        """Whether the network carries peft adapters (the LoRA base is then a baseline)."""
+        return bool(getattr(self.unwrapped_model, "peft_config", None))
 
     @property
     def latent(self) -> bool:
-        return self.vae is not None
+        return self.codec.latent
 
     def encode_images(self, pixels: Tensor) -> Tensor:
-        """Images in [-1, 1] -> the UNet's input space, deterministically (the VAE posterior *mean*, no sampling)."""
-        if self.vae is None:
-            return pixels.float()
-        vae = self.vae
-        dist = vae.encode(pixels.to(device=next(vae.parameters()).device, dtype=vae.dtype)).latent_dist
-        return (dist.mode() * vae.config.scaling_factor).float()
+        """Images in [-1, 1] -> the network's sample space, deterministically (the VAE posterior *mean*)."""
+        return self.codec.encode(pixels)
 
     def decode(self, sample: Tensor) -> Tensor:
-        """The UNet's sample space -> images in [-1, 1]."""
-        if self.vae is None:
-            return sample
-        return self.vae.decode(sample.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        """The network's sample space -> images in [-1, 1]."""
+        return self.codec.decode(sample)

@@ -28,19 +28,26 @@ def _rows(name: str, value: Any, batch_size: int) -> None:
                          f"([{batch_size}, ...]), found {found}")
 
 
-def check_forward_inputs(data: dict[str, Any], needs_captions: Sequence[str], needs_indices: Sequence[str]) -> int:
+def check_forward_inputs(data: dict[str, Any], needs_captions: Sequence[str], needs_indices: Sequence[str],
+                         schedule: Any = None) -> int:
     """Check (and normalise in place) the entries given to ``before_forward``; returns the batch size."""
     missing = [k for k in ("timesteps", "noisy_model_input") if data.get(k) is None]
     if data.get("encoder_hidden_states") is None and data.get("captions") is None:
         missing.append("encoder_hidden_states (or captions)")
     if missing:
-        raise ValueError(f"Guard.before_forward: missing {missing}; expected the UNet's inputs timesteps, "
-                         "noisy_model_input, encoder_hidden_states (optional: captions, indices, model_input, noise); "
+        raise ValueError(f"Guard.before_forward: missing {missing}; expected the network's inputs timesteps, "
+                         "noisy_model_input, encoder_hidden_states (+ pooled_projections / added_cond_kwargs for "
+                         "SDXL, SD3, Flux; optional: captions, indices, model_input, noise); "
                          f"found {sorted(k for k, v in data.items() if v is not None)}")
     t = data["timesteps"]
-    if not isinstance(t, Tensor) or t.ndim != 1 or t.dtype.is_floating_point:
+    kind = "integer" if schedule is None or schedule.timestep_dtype == torch.long else "float (σ·T)"
+    if not isinstance(t, Tensor) or t.ndim != 1 or t.dtype == torch.bool:
         found = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"Guard.before_forward: timesteps must be a [B] integer tensor, found {found}")
+        raise ValueError(f"Guard.before_forward: timesteps must be a [B] {kind} tensor (what the network gets), "
+                         f"found {found}")
+    if schedule is not None and schedule.timestep_dtype == torch.long and t.dtype.is_floating_point:
+        raise ValueError(f"Guard.before_forward: a DDPM model takes integer timesteps in [0, "
+                         f"{schedule.num_train_timesteps}); found a {t.dtype} tensor")
     B = t.shape[0]
     _rows("noisy_model_input", data["noisy_model_input"], B)
     captions = data.get("captions")
@@ -83,7 +90,7 @@ def check_loss_inputs(loss_per_sample: Any, inputs: Any, needs_prediction: Seque
     if per.ndim > 1:
         per = per.mean(dim=tuple(range(1, per.ndim)))
     if needs_prediction and model_pred is None and inputs.get("model_pred") is None:
-        raise ValueError(f"Guard.loss: {who(needs_prediction, 'compares', 'compare')} the UNet's prediction: "
+        raise ValueError(f"Guard.loss: {who(needs_prediction, 'compares', 'compare')} the network's prediction: "
                          "expected model_pred=; found None")
     return per
 
@@ -99,15 +106,19 @@ def float_logs(logs: Mapping[str, Any] | None) -> dict[str, float]:
     return values
 
 
-def check_parts(accelerator: Any, unet: Any, noise_scheduler: Any, text_encoder: Any, tokenizer: Any,
-                 encode_prompt: Any, log_every: int) -> None:
-    for name, value in (("accelerator", accelerator), ("unet", unet), ("noise_scheduler", noise_scheduler)):
+def check_parts(accelerator: Any, model: Any, noise_scheduler: Any, text_encoder: Any, tokenizer: Any,
+                encode_prompt: Any, log_every: int) -> None:
+    from ..family.adapters import ModelAdapter
+
+    for name, value in (("accelerator", accelerator), ("model", model), ("noise_scheduler", noise_scheduler)):
         if value is None:
-            raise ValueError(f"Guard needs {name}=; found None")
+            raise ValueError(f"Guard needs {name}= (model= the UNet or transformer you train); found None")
     if not hasattr(accelerator, "unwrap_model") or not hasattr(accelerator, "sync_gradients"):
         raise TypeError(f"accelerator: expected an accelerate.Accelerator, found {type(accelerator).__name__}")
-    if not isinstance(unet, nn.Module) or not hasattr(_unwrap(unet), "config"):
-        raise TypeError(f"unet: expected a diffusers UNet (prepared or not), found {type(unet).__name__}")
+    module = model.module if isinstance(model, ModelAdapter) else model
+    if not isinstance(module, nn.Module) or not hasattr(_unwrap(module), "config"):
+        raise TypeError(f"model: expected a diffusers UNet or transformer (prepared or not) or a ModelAdapter, found "
+                        f"{type(model).__name__}")
     if not hasattr(getattr(noise_scheduler, "config", None), "num_train_timesteps"):
         raise TypeError("noise_scheduler: expected a diffusers noise scheduler (with config.num_train_timesteps), "
                         f"found {type(noise_scheduler).__name__}")
@@ -117,4 +128,5 @@ def check_parts(accelerator: Any, unet: Any, noise_scheduler: Any, text_encoder:
         raise ValueError("text encoding needs both text_encoder= and tokenizer= (or an encode_prompt= callable); "
                          f"found text_encoder={type(text_encoder).__name__}, tokenizer=None")
     if encode_prompt is not None and not callable(encode_prompt):
-        raise TypeError(f"encode_prompt: expected a callable list[str] -> Tensor, found {type(encode_prompt)}")
+        raise TypeError(f"encode_prompt: expected a callable list[str] -> token embeddings (or an (embeds, pooled) "
+                        f"tuple), found {type(encode_prompt)}")

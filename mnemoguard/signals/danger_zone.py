@@ -28,8 +28,9 @@ conversion, and re-exports the others' public names.
 
 Noise convention: variance exploding, ``y = x + σ n``. A DDPM latent ``x_t = sqrt(ᾱ_t) x + sqrt(1 − ᾱ_t) n`` is
 ``sqrt(ᾱ_t)·(x + σ_t n)`` with ``σ_t = sqrt((1 − ᾱ_t) / ᾱ_t)``, and the empirical posterior is scale invariant, so a
-DDPM timestep maps to ``σ_t`` (:func:`sigmas_from_alphas_cumprod`). Pass the latents exactly as the UNet sees them
-(after the VAE scaling factor).
+DDPM timestep maps to ``σ_t`` (:func:`sigmas_from_alphas_cumprod`); any family's level maps to its VE-equivalent
+``σ_t/α_t`` (:meth:`mnemoguard.family.schedule.NoiseSchedule.level_sigmas`; flow matching: ``σ/(1 − σ)``). Pass the
+latents exactly as the network sees them (after the VAE scaling and shift).
 
 Memory: the training set is read in blocks of ``chunk_size`` rows (a torch tensor, a numpy array or a numpy memmap:
 anything with ``len`` and row indexing), cast to ``dtype`` one block at a time. Peak extra memory is about
@@ -168,7 +169,7 @@ def danger_zone_band(
     *,
     weight_threshold: float = 0.5,
     coverage_threshold: float = 0.5,
-    alphas_cumprod: torch.Tensor | None = None,
+    level_sigmas: torch.Tensor | None = None,
 ) -> DangerZone:
     """The band where training inputs cover the sampler's inputs *and* the posterior is still concentrated.
 
@@ -176,8 +177,10 @@ def danger_zone_band(
     ``weight_threshold`` (both linearly interpolated in log σ on the grid). The band is empty
     (``sigma_lo > sigma_hi``) when coverage comes only after the posterior has spread — no danger zone. The
     thresholds are our operational choice (Dodson et al. describe the regimes, not a numeric rule). With
-    ``alphas_cumprod`` (``scheduler.alphas_cumprod``) the band is mapped to the DDPM timesteps whose
-    ``σ_t = sqrt((1 − ᾱ_t)/ᾱ_t)`` lie inside it (``t_lo = t_hi = None`` if none do).
+    ``level_sigmas`` (the VE-equivalent σ of every level of a schedule, ascending:
+    :meth:`~mnemoguard.family.schedule.NoiseSchedule.level_sigmas`; for a DDPM table
+    :func:`sigmas_from_alphas_cumprod`) the band is mapped to the levels whose σ lie inside it (``t_lo = t_hi = None``
+    if none do).
     """
     sig = _sigma_vector(torch.as_tensor(sigmas), "sigmas")
     w = torch.as_tensor(max_posterior_weight, dtype=torch.float64).reshape(-1)
@@ -195,8 +198,8 @@ def danger_zone_band(
     sigma_lo = math.exp(lo) if lo is not None else math.inf
     sigma_hi = math.exp(hi) if hi is not None else 0.0
     t_lo = t_hi = None
-    if alphas_cumprod is not None and sigma_lo <= sigma_hi:
-        table = sigmas_from_alphas_cumprod(alphas_cumprod)
+    if level_sigmas is not None and sigma_lo <= sigma_hi:
+        table = torch.as_tensor(level_sigmas, dtype=torch.float64).reshape(-1)
         inside = torch.nonzero((table >= sigma_lo) & (table <= sigma_hi)).reshape(-1)
         if inside.numel():
             t_lo, t_hi = int(inside.min()), int(inside.max())

@@ -41,7 +41,7 @@ def _tqdm(cfg: BenchConfig, total: int, desc: str) -> Any:
 class BenchCallback(Callback):
     """Evaluates the live model at every checkpoint (``on_save``) and runs the final analyses at ``on_train_end``.
 
-    Evaluation runs with the UNet in eval mode and the global RNG state preserved (:mod:`mnemoguard.isolation`):
+    Evaluation runs with the model in eval mode and the global RNG state preserved (:mod:`mnemoguard.isolation`):
     training continues exactly as it would without the benchmark.
     """
 
@@ -74,12 +74,12 @@ class BenchCallback(Callback):
         if context.latent:
             raise NotImplementedError("mnemoguard bench probes pixel-space models only")
         start = time.perf_counter()
-        unet, den = context.unwrapped_unet, context.denoiser
-        with preserved_rng_state(), eval_mode(unet):
+        den = context.denoiser
+        with preserved_rng_state(), eval_mode(context.unwrapped_model):
             ema = ema_baseline(den, context.ema) if context.ema is not None else None
             if self._prompts is None:  # the bench's own encoder: the training loop's cache is never touched
                 self._prompts = PromptEncoder(context.prompts.encode, device=context.device)
-            model = ProbeModel(unet, context.noise_scheduler, den, ema, self._prompts, self._prompts([""]))
+            model = ProbeModel(den, ema, self._prompts, self._prompts([""]))
             if final:
                 self.final = final_analyses(self.cfg, self.gt, self.train, model, context.tokenizer)
             else:

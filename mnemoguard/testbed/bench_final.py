@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from ..evaluation import nearest_neighbour_ratio
-from ..sampling import ddim_scheduler
-from ..signals import danger_zone_band, danger_zone_curves, distinct_rows, sigmas_from_alphas_cumprod
+from ..sampling import sampling_steps
+from ..signals import danger_zone_band, danger_zone_curves, distinct_rows
 from .bench_config import BenchConfig
 from .bench_probes import (
     ProbeModel,
@@ -124,18 +124,19 @@ def danger_zone_analysis(cfg: BenchConfig, gt: GroundTruth, train: TrainingImage
     dz, pc = cfg.danger_zone, cfg.probes
     start = time.perf_counter()
     files = [f for r in gt.records if r.trained for f in r.files]
-    rows, multiplicity, _ = distinct_rows(gt.load_images(files))  # [-1, 1], what the UNet is trained on
+    rows, multiplicity, _ = distinct_rows(gt.load_images(files))  # [-1, 1], what the model is trained on
     held_out = gt.held_out_images()[0] if gt.by_kind("held_out") else None
     lo, hi = dz.sigma_range
     sigmas = torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), dz.num_sigmas,
                             dtype=torch.float64)
     curves = danger_zone_curves(rows, sigmas, num_probes=dz.num_probes, generator=torch.Generator().manual_seed(
         cfg.seed), multiplicity=multiplicity, population=held_out)
+    schedule = model.denoiser.schedule
     band = danger_zone_band(curves.sigmas, curves.max_posterior_weight, curves.coverage,
-                            alphas_cumprod=model.scheduler.alphas_cumprod)
+                            level_sigmas=schedule.level_sigmas())
     curve_seconds = time.perf_counter() - start
-    ddim = ddim_scheduler(model.scheduler, pc.num_inference_steps)
-    ts = [int(t) for t in ddim.timesteps]
+    ts = [int(schedule.levels_of(torch.tensor(t))) for t, _ in sampling_steps(model.denoiser,
+                                                                                pc.num_inference_steps)]
     starts = sorted({nearest_step(ts, t) for t in dz.start_timesteps}, reverse=True)
     rates: dict[str, list[float]] = {}
     for kind in ("global", "plain"):
@@ -149,8 +150,8 @@ def danger_zone_analysis(cfg: BenchConfig, gt: GroundTruth, train: TrainingImage
             res = nearest_neighbour_ratio(imgs, train.images, value_range=(0.0, 1.0))
             own = res.indices[:, 0] == torch.tensor(idx)
             rates.setdefault(kind, []).append(float(((res.ratio < pc.ratio_threshold) & own).float().mean()))
-    start_t = [ts[s] for s in starts]
-    sigma_t = sigmas_from_alphas_cumprod(model.scheduler.alphas_cumprod)  # the danger-zone axis of each timestep
+    start_t = [ts[s] for s in starts]  # levels of the starts
+    sigma_t = schedule.level_sigmas()  # the danger-zone axis of each level
     return {
         "sigmas": curves.sigmas.tolist(),
         "max_posterior_weight": curves.max_posterior_weight.tolist(),

@@ -23,8 +23,9 @@ from ..evaluation import (
     nearest_neighbour_ratio,
     template_verbatim,
 )
+from ..family.conditioning import Conditioning
 from ..parameterisation import denoising_loss
-from ..sampling import ddim_scheduler, generate
+from ..sampling import generate, sampling_steps
 from .ground_truth import GroundTruth
 
 __all__ = [
@@ -42,37 +43,37 @@ __all__ = [
 
 @dataclass
 class ProbeModel:
-    """What every measurement needs: the live UNet (pixel space), its schedule and the less-trained baseline.
+    """What every measurement needs: the live model (pixel space, any family), its schedule and the less-trained
+    baseline.
 
     Attributes:
-        unet: the live (unwrapped) UNet, in eval mode while probed.
-        scheduler: the training noise scheduler (DDPM config; the samplers derive DDIM from it).
-        denoiser: ``Denoiser(unet, scheduler)``.
+        denoiser: the live (unwrapped) model with its adapter and noise schedule, in eval mode while probed.
         ema: the EMA weights as a baseline (:func:`mnemoguard.baselines.ema_baseline`), or ``None``.
-        encode: captions -> ``[B, L, D]`` text embeddings (a :class:`~mnemoguard.prompts.PromptEncoder`).
-        uncond: the empty-caption embedding ``[1, L, D]``.
+        encode: captions -> their conditioning (a :class:`~mnemoguard.prompts.PromptEncoder`).
+        uncond: the empty caption's conditioning (batch 1).
     """
 
-    unet: nn.Module
-    scheduler: Any
     denoiser: Denoiser
     ema: Baseline | None
-    encode: Callable[[list[str]], Tensor]
-    uncond: Tensor
+    encode: Callable[[list[str]], Conditioning]
+    uncond: Conditioning
+
+    @property
+    def model(self) -> nn.Module:
+        return self.denoiser.model
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of the UNet's samples (pixel space: the images)."""
-        cfg = self.unet.config
-        return (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+        """``(C, H, W)`` of the model's samples (pixel space: the images)."""
+        return self.denoiser.adapter.sample_shape
 
 
 @dataclass
 class Trajectory:
-    """A DDIM sampling run with every UNet call recorded.
+    """A sampling run with every network call recorded (outputs as noise predictions, whatever the family).
 
     Attributes:
-        timesteps: the DDIM timesteps, in sampling order (``S`` of them).
+        timesteps: the sampler's timesteps, in sampling order (``S`` of them).
         x: ``[S, B, C, H, W]`` the model input x_t at each step.
         eps_cond: ``[S, B, C, H, W]`` conditional noise predictions.
         eps_uncond: the same for the empty caption (guided runs only), else ``None``.
@@ -94,25 +95,22 @@ def probe_latents(seeds: Sequence[int], shape: tuple[int, int, int]) -> Tensor:
 
 
 class _Recorder:
-    """Forward hook that keeps (t, x_t, output) of every UNet call made inside the ``with`` block."""
+    """The denoiser's adapter, keeping ``(t, x_t, ε̂)`` of every call (the raw output converted to a noise prediction
+    by the denoiser's parameterisation); everything else is the adapter's."""
 
-    def __init__(self, unet: nn.Module) -> None:
-        self.unet = unet
-        self.calls: list[tuple[int, Tensor, Tensor]] = []
+    def __init__(self, denoiser: Denoiser) -> None:
+        self.inner_adapter, self.denoiser = denoiser.adapter, denoiser
+        self.calls: list[tuple[float, Tensor, Tensor]] = []
 
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        x = args[0] if args else kwargs["sample"]
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        out = output[0] if isinstance(output, (tuple, list)) else output.sample
-        step = int(torch.as_tensor(t).reshape(-1)[0])
-        self.calls.append((step, x.detach().float().cpu(), out.detach().float().cpu()))
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["inner_adapter"], name)
 
-    def __enter__(self) -> _Recorder:
-        self.handle = self.unet.register_forward_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.handle.remove()
+    def __call__(self, x: Tensor, t: Tensor, cond: Any = None, **kwargs: Any) -> Tensor:
+        out = self.inner_adapter(x, t, cond, **kwargs)
+        eps = self.denoiser.to_eps(out.float(), x.float(), t)
+        step = torch.as_tensor(t).reshape(-1)[0].item()
+        self.calls.append((step, x.detach().float().cpu(), eps.detach().float().cpu()))
+        return out
 
 
 @torch.no_grad()
@@ -124,21 +122,22 @@ def sample_with_trajectory(
     num_inference_steps: int,
     batch_size: int = 64,
 ) -> Trajectory:
-    """Images from :func:`mnemoguard.sampling.generate` (DDIM + CFG) with every UNet call of the run recorded.
+    """Images from :func:`mnemoguard.sampling.generate` (the family's sampler + CFG) with every network call of the
+    run recorded.
 
-    ``cond`` is ``[B, L, D]``, ``latents`` the initial noise ``[B, C, H, W]``; rows are processed ``batch_size`` at
-    a time (the result does not depend on it).
+    ``cond`` is the captions' conditioning, ``latents`` the initial noise ``[B, C, H, W]``; rows are processed
+    ``batch_size`` at a time (the result does not depend on it).
     """
     import time
 
     start = time.perf_counter()
-    parts: list[tuple[list[int], Tensor, Tensor, Tensor | None, Tensor]] = []
+    parts: list[tuple[list[float], Tensor, Tensor, Tensor | None, Tensor]] = []
     guided = guidance_scale != 1.0
-    for lo in range(0, cond.shape[0], batch_size):
+    for lo in range(0, len(cond), batch_size):
         c, z = cond[lo : lo + batch_size], latents[lo : lo + batch_size]
-        with _Recorder(model.unet) as rec:
-            images = generate(model.unet, model.scheduler, c, model.uncond, guidance_scale, num_inference_steps,
-                              latents=z)
+        rec = _Recorder(model.denoiser)
+        images = generate(model.denoiser.with_adapter(rec), c, model.uncond, guidance_scale, num_inference_steps,
+                          latents=z)
         ts = [t for t, _, _ in rec.calls]
         xs = torch.stack([x.chunk(2)[0] if guided else x for _, x, _ in rec.calls])
         outs = [o.chunk(2) if guided else (None, o) for _, _, o in rec.calls]
@@ -206,7 +205,7 @@ def template_verbatim_rate(gt: GroundTruth, images01: Tensor) -> float:
 def band_losses(
     model: ProbeModel,
     images: Tensor,
-    cond: Tensor,
+    cond: Conditioning,
     bands: Sequence[Sequence[int]],
     *,
     draws: int = 4,
@@ -215,26 +214,27 @@ def band_losses(
 ) -> Tensor:
     """Denoising loss of the live model per noise band: ``[N, len(bands)]``, mean over ``draws`` fixed draws.
 
-    For each image and band, timesteps are spread evenly over the band and noise comes from ``seed``; the loss is the
-    training loss (:func:`~mnemoguard.denoiser.denoising_loss` of the network output against
-    :meth:`~mnemoguard.denoiser.Denoiser.target`: the MSE to the noise for epsilon models) averaged over pixels.
-    Images are in [-1, 1] (what the trainer sees).
+    For each image and band (levels ``[lo, hi)`` of the schedule), levels are spread evenly over the band and noise
+    comes from ``seed``; the loss is the training loss (:func:`~mnemoguard.denoiser.denoising_loss` of the network
+    output against :meth:`~mnemoguard.denoiser.Denoiser.target`: the MSE to the noise for epsilon models, to
+    ``ε − x₀`` for flow models) averaged over pixels. Images are in [-1, 1] (what the trainer sees).
     """
+    den = model.denoiser
     gen = torch.Generator().manual_seed(seed)
     n = images.shape[0]
     out = torch.zeros(n, len(bands))
     for j, (lo, hi) in enumerate(bands):
-        ts = torch.linspace(lo, hi - 1, draws).round().long()
+        levels = torch.linspace(lo, hi - 1, draws).round().long()
         x0 = images.repeat(draws, 1, 1, 1)
-        c = cond.repeat(draws, 1, 1)
-        t = ts.repeat_interleave(n)
+        c = cond.repeat(draws)
+        t = den.schedule.timesteps_at(levels.repeat_interleave(n))
         noise = torch.randn(x0.shape, generator=gen)
-        x_t = model.scheduler.add_noise(x0, noise, t)
+        x_t = den.schedule.add_noise(x0, noise, t)
         errs = []
         for s in range(0, x_t.shape[0], batch_size):
             rows = slice(s, s + batch_size)
-            pred = model.denoiser.raw(x_t[rows], t[rows], c[rows])
-            errs.append(denoising_loss(pred, model.denoiser.target(x0[rows], noise[rows], t[rows])))
+            pred = den.raw(x_t[rows], t[rows], c[rows])
+            errs.append(denoising_loss(pred, den.target(x0[rows], noise[rows], t[rows])))
         out[:, j] = torch.cat(errs).reshape(draws, n).mean(0)
     return out
 
@@ -243,26 +243,19 @@ def band_losses(
 def denoise_from(
     model: ProbeModel,
     images: Tensor,
-    cond: Tensor,
+    cond: Conditioning,
     start_index: int,
     num_inference_steps: int,
     *,
     seed: int = 0,
     guidance_scale: float = 1.0,
-) -> tuple[Tensor, int]:
-    """Noise training images (in [-1, 1]) to DDIM timestep ``timesteps[start_index]`` and denoise them back with
-    DDIM (+ CFG): Dodson et al.'s per-noise-level memorization probe. Returns (images in [0, 1], the start t)."""
-    ddim = ddim_scheduler(model.scheduler, num_inference_steps)
-    timesteps = ddim.timesteps[start_index:]
-    t0 = int(timesteps[0])
-    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
-    x = model.scheduler.add_noise(images, noise, torch.full((images.shape[0],), t0, dtype=torch.long))
-    for t in timesteps:
-        if guidance_scale == 1.0:
-            eps = model.denoiser.eps(x, t, cond)
-        else:
-            eps_c, eps_u = model.denoiser.eps_cond_uncond(x, t, cond, model.uncond)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
-        x = ddim.step(eps, t, x).prev_sample
-    return ((x + 1) / 2).clamp(0, 1), t0
+) -> tuple[Tensor, float | int]:
+    """Noise training images (in [-1, 1]) to the sampler's step ``start_index`` and denoise them back (+ CFG):
+    Dodson et al.'s per-noise-level memorization probe (:func:`mnemoguard.sampling.denoise_from` with one start).
+    Returns (images in [0, 1], the start timestep)."""
+    from ..sampling import denoise_from as sample_from
 
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    out = sample_from(model.denoiser, images, noise, [start_index], cond, model.uncond, guidance_scale,
+                      num_inference_steps)
+    return out[0], sampling_steps(model.denoiser, num_inference_steps)[start_index][0]

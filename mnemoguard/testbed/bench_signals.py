@@ -100,7 +100,7 @@ def detection_signals(
     Args:
         plain: the guidance-1 trajectory of these rows (live-vs-EMA gap and curvature read x_t along it).
         guided: the CFG trajectory at the users' guidance (Wen's all-steps gap is free along it).
-        bands: timestep bands of the live-vs-EMA gap; each is read at the step nearest the band centre.
+        bands: bands of levels of the live-vs-EMA gap; each is read at the step nearest the band centre.
         trajectory_share: fraction of the recorded trajectories' wall time that these rows account for.
         batch_size: captions per curvature call (each call holds 4 x probes x batch_size images with ``fd``).
     """
@@ -108,8 +108,11 @@ def detection_signals(
     den, uncond = model.denoiser, model.uncond
     ts = guided.timesteps
     n_steps = len(ts)
-    t_hi, t_lo = ts[0], ts[asthana_lo_index]
-    (eps_c_hi, eps_u_hi), s_hi = _timed(lambda: den.eps_cond_uncond(latents, t_hi, cond, uncond))
+    # the first step where the signal scale α > 0 (flow matching starts at σ = 1, where ε̂ = x_t carries nothing)
+    first = next(i for i, t in enumerate(ts) if float(den.alpha(torch.tensor(t))) > 0)
+    t_hi, t_lo = ts[first], ts[asthana_lo_index]
+    x_hi = latents if first == 0 else guided.x[first].to(latents)
+    (eps_c_hi, eps_u_hi), s_hi = _timed(lambda: den.eps_cond_uncond(x_hi, t_hi, cond, uncond))
     wen_first = wen_norm(eps_c_hi, eps_u_hi)
     out.add("wen_first", wen_first, 2, s_hi, f"‖ε_c − ε_∅‖ at x_T, t={t_hi}")
     gaps = torch.stack([wen_norm(guided.eps_cond[i], guided.eps_uncond[i]) for i in range(n_steps)]).mean(0)
@@ -122,9 +125,10 @@ def detection_signals(
             f"γ=({g1:g}, {g2:g}); norm at t={t_hi}, cos at {t_lo}")
     out.add("anisotropy", cos, 2, s_lo, f"cos(ε_∅, ε_c − ε_∅) at x_T, t={t_lo}")
     step_share = plain.seconds * trajectory_share / max(1, len(plain.timesteps))
+    plain_levels = [int(den.schedule.levels_of(torch.tensor(t))) for t in plain.timesteps]
     if model.ema is not None:
         for lo, hi in bands:
-            i = nearest_step(plain.timesteps, (lo + hi) / 2)
+            i = nearest_step(plain_levels, (lo + hi) / 2)
             t = plain.timesteps[i]
             eps_ema, s = _timed(lambda i=i, t=t: model.ema.eps(plain.x[i], t, cond))
             gap = live_baseline_gap(plain.eps_cond[i], eps_ema)
@@ -135,7 +139,7 @@ def detection_signals(
 
     def traces() -> Tensor:
         parts = []
-        for lo in range(0, cond.shape[0], batch_size):
+        for lo in range(0, len(cond), batch_size):
             fn = den.guidance_fn(t, cond[lo : lo + batch_size], uncond)
             parts.append(hutchinson_trace(fn, plain.x[i][lo : lo + batch_size], num_probes=curvature_probes,
                                           generator=seed + lo, method=curvature_method))
@@ -173,8 +177,12 @@ class _AttentionProbe:
 @torch.no_grad()
 def cross_attention_maps(model: ProbeModel, x: Tensor, t: int, cond: Tensor, token_mask: Tensor) -> Tensor:
     """Cross-attention baseline map ``[B, H, W]``: attention probability of every position to the selected tokens
-    (``token_mask`` ``[B, L]``), averaged over heads, tokens and cross-attention layers (bilinear to image size)."""
-    unet = model.unet
+    (``token_mask`` ``[B, L]``), averaged over heads, tokens and cross-attention layers (bilinear to image size).
+    UNets only (their ``attn2`` cross-attention layers; transformers attend jointly)."""
+    unet = model.model
+    if not any(k.endswith("attn2.processor") for k in getattr(unet, "attn_processors", {})):
+        raise ValueError(f"cross-attention maps read a UNet's attn2 layers; {type(unet).__name__} has none (set "
+                         "localization.cross_attention=false)")
     original = dict(unet.attn_processors)
     store: list[Tensor] = []
     unet.set_attn_processor({k: _AttentionProbe(p, store) if k.endswith("attn2.processor") else p

@@ -1,8 +1,10 @@
-"""The reference trainer: an Accelerate loop for full-UNet or LoRA fine-tuning of a text-to-image diffusion model.
+"""The reference trainer: an Accelerate loop for full or LoRA fine-tuning of a text-to-image model of any family
+(SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1: :mod:`mnemoguard.family`).
 
-It is the diffusers ``train_text_to_image(_lora).py`` loop with its usual flags (gradient accumulation, mixed
-precision, clipping, LR schedulers, Min-SNR, noise offset, caption dropout, ``epsilon`` / ``v_prediction``,
-checkpoints with rotation and resume, validation images), and it owns a :class:`mnemoguard.Guard` that it drives with
+It is the diffusers ``train_text_to_image(_lora[_sdxl]).py`` / ``train_dreambooth_lora_{sd3,flux}.py`` loop with their
+usual flags (gradient accumulation, mixed precision, clipping, LR schedulers, Min-SNR, noise offset, caption dropout,
+``epsilon`` / ``v_prediction`` / the flow velocity with a ``weighting_scheme``, checkpoints with rotation and resume,
+validation images), and it owns a :class:`mnemoguard.Guard` that it drives with
 exactly the calls a user's script makes (``sample_timesteps``, ``before_forward``, ``loss``, ``step``, ``end``): the
 recipe's ``guard:`` section, the EMA of the trainable weights (the less-trained baseline), the run's counters and
 curves, all come from the Guard. DeepSpeed ZeRO-2/3 comes from the Accelerate config
@@ -26,13 +28,14 @@ from ..callbacks import Callback, TrainerState
 from ..config import RecipeConfig
 from ..data import ImageCaptionDataset, load_dataset_source
 from ..denoiser import denoising_loss
+from ..family.adapters import model_adapter
 from ..guard import Guard
 from ..prompts import PromptEncoder
 from ..sampling import generate
 from . import checkpoints
 from .loader import make_dataloader
-from .models import SDComponents, load_or_build
-from .weights import load_unet, register_model_hooks, save_unet
+from .models import ModelParts, load_or_build
+from .weights import load_model, register_model_hooks, save_model
 
 logger = logging.getLogger("mnemoguard")
 
@@ -54,7 +57,7 @@ class Trainer:
     """
 
     def __init__(self, config: RecipeConfig, callbacks: list[Callback] | None = None, dataset: Any = None,
-                 components: SDComponents | None = None) -> None:
+                 components: ModelParts | None = None) -> None:
         self.config = config
         self.user_callbacks = list(callbacks or [])
         self._dataset_override = dataset
@@ -71,6 +74,11 @@ class Trainer:
     @property
     def ema(self) -> Any:
         return self.guard.ema
+
+    @property
+    def unet(self) -> Any:
+        """:attr:`model` (its name when only UNets were supported)."""
+        return self.model
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _make_accelerator(self) -> Any:
@@ -109,20 +117,20 @@ class Trainer:
         if self._components_override is not None and cfg.model.lora.enabled:
             from .models import add_lora
 
-            add_lora(parts.unet, cfg.model.lora)
+            add_lora(parts.model, cfg.model.lora)
         self.components = parts
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
         self.prompts = PromptEncoder(lambda captions: parts.encode_prompt(captions, device=acc.device),
                                      device=acc.device, dtype=self.weight_dtype)
-        parts.text_encoder.to(acc.device, dtype=self.weight_dtype)
+        parts.text.to(acc.device, dtype=self.weight_dtype)
         if parts.vae is not None:
             parts.vae.to(acc.device, dtype=self.weight_dtype)
         if cfg.model.lora.enabled and self.weight_dtype != torch.float32:
             from diffusers.training_utils import cast_training_params
 
-            parts.unet.to(acc.device, dtype=self.weight_dtype)  # frozen base in low precision,
-            cast_training_params(parts.unet, dtype=torch.float32)  # adapters in fp32
-        if cfg.data.resolution != parts.image_size:
+            parts.model.to(acc.device, dtype=self.weight_dtype)  # frozen base in low precision,
+            cast_training_params(parts.model, dtype=torch.float32)  # adapters in fp32
+        if parts.family in ("sd", "sdxl") and cfg.data.resolution != parts.image_size:
             raise ValueError(
                 f"data.resolution={cfg.data.resolution} but the model makes {parts.image_size}x{parts.image_size} "
                 "images (UNet sample_size x VAE scale factor); set data.resolution to match"
@@ -135,7 +143,7 @@ class Trainer:
                       f"{bad[:5]}")
         self.train_dataloader = make_dataloader(self.dataset, t.train_batch_size, t.seed, cfg.data.num_workers)
         self.sampler = self.train_dataloader.sampler
-        params = [p for p in parts.unet.parameters() if p.requires_grad]
+        params = [p for p in parts.model.parameters() if p.requires_grad]
         lr = t.learning_rate * (t.train_batch_size * t.gradient_accumulation_steps * acc.num_processes
                                 if t.scale_lr else 1)
         self.optimizer = torch.optim.AdamW(
@@ -145,18 +153,24 @@ class Trainer:
             t.lr_scheduler, optimizer=self.optimizer, num_warmup_steps=t.lr_warmup_steps * acc.num_processes,
             num_training_steps=t.max_train_steps * acc.num_processes,
         )
-        self.unet, self.optimizer, self.train_dataloader, self.lr_scheduler = acc.prepare(
-            parts.unet, self.optimizer, self.train_dataloader, self.lr_scheduler
+        self.model, self.optimizer, self.train_dataloader, self.lr_scheduler = acc.prepare(
+            parts.model, self.optimizer, self.train_dataloader, self.lr_scheduler
         )
-        register_model_hooks(acc, cfg.model.lora.enabled)
+        register_model_hooks(acc, cfg.model.lora.enabled, parts.family)
         ema = {k: v for k, v in vars(cfg.ema).items() if k != "enabled"}
+        flow = parts.family in ("sd3", "flux")
         self.guard = Guard(
-            cfg, accelerator=acc, unet=self.unet, noise_scheduler=parts.noise_scheduler, optimizer=self.optimizer,
+            cfg, accelerator=acc, model=model_adapter(self.model, guidance_scale=cfg.model.guidance_scale),
+            noise_scheduler=parts.noise_scheduler, optimizer=self.optimizer,
             train_dataset=self.dataset, encode_prompt=lambda caps: parts.encode_prompt(caps, device=acc.device),
             tokenizer=parts.tokenizer, vae=parts.vae, ema=cfg.ema.enabled, ema_kwargs=ema,
             output_dir=self.output_dir, callbacks=self.user_callbacks, log_every=t.log_every,
-            max_steps=t.max_train_steps, hparams=self._hparams(),
+            max_steps=t.max_train_steps, hparams=self._hparams(), resolution=cfg.data.resolution,
+            weighting_scheme=t.weighting_scheme if flow else None, logit_mean=t.logit_mean, logit_std=t.logit_std,
+            mode_scale=t.mode_scale,
         )
+        # the loop's own forward: the family's call on the prepared (DDP / DeepSpeed) model
+        self.adapter = self.guard.context.denoiser.adapter.with_module(self.model)
         if t.resume_from_checkpoint:
             path = checkpoints.resolve_checkpoint(self.output_dir, t.resume_from_checkpoint)
             if path is None:
@@ -176,14 +190,15 @@ class Trainer:
         t = cfg.training
         return {"training/learning_rate": t.learning_rate, "training/max_train_steps": t.max_train_steps,
                 "training/train_batch_size": t.train_batch_size, "training/seed": t.seed,
-                "model/lora": cfg.model.lora.enabled, "model/lora_rank": cfg.model.lora.rank}
+                "model/lora": cfg.model.lora.enabled, "model/lora_rank": cfg.model.lora.rank,
+                "model/family": self.components.family}
 
     # ------------------------------------------------------------------------------------------------ one micro-batch
     def _training_loss(self, batch: dict[str, Any]) -> Tensor:
-        """Noise, timesteps, conditioning, UNet forward, per-sample loss: what a diffusers script does, with the
-        Guard's three per-micro-batch calls."""
-        t, parts, sched, guard = self.config.training, self.components, self.components.noise_scheduler, self.guard
-        device = self.accelerator.device
+        """Noise, timesteps, conditioning, the network's forward, per-sample loss: what a diffusers script does, with
+        the Guard's three per-micro-batch calls."""
+        t, parts, guard = self.config.training, self.components, self.guard
+        den, device = guard.context.denoiser, self.accelerator.device
         model_input = parts.encode_images(batch["pixel_values"].to(device, self.weight_dtype)).float()
         bsz = model_input.shape[0]
         noise = torch.randn_like(model_input)
@@ -194,21 +209,33 @@ class Trainer:
         if t.caption_dropout > 0:
             drop = torch.rand(bsz) < t.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        entries: dict[str, Any] = {}
+        self.adapter.conditioning_into(entries, self.prompts(captions))
         inputs = guard.before_forward(
-            timesteps=timesteps, noisy_model_input=sched.add_noise(model_input, noise, timesteps),
-            encoder_hidden_states=self.prompts(captions), captions=captions, indices=batch["indices"],
-            model_input=model_input, noise=noise,
+            timesteps=timesteps, noisy_model_input=den.schedule.add_noise(model_input, noise, timesteps),
+            captions=captions, indices=batch["indices"], model_input=model_input, noise=noise, **entries,
         )
-        pred = self.unet(inputs["noisy_model_input"], inputs["timesteps"], inputs["encoder_hidden_states"]).sample
-        target = guard.context.denoiser.target(model_input, noise, timesteps)
-        per_sample = denoising_loss(pred, target)
-        if t.snr_gamma is not None:
-            from diffusers.training_utils import compute_snr
-
-            snr = compute_snr(sched, timesteps)
-            clipped = torch.clamp(snr, max=t.snr_gamma)
-            per_sample = per_sample * (clipped / (snr + 1 if sched.config.prediction_type == "v_prediction" else snr))
+        pred = self.adapter(inputs["noisy_model_input"], inputs["timesteps"], inputs["conditioning"])
+        target = den.target(model_input, noise, timesteps)
+        per_sample = denoising_loss(pred, target) * self._loss_weights(timesteps)
         return guard.loss(per_sample, inputs, model_pred=pred, target=target)
+
+    def _loss_weights(self, timesteps: Tensor) -> Tensor | float:
+        """Min-SNR for the DDPM families (``min(SNR, γ)/SNR``, ``/(SNR + 1)`` for v-prediction); for flow matching
+        the ``weighting_scheme``'s loss weight (``sigma_sqrt``: σ⁻², ``cosmap``; diffusers'
+        ``compute_loss_weighting_for_sd3``). 1 otherwise."""
+        t, den = self.config.training, self.guard.context.denoiser
+        if den.schedule.kind == "flow_matching":
+            if t.weighting_scheme not in ("sigma_sqrt", "cosmap"):
+                return 1.0
+            from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+            return compute_loss_weighting_for_sd3(t.weighting_scheme, den.sigma(timesteps)).float()
+        if t.snr_gamma is None:
+            return 1.0
+        snr = den.schedule.snr(timesteps)
+        clipped = torch.clamp(snr, max=t.snr_gamma)
+        return clipped / (snr + 1 if den.prediction_type == "v_prediction" else snr)
 
     # ------------------------------------------------------------------------------------------------ the loop
     def train(self) -> TrainerState:
@@ -239,7 +266,7 @@ class Trainer:
         acc, t, guard = self.accelerator, self.config.training, self.guard
         global_step = guard.global_step
         skipped = int(guard.metrics.get("data/skipped_samples", 0))  # cumulative, kept across a resume
-        self.unet.train()
+        self.model.train()
         done = global_step >= t.max_train_steps
         for epoch in range(first_epoch, num_epochs):
             if done:
@@ -251,11 +278,11 @@ class Trainer:
             # counter, which a checkpoint does not keep, and a resumed run would replay epoch 0's order.
             (loader if hasattr(loader, "set_epoch") else self.sampler).set_epoch(epoch)
             for batch in loader:
-                with acc.accumulate(self.unet):
+                with acc.accumulate(self.model):
                     loss = self._training_loss(batch)
                     acc.backward(loss)
                     if acc.sync_gradients and t.max_grad_norm:
-                        acc.clip_grad_norm_(self.unet.parameters(), t.max_grad_norm)
+                        acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
                     self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -300,11 +327,11 @@ class Trainer:
         v = self.config.validation
         if not v.prompts:
             return None
-        unet = self.accelerator.unwrap_model(self.unet)
+        den = self.guard.context.denoiser
         prompts = [p for p in v.prompts for _ in range(v.num_images_per_prompt)]
-        with eval_mode(unet):
-            images = generate(unet, self.components.noise_scheduler, self.prompts(prompts), self.prompts([""]),
-                              v.guidance_scale, v.num_inference_steps, torch.Generator().manual_seed(v.seed),
+        with eval_mode(den.model):
+            images = generate(den, self.prompts(prompts), self.prompts([""]), v.guidance_scale,
+                              v.num_inference_steps, torch.Generator().manual_seed(v.seed),
                               decode=self.components.decode if self.components.latent else None)
         if self.accelerator.is_main_process and self.config.logging.report_to == "tensorboard":
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
@@ -329,7 +356,7 @@ class Trainer:
         return path
 
     def _load_weights(self, checkpoint: str | None, what: str) -> bool:
-        """Put a checkpoint's UNet weights into the live UNet (the run's counters and curves stay as they are)."""
+        """Put a checkpoint's weights into the live model (the run's counters and curves stay as they are)."""
         if not checkpoint or not Path(checkpoint).is_dir():
             return False
         acc = self.accelerator
@@ -337,17 +364,18 @@ class Trainer:
             with self.guard.run_state.paused():
                 acc.load_state(checkpoint)
         else:
-            load_unet(acc.unwrap_model(self.unet), Path(checkpoint), self.config.model.lora.enabled)
+            load_model(acc.unwrap_model(self.model), Path(checkpoint), self.config.model.lora.enabled,
+                       self.components.family)
         acc.print(f"exporting {what}: {checkpoint}")
         return True
 
     @contextlib.contextmanager
     def exported_weights(self) -> Iterator[dict[str, Any]]:
-        """The UNet holds the weights to export for the block (``training.export``: the last, the best checkpoint's,
+        """The model holds the weights to export for the block (``training.export``: the last, the best checkpoint's,
         or the EMA's; after a divergence with non-finite weights, the last finite checkpoint's); yields what they are
         (``{"source", "step"}``)."""
         state, source = self.state, self.config.training.export
-        if state.diverged_step is not None and not _finite(self.accelerator.unwrap_model(self.unet)):
+        if state.diverged_step is not None and not _finite(self.accelerator.unwrap_model(self.model)):
             step = checkpoints.checkpoint_step(state.finite_checkpoint) if state.finite_checkpoint else None
             if self._load_weights(state.finite_checkpoint, "the last checkpoint before the divergence"):
                 yield {"source": "last finite checkpoint", "step": step}
@@ -363,22 +391,20 @@ class Trainer:
         if source == "ema":
             if self.ema is None:
                 raise ValueError("training.export=ema needs ema.enabled=true")
-            with self.ema.average_parameters(self.accelerator.unwrap_model(self.unet)):
+            with self.ema.average_parameters(self.accelerator.unwrap_model(self.model)):
                 yield {"source": "ema", "step": state.global_step}
             return
         yield {"source": "last", "step": state.global_step}
 
     def _write(self, directory: Path, lora: bool) -> Path:
         acc = self.accelerator
-        state_dict = acc.get_state_dict(self.unet)  # gathers ZeRO-3 shards (every rank must call it)
+        state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards (every rank must call it)
         if acc.is_main_process:
             directory.mkdir(parents=True, exist_ok=True)
-            unet = acc.unwrap_model(self.unet)
+            model = acc.unwrap_model(self.model)
             if lora:
-                save_unet(unet, directory, lora=True, state_dict=state_dict)
+                save_model(model, directory, True, self.components.family, state_dict=state_dict)
             else:
-                parts = self.components
-                SDComponents(unet, parts.noise_scheduler, parts.text_encoder, parts.tokenizer, parts.vae,
-                             parts.text_max_length).save_pretrained(directory, unet_state_dict=state_dict)
+                self.components.with_model(model).save_pretrained(directory, model_state_dict=state_dict)
         acc.wait_for_everyone()
         return directory

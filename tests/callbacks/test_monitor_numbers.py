@@ -15,9 +15,9 @@ def _by_hand(run, band: str) -> dict[str, float]:
     """The check's band means and contrasts for ``band``, recomputed from the probe tensors and the live model."""
     mon = run.monitor
     tz, context = mon._tensors, mon._context
-    unet = context.unwrapped_unet.eval()
+    unet = context.unwrapped_model.eval()
     lo, hi = mon.bands[band]
-    ab = context.noise_scheduler.alphas_cumprod.double()
+    ab = run.trainer.components.noise_scheduler.alphas_cumprod.double()  # diffusers' own table, not our schedule
     ema = context.ema.weights("ema")
     per_probe: dict[str, dict[int, list[float]]] = {"live_vs_ema": {}, "wen_gap": {}, "probe_loss": {}}
     with torch.no_grad():
@@ -28,9 +28,9 @@ def _by_hand(run, band: str) -> dict[str, float]:
             a = ab[t]
             x_t = (a.sqrt() * tz.x0[row].double() + (1 - a).sqrt() * tz.noise[row].double()).float()[None]
             tt = torch.tensor([t])
-            eps_c = unet(x_t, tt, encoder_hidden_states=tz.cond[row][None]).sample
-            eps_u = unet(x_t, tt, encoder_hidden_states=tz.uncond).sample
-            kw = {"encoder_hidden_states": tz.cond[row][None]}
+            eps_c = unet(x_t, tt, encoder_hidden_states=tz.cond.embeds[row][None]).sample
+            eps_u = unet(x_t, tt, encoder_hidden_states=tz.uncond.embeds).sample
+            kw = {"encoder_hidden_states": tz.cond.embeds[row][None]}
             eps_e = torch.func.functional_call(unet, dict(ema), (x_t, tt), kw, strict=False).sample
             p = int(tz.probe[row])
             per_probe["live_vs_ema"].setdefault(p, []).append(float((eps_c - eps_e).double().norm()))

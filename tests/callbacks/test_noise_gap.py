@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mnemoguard.callbacks import NoiseGapScheduler, TrainerControl, TrainerState, UniformTimestepSampler
+from mnemoguard.callbacks import DensitySampler, NoiseGapScheduler, TrainerControl, TrainerState
 from mnemoguard.signals.danger_zone import DangerZone
 
 from ..contexts import make_context
@@ -34,7 +34,12 @@ def sched(**kw) -> NoiseGapScheduler:
 def test_none_draws_exactly_what_the_uniform_sampler_draws():
     s = sched()
     t, w = s(64, "cpu", generator=torch.Generator().manual_seed(3))
-    t_ref, w_ref = UniformTimestepSampler(T)(64, "cpu", generator=torch.Generator().manual_seed(3))
+    from diffusers import DDPMScheduler
+
+    from mnemoguard.family import noise_schedule
+
+    uniform = DensitySampler(noise_schedule(DDPMScheduler(num_train_timesteps=T)))
+    t_ref, w_ref = uniform(64, "cpu", generator=torch.Generator().manual_seed(3))
     assert torch.equal(t, t_ref) and torch.equal(w, w_ref)
     assert torch.allclose(s.distribution(), torch.full((T,), 1 / T, dtype=torch.float64))
 

@@ -44,6 +44,7 @@ from mnemoguard.callbacks.regularizers import (
     wen_threshold,
 )
 from mnemoguard.config import ConfigError
+from mnemoguard.family import Conditioning
 from mnemoguard.prompts import PromptEncoder
 from mnemoguard.trainer import Trainer
 
@@ -195,7 +196,7 @@ def test_preservation_loss_weighs_flagged_samples_like_the_main_loss():
 
 
 def test_token_vocab_from_a_tokenizer_skips_special_tokens(tmp_path):
-    from mnemoguard.trainer.models import build_tiny_clip_tokenizer
+    from mnemoguard.trainer.tiny import build_tiny_clip_tokenizer
 
     tok = build_tiny_clip_tokenizer(tmp_path)
     vocab = TokenVocab.from_tokenizer(tok)
@@ -233,13 +234,18 @@ def fake_context(**fields):
 
 
 def batch(B=4, captions=None, t=None):
+    """A micro-batch's inputs as ``Guard.before_forward`` hands them to the hooks (DDPM: levels = timesteps)."""
     captions = captions or ["a red car", "a dog", "", "one two"]
+    timesteps = torch.tensor(t if t is not None else [100, 400, 600, 900][:B])
+    ehs = torch.stack([torch.full((2, 3), float(len(c))) for c in captions[:B]])
     return {
         "captions": list(captions[:B]),
         "indices": torch.arange(B),
-        "timesteps": torch.tensor(t if t is not None else [100, 400, 600, 900][:B]),
+        "timesteps": timesteps,
+        "levels": timesteps,
         "noisy_model_input": torch.zeros(B, 1, 2, 2),
-        "encoder_hidden_states": torch.stack([torch.full((2, 3), float(len(c))) for c in captions[:B]]),
+        "encoder_hidden_states": ehs,
+        "conditioning": Conditioning(ehs),
         "weights": torch.ones(B),
         "extra_loss": torch.zeros(()),
     }
@@ -294,6 +300,7 @@ def test_agc_gates_on_the_loss_flag_table_before_it_is_updated():
 
     def micro_batch(losses):
         inputs = {"loss_per_sample": torch.tensor(losses), "timesteps": torch.tensor([0, 250]),
+                  "levels": torch.tensor([0, 250]),
                   "weights": torch.ones(2), "extra_loss": torch.zeros(()), "indices": torch.tensor([-1, -1]),
                   "captions": ["a", "b"]}
         for cb in (flags, agc):
@@ -318,13 +325,13 @@ def test_caption_hooks_re_encode_changed_rows_and_leave_empty_captions():
     state, control = TrainerState(), TrainerControl()
     cwr = CaptionWordRepetition(prob=1.0)
     inputs = batch()
-    before = inputs["encoder_hidden_states"].clone()
+    before = inputs["conditioning"].embeds.clone()
     cwr.on_before_forward(state, control, context=context, inputs=inputs)
     assert inputs["captions"][2] == ""  # the loop's dropped caption stays dropped
     for i in (0, 1, 3):
         assert len(inputs["captions"][i].split(" ")) == len(batch()["captions"][i].split(" ")) + 2
-        assert inputs["encoder_hidden_states"][i, 0, 0].item() == len(inputs["captions"][i])
-    assert torch.equal(inputs["encoder_hidden_states"][2], before[2])
+        assert inputs["conditioning"].embeds[i, 0, 0].item() == len(inputs["captions"][i])
+    assert torch.equal(inputs["conditioning"].embeds[2], before[2])
     assert encoded == [inputs["captions"][i] for i in (0, 1, 3)] and len(context.prompts) == 0  # one-off: uncached
 
     rc = RandomCaptionReplacement(vocab=VOCAB, prob=1.0)
@@ -342,7 +349,7 @@ def test_caption_hooks_re_encode_changed_rows_and_leave_empty_captions():
     drop = CaptionDropout(prob=1.0)
     inputs = batch()
     drop.on_before_forward(state, control, context=context, inputs=inputs)
-    assert inputs["captions"] == ["", "", "", ""] and inputs["encoder_hidden_states"].abs().sum() == 0
+    assert inputs["captions"] == ["", "", "", ""] and inputs["conditioning"].embeds.abs().sum() == 0
     assert step_logs(drop)["reg/caption_dropout/changed_fraction"] == 1.0
 
     mc = MultipleCaptions(alternatives={0: ["x"], 1: ["y", "y"]})
@@ -357,19 +364,19 @@ def test_caption_hooks_re_encode_changed_rows_and_leave_empty_captions():
 def test_gaussian_embedding_noise_hook_scales_with_strength():
     gni = GaussianEmbeddingNoise(seed=3)
     inputs = batch()
-    clean = inputs["encoder_hidden_states"].clone()
+    clean = inputs["conditioning"].embeds.clone()
     g_state = gni.generator.get_state()
     gni.on_before_forward(TrainerState(), TrainerControl(), inputs=inputs)
     ref = torch.Generator()
     ref.set_state(g_state)
-    noise = inputs["encoder_hidden_states"] - clean
+    noise = inputs["conditioning"].embeds - clean
     assert torch.allclose(noise, 0.1 * torch.randn(clean.shape, generator=ref), atol=1e-5)
     gni.activate(strength=2.0)
     ref_state = gni.generator.get_state()
     inputs = batch()
     gni.on_before_forward(TrainerState(), TrainerControl(), inputs=inputs)
     ref.set_state(ref_state)
-    noise = inputs["encoder_hidden_states"] - clean
+    noise = inputs["conditioning"].embeds - clean
     assert torch.allclose(noise, 0.2 * torch.randn(clean.shape, generator=ref), atol=1e-5)
 
 
@@ -414,7 +421,8 @@ def test_preservation_with_a_lora_uses_the_base_model_and_trains_the_adapters():
         base = unet(x, t, encoder_hidden_states=ehs).sample
         unet.enable_adapters()
     pres = BaselinePreservation()  # auto: a LoRA -> adapters disabled
-    inputs = {"noisy_model_input": x, "timesteps": t, "encoder_hidden_states": ehs, "indices": torch.arange(2),
+    inputs = {"noisy_model_input": x, "timesteps": t, "levels": t, "conditioning": Conditioning(ehs),
+              "indices": torch.arange(2),
               "model_pred": pred, "extra_loss": torch.zeros(()), "weights": torch.ones(2)}
     run_loss_hook(pres, inputs, make_context(unet=unet))
     term = inputs["extra_loss"].detach().item()

@@ -172,7 +172,7 @@ def test_one_pass_curves_equal_the_separate_curves_and_give_a_band(ddpm_schedule
         curves.max_posterior_weight,
         curves.coverage,
         coverage_threshold=0.1,
-        alphas_cumprod=ddpm_scheduler.alphas_cumprod,
+        level_sigmas=sigmas_from_alphas_cumprod(ddpm_scheduler.alphas_cumprod),
     )
     assert math.isfinite(band.sigma_lo) and band.sigma_hi > 0
 
@@ -190,7 +190,7 @@ def test_danger_zone_band_between_coverage_rise_and_weight_fall_maps_to_timestep
     coverage = torch.tensor([0, 0, 0, 0.5, 0.9, 1, 1, 1, 1])  # rises to 0.5 at σ = 10^-0.5
     weight = torch.tensor([1, 1, 1, 1, 1, 0.5, 0.2, 0.1, 0.1])  # falls to 0.5 at σ = 10^0.5
     abar = torch.linspace(0.9999, 0.001, 1000)
-    band = danger_zone_band(sigmas, weight, coverage, alphas_cumprod=abar)
+    band = danger_zone_band(sigmas, weight, coverage, level_sigmas=sigmas_from_alphas_cumprod(abar))
     assert band.sigma_lo == pytest.approx(10**-0.5) and band.sigma_hi == pytest.approx(10**0.5)
     table = sigmas_from_alphas_cumprod(abar)
     assert table[band.t_lo] >= band.sigma_lo > table[band.t_lo - 1]

@@ -137,8 +137,10 @@ def test_cond_and_uncond_come_from_one_batched_call_and_match_separate_calls(tin
         torch.testing.assert_close(eps_u, den.eps(x, torch.tensor([100, 700]), uncond), atol=1e-5, rtol=1e-5)
 
 
-def test_sdxl_added_cond_kwargs_pass_through_per_branch():
+def test_sdxl_pooled_embeddings_and_time_ids_reach_each_cfg_branch():
     from diffusers import UNet2DConditionModel
+
+    from mnemoguard.family import Conditioning, SDXLUNetAdapter
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -148,15 +150,25 @@ def test_sdxl_added_cond_kwargs_pass_through_per_branch():
         addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8,
     ).eval()
     den = Denoiser(unet, _scheduler())
+    assert isinstance(den.adapter, SDXLUNetAdapter)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 1, 8, 8, generator=g)
-    cond, uncond = torch.randn(2, 3, 32, generator=g), torch.zeros(1, 3, 32)
-    kw_c = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 16, generator=g), "time_ids": torch.ones(1, 6)}}
-    kw_u = {"added_cond_kwargs": {"text_embeds": torch.zeros(1, 16), "time_ids": torch.ones(1, 6)}}
+    cond = Conditioning(torch.randn(2, 3, 32, generator=g), torch.randn(2, 16, generator=g),
+                        {"time_ids": torch.ones(2, 6)})
+    uncond = Conditioning(torch.zeros(1, 3, 32), torch.zeros(1, 16), {"time_ids": torch.ones(1, 6)})
     with torch.no_grad():
-        eps_c, eps_u = den.eps_cond_uncond(x, 300, cond, uncond, uncond_kwargs=kw_u, **kw_c)
-        torch.testing.assert_close(eps_c, den.eps(x, 300, cond, **kw_c), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(eps_u, den.eps(x, 300, uncond, **kw_u), atol=1e-5, rtol=1e-5)
+        eps_c, eps_u = den.eps_cond_uncond(x, 300, cond, uncond)
+        torch.testing.assert_close(eps_c, den.eps(x, 300, cond), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(eps_u, den.eps(x, 300, uncond), atol=1e-5, rtol=1e-5)
+        added = {"text_embeds": cond.pooled, "time_ids": cond.extra["time_ids"]}
+        direct = unet(x, torch.tensor([300, 300]), cond.embeds, added_cond_kwargs=added).sample
+        torch.testing.assert_close(eps_c, direct)
+        # without time_ids (the guard's own probes): an uncropped image at the adapter's size (8 x 8 latent -> 64)
+        plain = den.eps(x, 300, Conditioning(cond.embeds, cond.pooled))
+        ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]]).repeat(2, 1)
+        ref = unet(x, torch.tensor([300, 300]), cond.embeds,
+                   added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": ids}).sample
+        torch.testing.assert_close(plain, ref)
 
 
 def test_mismatched_conditioning_batch_is_a_clear_error(tiny_unet, ddpm_scheduler):

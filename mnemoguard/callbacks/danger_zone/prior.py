@@ -2,8 +2,8 @@
 
 ``W_σ`` (the max posterior weight of the distinct training images, copies as their multiplicity) and ``C_σ`` (the
 shell coverage of held-out images, or of the training images leave-one-out without them) on a log-spaced σ grid
-spanning the noise scheduler's σ_t, and the band they imply (:func:`mnemoguard.signals.danger_zone_band`) mapped to
-timesteps. Computed on latents exactly as the UNet sees them, from a uniform subsample of the rows.
+spanning the schedule's VE-equivalent σ, and the band they imply (:func:`mnemoguard.signals.danger_zone_band`) mapped
+to levels. Computed on latents exactly as the network sees them, from a uniform subsample of the rows.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ...signals import danger_zone_band, danger_zone_curves, distinct_rows, sigmas_from_alphas_cumprod
+from ...signals import danger_zone_band, danger_zone_curves, distinct_rows
 from ..monitor.tensors import encode_pixels
 
 __all__ = ["data_prior"]
@@ -35,8 +35,9 @@ def data_prior(context: Any, config: Any, seed: int, heldout: torch.Tensor | Non
             continue
     latents = encode_pixels(context, pixels).float().cpu()
     distinct, multiplicity, _ = distinct_rows(latents)
-    table = sigmas_from_alphas_cumprod(context.noise_scheduler.alphas_cumprod)
-    lo, hi = float(table[1].clamp_min(1e-4)), float(table[-1])
+    table = context.schedule.level_sigmas()
+    finite = table[torch.isfinite(table)]
+    lo, hi = float(table[1].clamp_min(1e-4)), float(finite[-1])
     sigmas = torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), config.prior_sigmas,
                             dtype=torch.float64)
     population = heldout.float().cpu() if heldout is not None and heldout.shape[0] else None
@@ -44,7 +45,7 @@ def data_prior(context: Any, config: Any, seed: int, heldout: torch.Tensor | Non
                                 multiplicity=multiplicity, population=population)
     band = danger_zone_band(curves.sigmas, curves.max_posterior_weight, curves.coverage,
                             weight_threshold=config.weight_threshold, coverage_threshold=config.coverage_threshold,
-                            alphas_cumprod=context.noise_scheduler.alphas_cumprod)
+                            level_sigmas=table)
     return {
         "sigmas": curves.sigmas.tolist(), "max_posterior_weight": curves.max_posterior_weight.tolist(),
         "coverage": curves.coverage.tolist(),

@@ -41,7 +41,7 @@ import torch
 from ...config.danger_zone import DangerZoneConfig
 from ...isolation import eval_mode, preserved_rng_state
 from ...serialization import check_keys
-from ...signals import DangerZone, sigmas_from_alphas_cumprod
+from ..bands import NoiseBand
 from ..base import Callback, TrainerControl, TrainerState
 from .measure import ReturnProfile, band_from_excess, band_timesteps, return_flags, return_profile
 from .prior import data_prior
@@ -65,7 +65,8 @@ class DangerZoneTracker(Callback):
         prior: the data prior (None until ``on_train_begin``, or with ``prior: false``).
         history: one dict per live measurement: ``{"step", "profile", "excess", "copy_rate", "heldout_copy_rate",
             "active", "band", "strength", "curvature"}``.
-        zone: the live band as a :class:`~mnemoguard.signals.DangerZone` (``t_lo..t_hi`` inclusive) while on.
+        zone: the live band as a :class:`~mnemoguard.callbacks.bands.NoiseBand` (levels ``[lo, hi)`` and their σ) while
+            on.
     """
 
     needs = frozenset({"dataset", "prompts"})
@@ -79,7 +80,7 @@ class DangerZoneTracker(Callback):
         self.history: list[dict[str, Any]] = []
         self.active = False
         self.strength = 0.0
-        self.zone: DangerZone | None = None
+        self.zone: NoiseBand | None = None
         self.checks_seen = 0
         self.seconds = {"prior": 0.0, "measure": 0.0}
         self._below = 0
@@ -127,13 +128,11 @@ class DangerZoneTracker(Callback):
         D = self.config.draws
         g = torch.Generator().manual_seed(self.monitor.config.seed + 12)
         noise = torch.randn((len(ids) * D, *x0.shape[1:]), generator=g)
-        unet_cfg = context.unwrapped_unet.config
-        gen_noise = torch.randn((len(ids) * D, unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size),
-                                generator=g)
+        gen_noise = torch.randn((len(ids) * D, *context.denoiser.adapter.sample_shape), generator=g)
         rep = torch.arange(len(ids)).repeat_interleave(D)
         kind = [kinds[i] for i in rep.tolist()]
         return {
-            "x0": x0[rep.to(x0.device)], "cond": cond[rep.to(cond.device)], "noise": noise, "gen_noise": gen_noise,
+            "x0": x0[rep.to(x0.device)], "cond": cond[rep], "noise": noise, "gen_noise": gen_noise,
             "own": torch.tensor(own, dtype=torch.long)[rep], "reference": reference,
             "is_training": torch.tensor(is_training, dtype=torch.bool),
             "groups": {"at_risk": torch.tensor([k in AT_RISK for k in kind]),
@@ -164,28 +163,42 @@ class DangerZoneTracker(Callback):
                 logs.update(values)
             control.should_log = True
 
+    def grid(self) -> tuple[list[int], list[float | int], list[int], list[float]]:
+        """``(starts, timesteps, levels, sigmas)`` of the measurement's starting points: every ``start_stride``-th
+        step of the ``num_inference_steps`` sampler and its last (t ≈ 0, where everything comes back: the band's lower
+        anchor), leaving out a start of pure noise (flow matching's σ = 1: that is a generation, which the copy rate
+        measures); their timesteps, levels and VE-equivalent σ."""
+        from ...sampling import sampling_steps
+
+        c, schedule = self.config, self._context.schedule
+        steps = sampling_steps(self._context.denoiser, c.num_inference_steps)
+        starts, timesteps, levels, sigmas = [], [], [], []
+        for s in sorted({*range(0, c.num_inference_steps, c.start_stride), c.num_inference_steps - 1}):
+            t = steps[s][0]
+            sigma = float(schedule.ve_sigma(torch.tensor(t)))
+            if math.isfinite(sigma):
+                starts.append(s)
+                timesteps.append(t)
+                levels.append(int(schedule.levels_of(torch.tensor(t))))
+                sigmas.append(sigma)
+        return starts, timesteps, levels, sigmas
+
     def measure(self, step: int) -> dict[str, float]:
         """One live measurement at ``step``: recorded in :attr:`history`, the band updated; returns the scalars."""
-        from ...sampling import ddim_scheduler, denoise_from
+        from ...sampling import denoise_from
 
         start = time.perf_counter()
         c, context, inp = self.config, self._context, self._inputs
-        sched = context.noise_scheduler
-        ddim = ddim_scheduler(sched, c.num_inference_steps)
-        # every start_stride-th step, and the last (t ~ 0, where everything comes back: the band's lower anchor)
-        starts = sorted({*range(0, c.num_inference_steps, c.start_stride), c.num_inference_steps - 1})
-        timesteps = [int(ddim.timesteps[s]) for s in starts]
-        table = sigmas_from_alphas_cumprod(sched.alphas_cumprod)
-        sigmas = [float(table[t]) for t in timesteps]
-        with preserved_rng_state(), eval_mode(context.unwrapped_unet):
-            images = denoise_from(context.unwrapped_unet, sched, inp["x0"], inp["noise"], starts, inp["cond"],
-                                  inp["uncond"], c.guidance_scale, c.num_inference_steps, decode=context.decode,
+        starts, timesteps, levels, sigmas = self.grid()
+        with preserved_rng_state(), eval_mode(context.unwrapped_model):
+            images = denoise_from(context.denoiser, inp["x0"], inp["noise"], starts, inp["cond"], inp["uncond"],
+                                  c.guidance_scale, c.num_inference_steps, decode=context.decode,
                                   batch_size=self.monitor.config.batch_size * 4)
             returns, lands = return_flags(images, inp["reference"], inp["own"], inp["is_training"], c.copy_ratio)
             copies = self._generation_copies()
             returns, lands, copies = self._from_rank_zero(returns, lands, copies)
-            curvature = _ascending(self._curvature(timesteps), timesteps) if c.curvature_probes else None
-        profile = return_profile(timesteps, sigmas, returns, lands, inp["groups"])
+            curvature = _ascending(self._curvature(timesteps), levels) if c.curvature_probes else None
+        profile = return_profile(levels, sigmas, returns, lands, inp["groups"])
         entry = self.decide(step, profile, context.num_train_timesteps, curvature)
         entry["copy_rate"] = float(copies.float().mean()) if copies.numel() else float("nan")
         self.history.append(entry)
@@ -211,9 +224,8 @@ class DangerZoneTracker(Callback):
                              else inp["groups"]["train"]).reshape(-1)
         if rows.numel() == 0:
             return torch.zeros(0, dtype=torch.bool)
-        images = generate(context.unwrapped_unet, context.noise_scheduler, inp["cond"][rows.to(inp["cond"].device)],
-                          inp["uncond"], c.guidance_scale, c.num_inference_steps, latents=inp["gen_noise"][rows],
-                          decode=context.decode)
+        images = generate(context.denoiser, inp["cond"][rows], inp["uncond"], c.guidance_scale,
+                          c.num_inference_steps, latents=inp["gen_noise"][rows], decode=context.decode)
         copies, _ = return_flags(images[None], inp["reference"], inp["own"][rows], inp["is_training"], c.copy_ratio)
         return copies[0]
 
@@ -228,25 +240,25 @@ class DangerZoneTracker(Callback):
         packed = broadcast(packed, from_process=0).cpu().bool()
         return tuple(p.reshape(f.shape) for p, f in zip(packed.split(sizes), flags))
 
-    def _curvature(self, timesteps: list[int]) -> list[float]:
-        """Per grid t (in the DDIM order of ``timesteps``): mean Kim & Lee Δh of the at-risk probes (first draw each),
-        live vs the monitor's baseline, at ``add_noise(x0, noise, t)``."""
+    def _curvature(self, timesteps: list[float | int]) -> list[float]:
+        """Per grid t (in the sampler's order of ``timesteps``): mean Kim & Lee Δh of the at-risk probes (first draw
+        each), live vs the monitor's baseline, at ``x_t = α_t x0 + σ_t ε``."""
+        from ...baselines import UnconditionalBaseline
         from ...signals import curvature_diff_map
 
         context, inp = self._context, self._inputs
-        den = context.denoiser
+        den, schedule = context.denoiser, context.schedule
         mask = inp["groups"]["at_risk"] if bool(inp["groups"]["at_risk"].any()) else inp["groups"]["train"]
         rows = torch.nonzero(mask).reshape(-1)[:: self.config.draws][:8].to(inp["x0"].device)
         if rows.numel() == 0:
             return [float("nan")] * len(timesteps)
-        x0, noise, cond = inp["x0"][rows], inp["noise"][rows.cpu()].to(inp["x0"].device), inp["cond"][rows]
-        baseline = self.monitor.baseline()
+        x0, noise, cond = inp["x0"][rows], inp["noise"][rows.cpu()].to(inp["x0"].device), inp["cond"][rows.cpu()]
+        baseline = self.monitor.baseline() or UnconditionalBaseline(den, inp["uncond"])
         out = []
         for k, t in enumerate(timesteps):
-            tt = torch.full((rows.numel(),), t, dtype=torch.long, device=x0.device)
-            x = context.noise_scheduler.add_noise(x0, noise.to(x0.dtype), tt)
-            base_fn = den.eps_fn(tt, inp["uncond"].expand(rows.numel(), -1, -1)) \
-                if baseline in (None, "uncond") else baseline.eps_fn(tt, cond)
+            tt = torch.full((rows.numel(),), t, dtype=schedule.timestep_dtype, device=x0.device)
+            x = schedule.add_noise(x0, noise.to(x0.dtype), tt)
+            base_fn = baseline.eps_fn(tt, cond)
             maps = curvature_diff_map(den.eps_fn(tt, cond), base_fn, x, num_probes=self.config.curvature_probes,
                                       generator=torch.Generator().manual_seed(self.monitor.config.seed + 13 + k),
                                       method="vjp")
@@ -268,7 +280,7 @@ class DangerZoneTracker(Callback):
         """Update the band from one measurement's ``profile`` (also used to replay recorded measurements): hysteresis
         on the largest excess at covered σ (above :meth:`coverage_floor`: no alarm from plain fitting at low noise);
         while on, the band is the run around that peak where the excess (at any σ) holds, in timesteps of a
-        ``num_train_timesteps`` schedule. Returns the history entry (its ``copy_rate`` still NaN)."""
+        ``num_train_timesteps``-level schedule. Returns the history entry (its ``copy_rate`` still NaN)."""
         c = self.config
         floor = self.coverage_floor()
         full = profile.excess()
@@ -295,7 +307,7 @@ class DangerZoneTracker(Callback):
             t_begin, t_end = band_timesteps(profile.timesteps, lo, hi, num_train_timesteps)
             band = {"sigma_lo": profile.sigmas[lo], "sigma_hi": profile.sigmas[hi], "t_begin": t_begin,
                     "t_end": t_end}
-            self.zone = DangerZone(band["sigma_lo"], band["sigma_hi"], t_begin, t_end - 1)
+            self.zone = NoiseBand(t_begin, t_end, band["sigma_lo"], band["sigma_hi"])
             self.strength = float(min(c.max_strength, top))
         elif not self.active:
             self.zone, self.strength = None, 0.0
@@ -309,7 +321,7 @@ class DangerZoneTracker(Callback):
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         zone = None if self.zone is None else {"sigma_lo": self.zone.sigma_lo, "sigma_hi": self.zone.sigma_hi,
-                                               "t_lo": self.zone.t_lo, "t_hi": self.zone.t_hi}
+                                               "lo": self.zone.lo, "hi": self.zone.hi}
         return {"prior": self.prior, "history": self.history, "active": self.active, "below": self._below,
                 "strength": self.strength, "zone": zone, "checks_seen": self.checks_seen,
                 "seconds": dict(self.seconds)}
@@ -324,12 +336,15 @@ class DangerZoneTracker(Callback):
         self._below = int(state.get("below", 0))
         self.strength = float(state.get("strength", 0.0))
         zone = state.get("zone")
-        self.zone = None if zone is None else DangerZone(**zone)
+        if zone is not None and "t_lo" in zone:  # saved before bands were NoiseBands: inclusive t_lo..t_hi
+            zone = {"sigma_lo": zone["sigma_lo"], "sigma_hi": zone["sigma_hi"], "lo": zone["t_lo"],
+                    "hi": zone["t_hi"] + 1}
+        self.zone = None if zone is None else NoiseBand(**zone)
         self.checks_seen = int(state.get("checks_seen", 0))
         self.seconds = {**self.seconds, **{k: float(v) for k, v in state.get("seconds", {}).items()}}
         self._prior_logged = True
 
 
-def _ascending(values: list[float], timesteps: list[int]) -> list[float]:
-    """``values`` given in DDIM order (descending t) -> ascending t (the profile's order)."""
-    return [v for _, v in sorted(zip(timesteps, values))]
+def _ascending(values: list[float], levels: list[int]) -> list[float]:
+    """``values`` given in the sampler's order (descending noise) -> ascending levels (the profile's order)."""
+    return [v for _, v in sorted(zip(levels, values))]

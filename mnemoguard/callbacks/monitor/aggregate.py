@@ -1,7 +1,7 @@
 """From per-row values to the check's metrics: per probe, per band (never pooled across bands), per split.
 
 For each signal and probe, the rows of that probe are averaged inside each band with
-:func:`mnemoguard.signals.band_mean` (the rows' own timesteps decide their band). Then per band and split:
+:func:`mnemoguard.signals.band_mean` (the rows' own levels of the schedule decide their band). Then per band and split:
 
 - ``mem/<signal>/band=<b>/train`` and ``.../heldout``: the mean over probes; ``..._std`` their spread;
 - ``mem/<signal>/band=<b>/contrast``: oriented so that *positive = the training probes look more memorized*:
@@ -30,15 +30,15 @@ _CAPTION_SHIFT = ("expected negative with held-out image probes: held-out specif
 CONTRAST_CAVEATS = {"live_vs_baseline": _CAPTION_SHIFT, "wen_gap": _CAPTION_SHIFT}
 
 
-def aggregate(values: torch.Tensor, t: torch.Tensor, probe: torch.Tensor, bands: dict[str, tuple[int, int]],
+def aggregate(values: torch.Tensor, t: torch.Tensor, probe: torch.Tensor, bands: dict[str, Any],
               signals: dict[str, str], num_train_probes: int, has_heldout: bool
               ) -> tuple[dict[str, float], dict[str, Any]]:
     """``(metrics, per_probe)`` of one check.
 
     Args:
         values: ``[N, 4]`` per-row values (columns :data:`~mnemoguard.callbacks.monitor.measure.COLUMNS`).
-        t, probe: ``[N]`` timestep and probe id of each row.
-        bands: name -> ``[t_lo, t_hi)``.
+        t, probe: ``[N]`` level and probe id of each row.
+        bands: name -> :class:`~mnemoguard.callbacks.bands.NoiseBand` (or a ``(lo, hi)`` pair of levels).
         signals: the signals measured at this check -> their tag names (``live_vs_baseline`` -> ``live_vs_ema``),
             in order. A value that is NaN or infinite (a diverged model) stays so in the means: it is recorded as a
             non-finite measurement, never dropped.
@@ -51,7 +51,7 @@ def aggregate(values: torch.Tensor, t: torch.Tensor, probe: torch.Tensor, bands:
     """
     t, probe = t.cpu(), probe.cpu()
     n_probes = int(probe.max()) + 1
-    ranges = list(bands.values())
+    ranges = [tuple(b) for b in bands.values()]
     metrics: dict[str, float] = {}
     per_probe: dict[str, Any] = {}
     for sig, name in signals.items():

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...baselines import UnconditionalBaseline
 from ...config.guard import SIGNALS
-from ...denoiser import denoising_loss, eps_from_prediction
+from ...denoiser import denoising_loss
 from ...signals import anisotropy_cosine, live_baseline_gap, wen_norm
 
 __all__ = ["COLUMNS", "measure_rows", "measure_all"]
@@ -38,17 +39,16 @@ def measure_rows(den: Any, baseline: Any, tz: Any, rows: list[int], signals: set
                  score_space: bool = False) -> Tensor:
     """``[len(rows), 4]`` float32 values (NaN for a signal not asked for, or no baseline yet) of the given rows.
 
-    ``baseline``: an object with ``eps(x_t, t, cond)`` (:mod:`mnemoguard.baselines`), ``"uncond"`` for ``ε_∅``
-    itself, or None (not available yet)."""
+    ``baseline``: an object with ``eps(x_t, t, cond)`` (:mod:`mnemoguard.baselines`; an
+    :class:`~mnemoguard.baselines.UnconditionalBaseline` is ``ε_∅`` itself, taken from the same call), or None (not
+    available yet)."""
     sel = torch.tensor(rows, dtype=torch.long, device=tz.t.device)
     t = tz.t[sel]
-    x_t = tz.noisy(sel, den.scheduler)
+    x_t = tz.noisy(sel, den.schedule)
     cond = tz.cond[sel]
     raw_c, raw_u = den.raw_cond_uncond(x_t, t, cond, tz.uncond)
-    alpha = den.alpha(t, dtype=x_t.dtype, device=x_t.device)
     sigma = den.sigma(t, dtype=x_t.dtype, device=x_t.device)
-    eps_c = eps_from_prediction(raw_c.float(), x_t, alpha, sigma, den.prediction_type)
-    eps_u = eps_from_prediction(raw_u.float(), x_t, alpha, sigma, den.prediction_type)
+    eps_c, eps_u = den.to_eps(raw_c.float(), x_t, t), den.to_eps(raw_u.float(), x_t, t)
     nan = torch.full((len(rows),), float("nan"), device=x_t.device)
     out = [nan] * len(SIGNALS)
     if "probe_loss" in signals:
@@ -58,7 +58,7 @@ def measure_rows(den: Any, baseline: Any, tz: Any, rows: list[int], signals: set
     if "anisotropy" in signals and eps_c.ndim >= 3:
         out[COLUMNS["anisotropy"]] = anisotropy_cosine(eps_c, eps_u)
     if "live_vs_baseline" in signals and baseline is not None:
-        base = eps_u if baseline == "uncond" else baseline.eps(x_t, t, cond).float()
+        base = eps_u if isinstance(baseline, UnconditionalBaseline) else baseline.eps(x_t, t, cond).float()
         out[COLUMNS["live_vs_baseline"]] = live_baseline_gap(eps_c, base, sigma=sigma if score_space else None)
     return torch.stack([v.float() for v in out], dim=1)
 

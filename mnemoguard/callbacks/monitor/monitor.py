@@ -149,7 +149,8 @@ class MemorizationMonitor(Callback):
         return self._tensors
 
     def baseline(self) -> Any:
-        """The less-trained baseline of this check (None while an EMA snapshot ring is still empty; ``"uncond"``)."""
+        """The less-trained baseline of this check (:mod:`mnemoguard.baselines`; None while an EMA snapshot ring is
+        still empty)."""
         return self._current_baseline()
 
     @property
@@ -195,7 +196,13 @@ class MemorizationMonitor(Callback):
         return None
 
     def _build_baseline(self, context: Any) -> Any:
-        from ...baselines import AdapterDisabledBaseline, ema_baseline, load_lora_baseline, load_unet_baseline
+        from ...baselines import (
+            AdapterDisabledBaseline,
+            UnconditionalBaseline,
+            ema_baseline,
+            load_lora_baseline,
+            load_unet_baseline,
+        )
 
         c, den = self.config, context.denoiser
         if c.baseline == "ema":
@@ -207,10 +214,10 @@ class MemorizationMonitor(Callback):
             return ema_baseline(den, context.ema, c.baseline_snapshot)
         if c.baseline == "lora_off":
             if not context.is_lora:
-                raise ValueError("guard.monitor.baseline='lora_off' needs a UNet with LoRA adapters; found none")
+                raise ValueError("guard.monitor.baseline='lora_off' needs a model with LoRA adapters; found none")
             return AdapterDisabledBaseline(den)
         if c.baseline == "uncond":
-            return "uncond"
+            return UnconditionalBaseline(den, self._tensors.uncond)
         if context.is_lora:
             return load_lora_baseline(den, c.baseline_checkpoint)
         return load_unet_baseline(c.baseline_checkpoint, like=den)
@@ -233,9 +240,11 @@ class MemorizationMonitor(Callback):
 
     def on_train_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
                      logs: dict | None = None, **kwargs: Any) -> None:
-        """A last check, of the weights the UNet holds now (``Guard.end`` is called with the exported ones): at the
-        last step unless it was checked, and whenever the export is not the last weights (the best checkpoint's, the
-        EMA's); such a check is kept in the history (labelled) but not logged as a point of the curves."""
+        """A last check, of the exported weights (``Guard.end`` is called after the export): at the last step unless
+        it was checked, and whenever the export is not the last weights; such a check is kept in the history
+        (labelled) but not logged as a point of the curves. An EMA export is measured from the EMA itself (on every
+        rank, whatever the model holds: diffusers' scripts copy the EMA into the model on the main process only); a
+        best-checkpoint export from the weights the model holds."""
         exported = (getattr(context, "exported", None) or {}) if context is not None else {}
         source = exported.get("source", "last")
         if self._tensors is None or state.global_step == 0:
@@ -243,16 +252,22 @@ class MemorizationMonitor(Callback):
             return
         if source != "last" or self.last_check_step != state.global_step:
             visual = bool(self.config.curvature_every_k_checks and self.config.curvature_num_probes)
-            self._record(state, control, logs, weights=exported if source != "last" else None, visual=visual)
+            denoiser = None
+            if source == "ema" and context.ema is not None:
+                from ...baselines import ema_baseline
+
+                denoiser = ema_baseline(context.denoiser, context.ema)._inner
+            self._record(state, control, logs, weights=exported if source != "last" else None, visual=visual,
+                         denoiser=denoiser)
 
     def _record(self, state: TrainerState, control: TrainerControl, logs: dict | None,
-                weights: dict[str, Any] | None = None, visual: bool | None = None) -> None:
+                weights: dict[str, Any] | None = None, visual: bool | None = None, denoiser: Any = None) -> None:
         start = time.perf_counter()
         self.num_checks += 1
         if visual is None:
             k = self.config.curvature_every_k_checks
             visual = bool(k) and self.num_checks % k == 0 and self.config.curvature_num_probes > 0
-        metrics, per_probe, vis = self.measure(visual=visual)
+        metrics, per_probe, vis = self.measure(visual=visual, denoiser=denoiser)
         entry: dict[str, Any] = {"step": state.global_step, "probe_set": len(self.probe_sets) - 1,
                                  "metrics": dict(metrics), "per_probe": per_probe}
         if weights is not None:  # the exported weights, not the live ones of this step
@@ -273,24 +288,25 @@ class MemorizationMonitor(Callback):
         """The checks of the live weights at their steps (without an end check of exported weights)."""
         return [h for h in self.history if "weights" not in h]
 
-    def measure(self, visual: bool = False) -> tuple[dict[str, float], dict[str, Any], dict[str, Any] | None]:
-        """One check on the current weights, without recording it: ``(metrics, per_probe, visuals)``.
+    def measure(self, visual: bool = False, denoiser: Any = None
+                ) -> tuple[dict[str, float], dict[str, Any], dict[str, Any] | None]:
+        """One check on the current weights (or on ``denoiser``'s: other weights of the same model), without
+        recording it: ``(metrics, per_probe, visuals)``.
 
         Deterministic for given weights: everything random comes from the monitor's seed."""
         if self._tensors is None:
             raise RuntimeError("MemorizationMonitor.measure: no probe set yet (on_train_begin has not run)")
         context, tz, c = self._context, self._tensors, self.config
+        den = denoiser if denoiser is not None else context.denoiser
         baseline = self._current_baseline()
         measured = {s: self.signal_tag(s) for s in c.signals if s != "live_vs_baseline" or baseline is not None}
-        with preserved_rng_state(), eval_mode(context.unwrapped_unet):
-            values = measure_all(context, context.denoiser, baseline, tz, set(measured), c.batch_size,
-                                 c.score_space)
-            metrics, per_probe = aggregate(values, tz.t, tz.probe, self.bands, measured, tz.num_train_probes,
+        with preserved_rng_state(), eval_mode(context.unwrapped_model):
+            values = measure_all(context, den, baseline, tz, set(measured), c.batch_size, c.score_space)
+            metrics, per_probe = aggregate(values, tz.level, tz.probe, self.bands, measured, tz.num_train_probes,
                                            self.has_heldout)
             vis = None
             if visual:
-                vis = visual_check(context, context.denoiser, baseline, tz, self.spec["train_captions"], c,
-                                   self.spec["seed"])
+                vis = visual_check(context, den, baseline, tz, self.spec["train_captions"], c, self.spec["seed"])
                 metrics[f"mem/curvature_diff/t={c.curvature_timestep}/train"] = float(np.mean(vis["curvature"]))
                 if vis["nn_ratio"]:
                     metrics["mem/nn_ratio/train"] = float(np.mean(vis["nn_ratio"]))

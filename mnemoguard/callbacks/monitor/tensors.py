@@ -1,9 +1,10 @@
 """The probe tensors, built from a probe spec: one *row* per (probe, band, draw) with its fixed inputs.
 
 Images are taken in their canonical view (centre crop, no flip) and encoded with the VAE posterior mean; noise,
-generation latents and curvature noise come from generators seeded by the spec; caption embeddings from a
+generation latents and curvature noise come from generators seeded by the spec; caption conditioning from a
 :class:`~mnemoguard.prompts.PromptEncoder` of the monitor's own (each caption encoded alone). So no probe input
-depends on any RNG but the monitor's, on the batch a caption came in, or on the rank.
+depends on any RNG but the monitor's, on the batch a caption came in, or on the rank. The spec's fixed timesteps are
+*levels* of the schedule (:mod:`mnemoguard.family.schedule`); the network gets their timesteps.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ...data import decode_image, preprocess_image
+from ...family.conditioning import Conditioning
 from .probes import heldout_item
 
 __all__ = ["ProbeTensors", "build_probe_tensors", "encode_pixels"]
@@ -26,23 +28,24 @@ class ProbeTensors:
 
     x0: Tensor  # [N, C, H, W] clean model input (device)
     noise: Tensor  # [N, C, H, W] fixed ε (device)
-    t: Tensor  # [N] long timesteps (device)
+    level: Tensor  # [N] long levels of the schedule (device)
+    t: Tensor  # [N] their timesteps, as the network takes them (device)
     band: Tensor  # [N] long band index (CPU)
     probe: Tensor  # [N] long probe id (CPU): training probes 0..P-1, then held-out
-    cond: Tensor  # [N, L, D] caption embeddings (device)
-    uncond: Tensor  # [1, L, D] empty-caption embedding (device)
+    cond: Conditioning  # [N] caption conditioning (device)
+    uncond: Conditioning  # [1] the empty caption's (device)
     captions: list[str]  # [N]
     num_train_probes: int  # P
     pool: Tensor | None  # [K, C, H, W] nearest-neighbour pool in [0, 1] (CPU), exact duplicates removed
     pool_rows: list[int]  # dataset row of each pool image
     train_px: list[Tensor]  # the training probes' images in [0, 1] (CPU)
     gen_latents: Tensor  # [G, C, h, w] initial noise of the probe generations (CPU)
-    gen_cond: Tensor | None  # [G, L, D] their caption embeddings (device)
+    gen_cond: Conditioning | None  # [G] their caption conditioning (device)
     curv_noise: Tensor  # [G, C, h, w] noise that re-noises a generation for its curvature map (CPU)
 
-    def noisy(self, rows: Tensor, scheduler: Any) -> Tensor:
-        """``x_t = α_t x_0 + σ_t ε`` of the given rows (the scheduler's ``add_noise``)."""
-        return scheduler.add_noise(self.x0[rows], self.noise[rows], self.t[rows])
+    def noisy(self, rows: Tensor, schedule: Any) -> Tensor:
+        """``x_t = α_t x_0 + σ_t ε`` of the given rows (the schedule's ``add_noise``)."""
+        return schedule.add_noise(self.x0[rows], self.noise[rows], self.t[rows])
 
 
 def _to_pixels(image: Any, resolution: int, channels: int) -> Tensor:
@@ -56,7 +59,7 @@ def _to_pixels(image: Any, resolution: int, channels: int) -> Tensor:
 
 
 def encode_pixels(context: Any, pixels: list[Tensor]) -> Tensor:
-    """Canonical images in [-1, 1] -> the UNet's input space (``context.encode_images``, 16 at a time), on the
+    """Canonical images in [-1, 1] -> the network's sample space (``context.encode_images``, 16 at a time), on the
     context's device."""
     with torch.no_grad():
         return torch.cat([context.encode_images(torch.stack(pixels[i:i + 16]).to(context.device))
@@ -79,7 +82,7 @@ def build_probe_tensors(spec: dict[str, Any], context: Any, heldout: Any, curvat
     per = nb * nd
     gn = torch.Generator().manual_seed(spec["seed"] + 1)
     noise = torch.randn((len(own_px) * per, *x0_own.shape[1:]), generator=gn)
-    t = torch.tensor(spec["timesteps"], dtype=torch.long)
+    t = torch.tensor(spec["timesteps"], dtype=torch.long)  # levels
     if t.numel() != len(own_px) * per:
         raise ValueError(f"MemorizationMonitor: the probe spec has {t.numel()} timesteps, expected "
                          f"{len(own_px) * per} ({len(own_px)} probes x {nb} bands x {nd} draws)")
@@ -110,19 +113,20 @@ def build_probe_tensors(spec: dict[str, Any], context: Any, heldout: Any, curvat
             pool_px.append((px + 1) / 2)
             pool_rows.append(r)
     G = min(curvature_num_probes, P)
-    unet_cfg = context.unwrapped_unet.config
     gg = torch.Generator().manual_seed(spec["seed"] + 2)
-    gen_latents = torch.randn((G, unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size), generator=gg)
+    gen_latents = torch.randn((G, *context.denoiser.adapter.sample_shape), generator=gg)
     curv_noise = torch.randn(gen_latents.shape, generator=gg)
 
     prompts = PromptEncoder(context.prompts.encode, device=device, max_bytes=0)  # the monitor's own, uncached
     unique = list(dict.fromkeys([*captions, *spec["train_captions"][:G], ""]))
-    table = dict(zip(unique, prompts(unique)))
+    encoded = prompts(unique)
+    row = {cap: i for i, cap in enumerate(unique)}
+    level = t.to(device)
     return ProbeTensors(
-        x0=x0.to(device), noise=noise.to(device), t=t.to(device), band=band, probe=probe,
-        cond=torch.stack([table[cap] for cap in captions]), uncond=table[""][None], captions=captions,
+        x0=x0.to(device), noise=noise.to(device), level=level, t=context.schedule.timesteps_at(level), band=band,
+        probe=probe, cond=encoded[[row[cap] for cap in captions]], uncond=encoded[[row[""]]], captions=captions,
         num_train_probes=P, pool=torch.stack(pool_px) if pool_px else None, pool_rows=pool_rows,
         train_px=[(p + 1) / 2 for p in train_px], gen_latents=gen_latents,
-        gen_cond=torch.stack([table[cap] for cap in spec["train_captions"][:G]]) if G else None,
+        gen_cond=encoded[[row[cap] for cap in spec["train_captions"][:G]]] if G else None,
         curv_noise=curv_noise,
     )

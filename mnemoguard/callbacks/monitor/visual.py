@@ -4,9 +4,9 @@ For the first ``curvature_num_probes`` training probes: a generation from the pr
 noise, so successive checks are comparable), its nearest image in a pool of training images (the probes plus
 ``nearest_pool_size`` random rows) with Gu et al.'s distance ratio ``d1/d2`` (below 1/3: a copy), whether that
 nearest image is the probe's own, and Kim & Lee's curvature-difference map ``Δh`` (live vs the baseline,
-:func:`mnemoguard.signals.curvature_diff_map`, fixed Rademacher probes) at the generation re-noised to
-``curvature_timestep``. Every rank computes the same set (ZeRO-3 needs equal calls); rank 0's values are broadcast
-so the scalars that feed decisions are identical everywhere.
+:func:`mnemoguard.signals.curvature_diff_map`, fixed Rademacher probes) at the generation re-noised to the level
+``curvature_timestep`` of the schedule. Every rank computes the same set (ZeRO-3 needs equal calls); rank 0's values
+are broadcast so the scalars that feed decisions are identical everywhere.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ def visual_check(context: Any, den: Any, baseline: Any, tz: Any, captions: list[
                  seed: int) -> dict[str, Any]:
     """``{"probe_ids", "captions", "generations", "maps", "curvature", "nn_ratio", "nearest_is_own", "nearest",
     "nearest_rows"}`` (images in [0, 1] and maps on the CPU)."""
+    from ...baselines import UnconditionalBaseline
     from ...evaluation.nearest_neighbour import nearest_neighbour_ratio
     from ...sampling import generate
     from ...signals import curvature_diff_map
 
-    c, unet = config, context.unwrapped_unet
+    c = config
     G = tz.gen_latents.shape[0]
     finals: list[torch.Tensor] = []
 
@@ -35,12 +36,13 @@ def visual_check(context: Any, den: Any, baseline: Any, tz: Any, captions: list[
         return context.decode(z)
 
     with torch.no_grad():
-        images = generate(unet, context.noise_scheduler, tz.gen_cond, tz.uncond, c.generation_guidance_scale,
-                          c.generation_steps, latents=tz.gen_latents, decode=decode)
+        images = generate(den, tz.gen_cond, tz.uncond, c.generation_guidance_scale, c.generation_steps,
+                          latents=tz.gen_latents, decode=decode)
     z = finals[-1]
-    t = torch.full((G,), int(c.curvature_timestep), dtype=torch.long, device=z.device)
-    x = context.noise_scheduler.add_noise(z, tz.curv_noise.to(z.device, z.dtype), t)
-    base_fn = den.eps_fn(t, tz.uncond) if baseline in (None, "uncond") else baseline.eps_fn(t, tz.gen_cond)
+    schedule = context.schedule
+    t = schedule.timesteps_at(torch.full((G,), int(c.curvature_timestep), dtype=torch.long)).to(z.device)
+    x = schedule.add_noise(z, tz.curv_noise.to(z.device, z.dtype), t)
+    base_fn = (baseline or UnconditionalBaseline(den, tz.uncond)).eps_fn(t, tz.gen_cond)
     maps = curvature_diff_map(den.eps_fn(t, tz.gen_cond), base_fn, x, num_probes=c.curvature_hutchinson_probes,
                               generator=torch.Generator().manual_seed(seed + 4), method="vjp")
     maps = maps.detach().float().cpu()

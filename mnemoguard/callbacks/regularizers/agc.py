@@ -40,8 +40,8 @@ class AntiGradientControl(Regularizer):
         if "low_loss_level" not in inputs:
             raise ValueError("iet_agc reads the low-loss table of the guard's loss flags (inputs['low_loss_level']); "
                              "build it with mnemoguard.Guard, which runs LowLossFlags before it, found none")
-        loss, t = inputs["loss_per_sample"], inputs["timesteps"]
-        eligible = self.eligible(t).to(loss.device)
+        loss = inputs["loss_per_sample"]
+        eligible = self.eligible(inputs["levels"]).to(loss.device)
         keep = agc_keep(loss, inputs["low_loss_level"], self.strength) | ~eligible
         inputs["weights"] = drop_samples(inputs["weights"], keep, self.config.renormalize)
         self._count(kept=(keep & eligible).sum(), eligible=eligible.sum())

@@ -8,8 +8,9 @@ A regularizer is a small *pure* function (tensors / lists in, tensors / lists ou
   :class:`~mnemoguard.callbacks.policy.MitigationPolicy` calls: the Guard's builder registers every regularizer as
   the policy's action of the same name). ``strength`` multiplies the regularizer's main parameter (each class says
   which); ``strength=0`` is off.
-* ``band``: ``activate(band=(t_lo, t_hi))`` restricts the regularizer to samples whose training timestep is in
-  ``[t_lo, t_hi)`` (a policy rule with a band passes one); ``None``: every sample.
+* ``band``: ``activate(band=(lo, hi))`` restricts the regularizer to samples whose training timestep's level
+  (:mod:`mnemoguard.callbacks.bands`) is in ``[lo, hi)`` (a policy rule with a band passes one); ``None``: every
+  sample.
 * a private ``torch.Generator`` (seeded from ``config.seed``, the regularizer's name and the rank): the global RNG is
   never touched, so switching a regularizer on does not change the rest of the training trajectory, and its state is
   in the checkpoint (a resumed run draws the same numbers).
@@ -41,11 +42,11 @@ from ..base import Callback, TrainerControl, TrainerState
 __all__ = ["Regularizer", "RegularizerConfig", "drop_samples", "live_eps", "timestep_mask"]
 
 
-def timestep_mask(timesteps: Tensor, band: tuple[int, int] | None) -> Tensor:
-    """``[B]`` bool: samples whose timestep lies in the half-open ``band`` (all of them for ``None``)."""
+def timestep_mask(levels: Tensor, band: tuple[int, int] | None) -> Tensor:
+    """``[B]`` bool: samples whose level lies in the half-open ``band`` (all of them for ``None``)."""
     if band is None:
-        return torch.ones(timesteps.shape[0], dtype=torch.bool, device=timesteps.device)
-    return (timesteps >= band[0]) & (timesteps < band[1])
+        return torch.ones(levels.shape[0], dtype=torch.bool, device=levels.device)
+    return (levels >= band[0]) & (levels < band[1])
 
 
 def drop_samples(weights: Tensor, keep: Tensor, renormalize: bool = True) -> Tensor:
@@ -70,15 +71,20 @@ def drop_samples(weights: Tensor, keep: Tensor, renormalize: bool = True) -> Ten
     return new
 
 
-def live_eps(denoiser: Any, model_pred: Tensor, x_t: Tensor, timesteps: Tensor) -> Tensor:
-    """The live network's training prediction as a noise prediction (``epsilon`` models: unchanged), float32."""
-    from ...denoiser import eps_from_prediction
+def live_eps(denoiser: Any, inputs: dict[str, Any], detach: bool = False) -> Tensor:
+    """The live network's training prediction (``inputs["model_pred"]``, in the parameterisation
+    ``inputs["model_pred_type"]`` when the loop preconditioned it, else the network's own) as a noise prediction at
+    the micro-batch's ``noisy_model_input`` and ``timesteps``, float32."""
+    from ...parameterisation import eps_from_prediction
 
-    pred, x_t = model_pred.float(), x_t.float()
-    if denoiser.prediction_type == "epsilon":
-        return pred
-    ab = denoiser.alpha_bar(timesteps, dtype=torch.float32, device=x_t.device)
-    return eps_from_prediction(pred, x_t, ab.sqrt(), (1 - ab).sqrt(), denoiser.prediction_type)
+    pred, x_t, t = inputs["model_pred"].float(), inputs["noisy_model_input"].float(), inputs["timesteps"]
+    if detach:
+        pred = pred.detach()
+    kind = inputs.get("model_pred_type") or denoiser.prediction_type
+    if kind == denoiser.prediction_type:
+        return denoiser.to_eps(pred, x_t, t)
+    alpha, sigma = denoiser.schedule.alpha_sigma(t, dtype=torch.float32, device=x_t.device)
+    return eps_from_prediction(pred, x_t, alpha, sigma, kind)
 
 
 class Regularizer(Callback):
@@ -135,9 +141,9 @@ class Regularizer(Callback):
         self.enabled = False
         self.band = None
 
-    def eligible(self, timesteps: Tensor) -> Tensor:
-        """``[B]`` bool: the samples this regularizer may act on (the band, if any)."""
-        return timestep_mask(timesteps, self.band)
+    def eligible(self, levels: Tensor) -> Tensor:
+        """``[B]`` bool: the samples this regularizer may act on (the band of levels, if any)."""
+        return timestep_mask(levels, self.band)
 
     # ------------------------------------------------------------------------------------------- randomness
     def _seed(self, process_index: int = 0) -> int:

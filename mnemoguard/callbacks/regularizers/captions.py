@@ -21,9 +21,11 @@ tokens. Captions the loop already dropped (empty) are left alone by the caption 
 unconditional branch); GNI applies to every row, as in DCR. Randomness comes only from the regularizer's generator.
 
 The callbacks run in ``on_before_forward``: they replace ``inputs["captions"]`` and re-encode the changed rows of
-``inputs["encoder_hidden_states"]`` through the guard's prompt encoder (each caption encoded alone; one-off random
-captions are not cached). Register caption operations *before* ``gaussian_embedding_noise`` (a re-encoded row
-would lose noise added earlier). ``strength`` multiplies the probability (capped at 1), or λ for GNI.
+``inputs["conditioning"]`` whole (token and pooled embeddings; the guard writes them back into the loop's
+``encoder_hidden_states`` / ``pooled_projections`` / ``added_cond_kwargs``) through the guard's prompt encoder (each
+caption encoded alone; one-off random captions are not cached). Register caption operations *before*
+``gaussian_embedding_noise`` (a re-encoded row would lose noise added earlier). ``strength`` multiplies the
+probability (capped at 1), or λ for GNI.
 """
 
 from __future__ import annotations
@@ -196,16 +198,13 @@ class _CaptionOp(Regularizer):
         if not self.active:
             return
         captions = list(inputs["captions"])
-        band = self.eligible(inputs["timesteps"]).tolist()
+        band = self.eligible(inputs["levels"]).tolist()
         eligible = [bool(b) and bool(c) for b, c in zip(band, captions)]
         new = self.transform(captions, eligible, inputs, context)
         changed = [i for i, (a, b) in enumerate(zip(captions, new)) if a != b]
-        if changed:
-            ehs = inputs["encoder_hidden_states"]
+        if changed:  # re-encoded whole: token and pooled embeddings (SDXL / SD3 / Flux) change together
             emb = context.prompts([new[i] for i in changed], cache=self.cache_embeddings)
-            ehs = ehs.clone()
-            ehs[torch.tensor(changed, device=ehs.device)] = emb.to(device=ehs.device, dtype=ehs.dtype)
-            inputs["encoder_hidden_states"] = ehs
+            inputs["conditioning"] = inputs["conditioning"].replace_rows(changed, emb)
             inputs["captions"] = new
         self._count(changed=len(changed), eligible=sum(eligible))
 
@@ -335,10 +334,11 @@ class GaussianEmbeddingNoise(Regularizer):
                           inputs: dict | None = None, **kwargs: Any) -> None:
         if not self.active:
             return
-        eligible = self.eligible(inputs["timesteps"])
+        eligible = self.eligible(inputs["levels"])
         lam = self.strength * self.config.lam
-        inputs["encoder_hidden_states"] = gaussian_embedding_noise(inputs["encoder_hidden_states"], lam,
-                                                                   self.generator, eligible)
+        cond = inputs["conditioning"]
+        inputs["conditioning"] = cond.with_embeds(gaussian_embedding_noise(cond.embeds, lam, self.generator,
+                                                                           eligible))
         self._count(noised=int(eligible.sum()), samples=eligible.numel())
 
     def _metric_values(self, sums: dict[str, float]) -> dict[str, float]:

@@ -42,7 +42,7 @@ class BaselinePreservation(Regularizer):
     """Adds :func:`preservation_loss` to ``inputs["extra_loss"]`` (``on_loss``).
 
     The baseline prediction is one extra forward under ``no_grad`` on the micro-batch, at the training inputs
-    (noisy input, timestep and the text embeddings the live forward used): the EMA weights through
+    (noisy input, timestep and the conditioning the live forward used): the EMA weights through
     ``functional_call`` (:func:`mnemoguard.baselines.ema_baseline`, needs ``ema.enabled``), or the LoRA's base model
     (:class:`mnemoguard.baselines.AdapterDisabledBaseline`), or any :class:`~mnemoguard.baselines.Baseline` passed as
     ``baseline=``. Both sides are compared as noise predictions (the raw outputs for ε models, ai-toolkit's case).
@@ -83,8 +83,8 @@ class BaselinePreservation(Regularizer):
             kind = "adapters_disabled" if context.is_lora else "ema"
         if kind == "adapters_disabled":
             if not context.is_lora:
-                raise ValueError("baseline_preservation: baseline='adapters_disabled' needs a LoRA-adapted UNet "
-                                 "(model.lora.enabled=true); found a UNet without adapters")
+                raise ValueError("baseline_preservation: baseline='adapters_disabled' needs a LoRA-adapted model "
+                                 "(model.lora.enabled=true); found a model without adapters")
             self.baseline = AdapterDisabledBaseline(context.denoiser)
         else:
             if context.ema is None:
@@ -105,16 +105,16 @@ class BaselinePreservation(Regularizer):
             return
         baseline = self._resolve(context)
         den = context.denoiser
-        x_t, t, ehs = inputs["noisy_model_input"], inputs["timesteps"], inputs["encoder_hidden_states"]
-        mask = self.eligible(t)
+        x_t, t, cond = inputs["noisy_model_input"], inputs["timesteps"], inputs["conditioning"]
+        mask = self.eligible(inputs["levels"])
         if self.flagged is not None:
             flagged = torch.tensor([int(i) in self.flagged for i in inputs["indices"].tolist()], dtype=torch.bool)
             mask = mask & flagged.to(mask.device)
         # The baseline runs on the whole micro-batch (equal forwards on every rank, no host sync); the term keeps the
         # masked rows.
         with torch.no_grad():
-            eps_base = baseline.eps(x_t, t, ehs).float()
-        term, per = preservation_loss(live_eps(den, inputs["model_pred"], x_t, t), eps_base, mask,
+            eps_base = baseline.eps(x_t, t, cond).float()
+        term, per = preservation_loss(live_eps(den, inputs), eps_base, mask,
                                       self.strength * self.config.weight)
         inputs["extra_loss"] = inputs["extra_loss"] + term
         self._count(flagged=mask.sum(), samples=mask.numel(), mse_sum=(per * mask.to(per.dtype)).sum())

@@ -56,11 +56,11 @@ def wen_filter_weights(
 class WenFilter(Regularizer):
     """Wen et al.'s training-time filter as a switchable callback (``on_loss``).
 
-    Per micro-batch, one extra *unconditional* forward of the live UNet under ``no_grad``, batched over the whole
-    micro-batch (the empty-caption embedding from the guard's prompt encoder), at the training noisy inputs and
-    timesteps; the gap between the training prediction (as ε, so v-prediction models are compared in ε space; for
-    ε models this is the authors' ``model_pred − eps_u``) and that unconditional ε. Samples with gap ≥ τ/strength get
-    weight 0 (:func:`wen_filter_weights`). Min-SNR weights are part of ``loss_per_sample``, so they are masked with
+    Per micro-batch, one extra *unconditional* forward of the live network under ``no_grad``, batched over the whole
+    micro-batch (the empty caption's conditioning from the guard's prompt encoder), at the training noisy inputs and
+    timesteps; the gap between the training prediction (as ε, so v-prediction and flow models are compared in ε space;
+    for ε models this is the authors' ``model_pred − eps_u``) and that unconditional ε. Samples with gap ≥ τ/strength
+    get weight 0 (:func:`wen_filter_weights`). Min-SNR weights are part of ``loss_per_sample``, so they are masked with
     the sample (the authors' script forgets this). An optimizer step where nothing was kept is skipped by the Guard
     (the authors skip the step).
 
@@ -83,9 +83,9 @@ class WenFilter(Regularizer):
         uncond = context.prompts([""])
         with torch.no_grad():
             eps_u = den.eps(x_t, t, uncond).float()
-            eps_c = live_eps(den, inputs["model_pred"].detach(), x_t, t)
+            eps_c = live_eps(den, inputs, detach=True)
         tau = wen_threshold(self.config.threshold, self.strength, x_t[0].numel(), self.config.reference_dim)
-        eligible = self.eligible(t)
+        eligible = self.eligible(inputs["levels"])
         weights, keep, gap = wen_filter_weights(inputs["weights"], eps_c, eps_u, tau, eligible,
                                                 self.config.renormalize)
         inputs["weights"] = weights
