@@ -160,6 +160,11 @@ class _Functional(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.wrapped.parameters()).dtype
 
+    @property
+    def config(self) -> Any:
+        """The wrapped model's config (what its adapter reads: Flux's ``guidance_embeds``, the sample size)."""
+        return getattr(self.wrapped, "config", None)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         ref = next(self.wrapped.parameters())
         weights = {n: w.to(device=ref.device, dtype=ref.dtype) for n, w in self._weights().items()}

@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_train_samples", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--record", action="store_true")
+    p.add_argument("--guard_after_load_state", action="store_true", help="the mistake the guard must name")
+    p.add_argument("--end_on_main_process_only", action="store_true", help="the mistake the guard must name: "
+                   "guard.end inside `if accelerator.is_main_process:`")
     args = p.parse_args(argv)
     args.guard_config = args.guard_config or {"enabled": False}
     return args
@@ -176,24 +179,30 @@ def main(argv: list[str] | None = None):  # noqa: C901 - the shape of the diffus
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
 
-    guard = Guard(args.guard_config, accelerator=accelerator, unet=unet, noise_scheduler=noise_scheduler,  # guard
+    def resume():
+        global_step, first_epoch = 0, 0
+        if args.resume_from_checkpoint:
+            if args.resume_from_checkpoint != "latest":
+                path = os.path.basename(args.resume_from_checkpoint)
+            else:
+                dirs = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint")]
+                dirs = sorted(dirs, key=lambda x: int(x.split("-")[1]))
+                path = dirs[-1] if len(dirs) > 0 else None
+            if path is not None:
+                accelerator.load_state(os.path.join(args.output_dir, path))
+                global_step = int(path.split("-")[1])
+                first_epoch = global_step // num_update_steps_per_epoch
+        return global_step, first_epoch
+
+    if args.guard_after_load_state:  # the mistake the guard must name: built after accelerator.load_state
+        global_step, first_epoch = resume()
+    guard = Guard(args.guard_config, accelerator=accelerator, model=unet, noise_scheduler=noise_scheduler,  # guard
                   optimizer=optimizer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
                   train_dataset=dataset["train"], ema=ema_unet, max_steps=args.max_train_steps)
     if accelerator.is_main_process:
         accelerator.init_trackers("text2image-fine-tune")
-
-    global_step, first_epoch = 0, 0
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint != "latest":
-            path = os.path.basename(args.resume_from_checkpoint)
-        else:
-            dirs = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint")]
-            dirs = sorted(dirs, key=lambda x: int(x.split("-")[1]))
-            path = dirs[-1] if len(dirs) > 0 else None
-        if path is not None:
-            accelerator.load_state(os.path.join(args.output_dir, path))
-            global_step = int(path.split("-")[1])
-            first_epoch = global_step // num_update_steps_per_epoch
+    if not args.guard_after_load_state:
+        global_step, first_epoch = resume()
     resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
 
     for epoch in range(first_epoch, num_train_epochs):
@@ -261,7 +270,12 @@ def main(argv: list[str] | None = None):  # noqa: C901 - the shape of the diffus
             unwrapped.save_pretrained(os.path.join(args.output_dir, "unet"))
             if args.use_ema:
                 ema_unet.restore(unwrapped.parameters())
-    guard.end(final_dir=args.output_dir)  # guard
+    if args.end_on_main_process_only:
+        if accelerator.is_main_process:
+            guard.end(final_dir=args.output_dir, exported="ema" if args.use_ema else "last")
+        accelerator.end_training()
+        return None
+    guard.end(final_dir=args.output_dir, exported="ema" if args.use_ema else "last")  # guard
     weights = {n: p.detach().cpu().clone() for n, p in accelerator.unwrap_model(unet).named_parameters()}
     result = {"global_step": global_step, "rank": accelerator.process_index, "world": accelerator.num_processes,
               "checksum": float(sum(w.double().sum() for w in weights.values())),

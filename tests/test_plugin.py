@@ -74,15 +74,25 @@ def test_lora_script_monitoring_leaves_the_weights_bit_identical_and_stamps_the_
     assert report["run"]["global_step"] == 5 and report["run"]["max_steps"] == 5
 
 
-def test_full_fine_tune_with_use_ema_takes_the_scripts_ema_as_the_baseline(model_dir, tmp_path):
+def test_full_fine_tune_with_use_ema_takes_the_scripts_ema_as_the_baseline_and_reports_on_the_exported_ema(
+        model_dir, tmp_path):
     result = run(model_dir, tmp_path, "--use_ema", "--max_train_steps", "2", "--checkpointing_steps", "10",
                  guard=write_guard(tmp_path / "g.yaml"))
     guard = result["guard_object"]
     assert not guard._owns_ema and type(guard.ema).__module__ == "diffusers.training_utils"  # no second copy
     assert guard.context.ema.optimization_step == 2
-    last = guard.monitor.history[-1]["metrics"]
-    assert last["mem/live_vs_ema/band=mid/train"] > 0  # the EMA differs from the live weights after 2 steps
+    live, end = guard.monitor.training_history[-1], guard.monitor.history[-1]
+    assert live["metrics"]["mem/live_vs_ema/band=mid/train"] > 0.1  # the EMA differs from the live weights
+    # The script exports the EMA (guard.end(exported="ema")): the last check measures the EMA weights themselves
+    # (the model holds the live ones again after ema_unet.restore), so the EMA's distance to itself is ~0.
+    assert end["weights"] == {"source": "ema", "step": 2}
+    assert abs(end["metrics"]["mem/live_vs_ema/band=mid/train"]) < 1e-4
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    with safe_open(str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.metadata()["mnemoguard_exported_source"] == "ema"
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["exported"]["source"] == "ema" and "about the exported ema weights" in (
+        tmp_path / "report" / "report.md").read_text()
 
 
 def test_a_stop_leaves_both_loops_and_writes_a_checkpoint_at_the_stop_step(model_dir, tmp_path):
@@ -124,6 +134,29 @@ def test_resume_latest_replays_the_uninterrupted_run(model_dir, tmp_path):
     assert [h["step"] for h in b.monitor.history] == [2, 4]
     assert b.monitor.history[-1]["metrics"] == a.monitor.history[-1]["metrics"]
     assert [r["step"] for r in b.state.log_history] == [1, 2, 3, 4] and b.ema.optimization_step == 4
+    # the resumed run plans 4 steps, not the 2 of the run that wrote the checkpoint
+    summary = json.loads((tmp_path / "b" / "report" / "summary.json").read_text())
+    assert b.state.max_steps == 4 and summary["run"]["max_steps"] == 4 and "4 / 4" in (
+        tmp_path / "b" / "report" / "report.md").read_text()
+
+
+def test_a_guard_built_after_load_state_is_a_one_line_error(model_dir, tmp_path):
+    guard = write_guard(tmp_path / "g.yaml")
+    run(model_dir, tmp_path, "--lora", "--max_train_steps", "2", "--checkpointing_steps", "2", guard=guard)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match=r"build the Guard before accelerator.load_state\(...\) so that the "):
+        run(model_dir, tmp_path, "--lora", "--max_train_steps", "4", "--checkpointing_steps", "2",
+            "--resume_from_checkpoint", "latest", "--guard_after_load_state", guard=guard)
+
+
+def test_without_held_out_probes_the_report_says_so_and_counts_checks_in_the_singular(model_dir, tmp_path):
+    run(model_dir, tmp_path, "--lora", "--max_train_steps", "2", "--checkpointing_steps", "10",
+        guard=write_guard(tmp_path / "g.yaml"))
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "none stands out from the held-out probes" not in text and "there are no held-out probes" in text
+    assert "1 check every 2 steps" in text and "1 checks" not in text
 
 
 def test_resume_from_a_checkpoint_saved_without_the_guard(model_dir, tmp_path, caplog):
@@ -240,6 +273,34 @@ def test_two_processes_with_accumulation_stop_together_and_resume(model_dir, tmp
                       "--guard_config", write_guard(tmp_path / "go.yaml"), port=29652)
     assert [r["global_step"] for r in resumed] == [4, 4] and resumed[0]["guard"] == resumed[1]["guard"]
     assert [h["step"] for h in resumed[0]["guard"]["history"]] == [2, 4]  # the first run's check at 2, kept
+
+
+@pytest.mark.slow
+def test_two_processes_measure_the_exported_ema_on_every_rank(model_dir, tmp_path):
+    ranks = _launch(model_dir, tmp_path, "--use_ema", "--max_train_steps", "2", "--train_batch_size", "2",
+                    "--checkpointing_steps", "10", "--guard_config", write_guard(tmp_path / "g.yaml"), port=29655)
+    ends = [r["guard"]["history"][-1] for r in ranks]
+    assert ends[0] == ends[1] and ends[0]["weights"] == {"source": "ema", "step": 2}
+    assert abs(ends[0]["metrics"]["mem/live_vs_ema/band=mid/train"]) < 1e-4  # not the live weights of rank 1
+
+
+@pytest.mark.slow
+def test_guard_end_on_the_main_process_only_is_a_one_line_error(model_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes" / "accelerate" / "multi_gpu.yaml"), "--main_process_port", "29656",
+           str(ROOT / "tests" / "diffusers_script.py"), "--pretrained_model_name_or_path", str(model_dir),
+           "--output_dir", str(tmp_path), "--lora", "--max_train_steps", "3", "--train_batch_size", "2",
+           "--checkpointing_steps", "10", "--end_on_main_process_only", "--guard_config",
+           write_guard(tmp_path / "g.yaml")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "Guard.end() must be called on every process (2 here)" in proc.stderr, proc.stderr[-4000:]
+
+
+def test_the_readme_says_how_a_cpu_runs_diffusers_scripts_on_two_processes():
+    readme = (ROOT / "README.md").read_text()
+    assert "ACCELERATE_USE_CPU=1" in readme and "accelerate launch --multi_gpu" in readme
 
 
 # ---------------------------------------------------------------------------------------------------- the README

@@ -179,3 +179,70 @@ def build_tiny(cfg: Any, workdir: str | os.PathLike, family: str = "sd") -> Mode
     text = TextEncoders(family, [text_encoder], [tokenizer], single=family != "sd", max_length=cfg.text_max_length)
     extra = {"sample_size": cfg.sample_size} if family == "flux" else {}
     return ModelParts(model, scheduler, text, vae, family, extra)
+
+
+def _clip(tokenizer: Any, hidden: int, projection: bool) -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    n = len(tokenizer)
+    config = CLIPTextConfig(vocab_size=n, hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
+                            num_hidden_layers=2, max_position_embeddings=tokenizer.model_max_length,
+                            bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1, projection_dim=hidden)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _t5(tokenizer: Any, d_model: int) -> torch.nn.Module:
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2,
+                                   num_heads=4, pad_token_id=len(tokenizer) - 1))
+
+
+def build_tiny_pipeline(family: str, workdir: str | os.PathLike, sample_size: int = 8, seed: int = 0) -> ModelParts:
+    """A tiny latent model of ``family`` with the family's own text stack (SDXL: two CLIPs; SD3: two CLIPs with
+    projection and a T5; Flux: a CLIP and a T5; each with a tiny tokenizer), random weights, RGB images of
+    ``2 * sample_size`` pixels: what diffusers' pipeline tests build, saved by :meth:`ModelParts.save_pretrained` as
+    a real pipeline directory (``model_index.json``) for scripts shaped like diffusers' training scripts."""
+    from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    workdir = Path(workdir)
+    torch.manual_seed(seed)
+    toks = [build_tiny_clip_tokenizer(workdir / f"tok{i}", 16) for i in range(TextEncoders.NATIVE[family])]
+    cfg = type("TinyUNet", (), {"sample_size": sample_size, "block_out_channels": [32, 64], "layers_per_block": 1,
+                                "attention_head_dim": 8})
+    if family == "sdxl":
+        encoders = [_clip(toks[0], 32, False), _clip(toks[1], 32, True)]
+        time_dim = 8
+        model = _unet(cfg, 4, 64, sdxl=False)
+        model = type(model)(**{**dict(model.config), "addition_embed_type": "text_time",
+                               "addition_time_embed_dim": time_dim,
+                               "projection_class_embeddings_input_dim": 32 + 6 * time_dim})
+    elif family == "sd3":
+        encoders = [_clip(toks[0], 32, True), _clip(toks[1], 32, True), _t5(toks[2], 64)]
+        from diffusers import SD3Transformer2DModel
+
+        model = SD3Transformer2DModel(sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4,
+                                      num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                                      joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+                                      pos_embed_max_size=16)
+    elif family == "flux":
+        encoders = [_clip(toks[0], 32, False), _t5(toks[1], 32)]
+        from diffusers import FluxTransformer2DModel
+
+        model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                       pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    else:
+        raise ValueError(f"build_tiny_pipeline: family must be sdxl, sd3 or flux, found {family!r}")
+    scaling, shift = _VAE_FACTORS.get(family, (0.13025, None))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=32, sample_size=sample_size * 2, scaling_factor=scaling,
+                        shift_factor=shift)
+    if family == "sdxl":
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                  beta_end=0.012)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0 if family == "sd3" else 1.0)
+    text = TextEncoders(family, encoders, toks, max_length=16)
+    return ModelParts(model, scheduler, text, vae, family, {"sample_size": sample_size} if family == "flux" else {})

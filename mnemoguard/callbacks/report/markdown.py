@@ -24,6 +24,8 @@ VERDICTS = {
     "suspect": "no copy seen, but a training probe stands out: its gap or loss is beyond every held-out probe's by "
                "the report's factor, or the low-loss flags flagged its row repeatedly; look at it before you ship",
     "ok": "no probe copies its image and none stands out from the held-out probes",
+    "ok_no_heldout": "no probe copies its image (there are no held-out probes to compare the training probes with: "
+                     "give guard.monitor.heldout_data or heldout_captions)",
     "unknown": "no check ran, so there is nothing to judge",
     "diverged": "the loss or a gradient became NaN / infinite and the run stopped; the export is the last checkpoint "
                 "saved before it",
@@ -36,7 +38,11 @@ def _header(summary: dict[str, Any]) -> list[str]:
     if summary["status"] != "complete":
         lines += [f"> **This report is incomplete: the run is {summary['status']}.**", ""]
     what = f"{exported.get('source', 'last')} weights" + (f", step {exported['step']}" if exported.get("step") else "")
-    lines += [f"**Verdict: {summary['verdict']}** (about the exported {what}): {VERDICTS[summary['verdict']]}.", ""]
+    meaning = VERDICTS[summary["verdict"]]
+    mon = summary.get("monitor")
+    if summary["verdict"] == "ok" and mon is not None and "heldout" not in mon["splits"]:
+        meaning = VERDICTS["ok_no_heldout"]
+    lines += [f"**Verdict: {summary['verdict']}** (about the exported {what}): {meaning}.", ""]
     if exported.get("source", "last") != "last" or last["verdict"] != exported["verdict"]:
         lines += [f"At its last step ({last['step']}) the run saw: **{last['verdict']}**.", ""]
     lines += ["| | |", "|---|---|", f"| optimizer steps | {run['global_step']} / {run['max_steps']} |"]
@@ -78,12 +84,22 @@ def render_markdown(summary: dict[str, Any], plots: dict[str, str]) -> str:
     if mon is not None:
         last = mon["last_check"]
         lines += ["", "## Signals", ""]
-        lines += [f"Baseline `{mon['config']['baseline']}`, {mon['checks']} checks every "
-                  f"{mon['config']['every_n_steps']} steps; bands " + ", ".join(
-                      f"{k} = [{v[0]}, {v[1]})" for k, v in mon["bands"].items()) + ". Bands are never averaged "
-                  "together. The contrast is oriented so that positive means the training probes look more "
-                  "memorized than the held-out ones: training minus held-out for the gaps, held-out minus training "
-                  "for the probe loss (a memorized pair has a lower loss).", ""]
+        checks = f"{mon['checks']} check{'' if mon['checks'] == 1 else 's'}"
+        sig = mon.get("band_sigmas", {})
+        def sigma(v: Any) -> str:  # None: not finite in the JSON summary (flow matching's σ = 1 is σ/α = ∞)
+            return "∞" if v is None else f"{v:.3g}"
+
+        bands = ", ".join(f"{k} = levels [{v[0]}, {v[1]})" + (f" (σ {sigma(sig[k][0])}–{sigma(sig[k][1])})"
+                                                               if k in sig else "") for k, v in mon["bands"].items())
+        lines += [f"Baseline `{mon['config']['baseline']}`, {checks} every {mon['config']['every_n_steps']} steps; "
+                  f"bands {bands}. Bands are never averaged together."]
+        if "heldout" in mon["splits"]:
+            lines[-1] += (" The contrast is oriented so that positive means the training probes look more "
+                          "memorized than the held-out ones: training minus held-out for the gaps, held-out minus "
+                          "training for the probe loss (a memorized pair has a lower loss).")
+        else:
+            lines[-1] += " There are no held-out probes, so there is no train / held-out contrast."
+        lines += [""]
         if last is not None:
             splits = [*mon["splits"], *(["contrast"] if "heldout" in mon["splits"] else [])]
             lines += [f"Last check (step {last['step']}):", "",

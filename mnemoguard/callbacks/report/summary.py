@@ -86,6 +86,8 @@ def build_summary(state: TrainerState, verdicts: list[dict[str, Any]], monitor: 
         end = monitor.history[-1] if monitor.history and "weights" in monitor.history[-1] else None
         summary["monitor"] = {
             "config": asdict(monitor.config), "bands": {k: list(v) for k, v in monitor.bands.items()},
+            "band_sigmas": {k: [getattr(v, "sigma_lo", None), getattr(v, "sigma_hi", None)]
+                            for k, v in monitor.bands.items()},
             "signals": monitor.signal_names, "splits": monitor.splits, "checks": len(live),
             "caveats": monitor.contrast_caveats(),
             "probes": monitor.probes(), "probe_sets": monitor.probe_sets,
