@@ -7,7 +7,6 @@ Run in-process by the tests (``main(argv)``) and by ``accelerate launch`` for th
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
