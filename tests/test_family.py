@@ -248,7 +248,7 @@ def test_an_unknown_transformer_is_a_clear_error():
     class QwenImageTransformer2DModel(torch.nn.Module):
         config = None
 
-    with pytest.raises(TypeError, match="no built-in adapter for QwenImageTransformer2DModel; wrap it in a ModelAdapter"):
+    with pytest.raises(TypeError, match="no built-in adapter for QwenImageTransformer2DModel; wrap it"):
         model_adapter(QwenImageTransformer2DModel())
 
 

@@ -78,6 +78,10 @@ class BenchTrainConfig:
     eval_every: int = 500  # checkpoint + full evaluation every K optimizer steps (about a minute each)
     learning_rate: float = 1e-3  # testbed-notes used 5e-4 over 4,000 steps; 1e-3 memorizes sooner
     train_batch_size: int = 32
+    family: str = "sd"  # sd: the tiny UNet (DDPM); sd3: a tiny SD3Transformer2DModel (4 joint blocks, 4 heads of 16,
+    # patch 2, 0.63 M parameters) trained with the rectified-flow objective; flux: a tiny FluxTransformer2DModel
+    weighting_scheme: str = "logit_normal"  # flow families: the timestep density (SD3's default), as diffusers' names
+    flow_shift: float = 1.0  # flow families: the scheduler's shift (SD3 ships 3.0 for 1024 px; 16 px needs none)
     text_encoder: str = "minilm"  # minilm (real, 384-d) | clip (tiny random; tests)
     base: str | None = None  # fine-tuning variant: initial UNet ("builtin:digits16" needs
     # testbed.source.exclude_base=true so that planted and held-out images are new to the base); None = from scratch
@@ -115,6 +119,9 @@ class BenchTrainConfig:
                f"train.monitor_heldout: expected images or captions, found {self.monitor_heldout!r}")
         _check(self.text_encoder in ("minilm", "clip"),
                f"train.text_encoder: expected minilm or clip, found {self.text_encoder!r}")
+        _check(self.family in ("sd", "sd3", "flux"), f"train.family: expected sd, sd3 or flux, found {self.family!r}")
+        _check(self.family == "sd" or self.base is None,
+               f"train.base is a UNet's weights; train.family={self.family} has none to start from (set it to null)")
 
 
 @dataclass
@@ -209,6 +216,9 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, f"seed: expected >= 0, found {self.seed}")
+        _check(self.train.family == "sd" or not self.localization.cross_attention,
+               f"localization.cross_attention reads a UNet's cross-attention layers; train.family="
+               f"{self.train.family} attends jointly: set localization.cross_attention=false")
         _check(self.train.base != "builtin:digits16" or self.testbed.source.exclude_base,
                "train.base=builtin:digits16 was trained on the even-indexed digits: set "
                "testbed.source.exclude_base=true so that the testbed's planted and held-out images are new to it")

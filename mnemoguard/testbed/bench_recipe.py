@@ -11,7 +11,7 @@ from .bench_config import BenchConfig
 from .bench_mitigation import apply_mitigation
 from .ground_truth import GroundTruth
 
-__all__ = ["bench_recipe", "monitor_overrides"]
+__all__ = ["bench_recipe", "family_overrides", "monitor_overrides"]
 
 
 def bench_recipe(cfg: BenchConfig, gt: GroundTruth, out: Path):
@@ -39,6 +39,7 @@ def bench_recipe(cfg: BenchConfig, gt: GroundTruth, out: Path):
         *([f"guard.danger_zone.every_n_checks={t.danger_zone_every}"] if t.monitor_every else []),
         *([f"model.tiny.base={t.base}"] if t.base else []),
         *(["model.lora.enabled=true"] if t.lora else []),
+        *family_overrides(t),
         *t.recipe_overrides,
     ])
     apply_mitigation(recipe.guard, t.mitigation, monitor_on=bool(t.monitor_every))
@@ -47,6 +48,20 @@ def bench_recipe(cfg: BenchConfig, gt: GroundTruth, out: Path):
     elif t.monitor_every:  # not expressible as a --set
         recipe.guard.monitor.heldout_captions = gt.captions("unseen", "global")[: t.monitor_probes]
     return recipe
+
+
+def family_overrides(t: Any) -> list[str]:
+    """The tiny model of ``train.family``: the UNet (DDPM), or a transformer trained with the rectified-flow
+    objective at the ``weighting_scheme`` density (SD3: 4 joint blocks of 4 heads x 16, patch 2, 0.63 M parameters
+    at 16 px with MiniLM's 384-d states; Flux: 1 double- and 2 single-stream blocks of 4 heads x 16)."""
+    if t.family == "sd":
+        return []
+    out = [f"model.family={t.family}", f"training.weighting_scheme={t.weighting_scheme}",
+           f"model.tiny.flow_shift={t.flow_shift}", "model.tiny.num_attention_heads=4",
+           "model.tiny.attention_head_dim=16"]
+    if t.family == "sd3":
+        return out + ["model.tiny.num_layers=4", "model.tiny.patch_size=2"]
+    return out + ["model.tiny.num_layers=1", "model.tiny.num_single_layers=2"]
 
 
 def monitor_overrides(t: Any) -> list[str]:

@@ -200,7 +200,7 @@ def markdown(results: dict[str, Any], files: dict[str, str]) -> str:
         n_pos, n_neg = groups.count("planted"), len(groups) - groups.count("planted")
         lines += ["", f"### Detection at step {last['step']}", "",
                   f"Planted captions ({n_pos}) vs unseen and held-out captions ({n_neg}), one generation each. "
-                  "Passes: UNet forward passes per caption at batch 1 (CFG call = 2, VJP ≈ 2); wall time for all "
+                  "Passes: network forward passes per caption at batch 1 (CFG call = 2, VJP ≈ 2); wall time for all "
                   "captions (trajectory shares pro-rated).", "",
                   "AUC (copied): only the planted captions whose own image came out at w = 1 (in any seed) as "
                   "positives.", "",
@@ -217,8 +217,9 @@ def markdown(results: dict[str, Any], files: dict[str, str]) -> str:
             lines.append(f"| {name} | " + " | ".join(_f(c["detection"][name].get("auc")) for c in cps) + " |")
         bands = last["loss_by_band"].get("bands", [])
         if "gap" in last["loss_by_band"]:
-            lines += ["", "Training-loss gap per noise band (held-out − planted pairs, ε-MSE; positive = the planted "
-                      "pairs are fitted better):", "",
+            lines += ["", "Training-loss gap per noise band (held-out − planted pairs, the training MSE: of ε for "
+                      "DDPM models, of the velocity for flow models; positive = the planted pairs are fitted "
+                      "better):", "",
                       "| step | " + " | ".join(f"t∈[{b[0]},{b[1]})" for b in bands) + " |",
                       "|---|" + "---|" * len(bands)]
             for c in cps:

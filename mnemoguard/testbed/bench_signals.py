@@ -1,6 +1,6 @@
 """Prompt-level detection signals and localisation maps of the benchmark, with their costs.
 
-Costs are counted in UNet forward passes at batch 1 ("passes", as in ``docs/signals.md``): a CFG call is 2 passes,
+Costs are counted in network forward passes at batch 1 ("passes", as in ``docs/signals.md``): a CFG call is 2 passes,
 a VJP is counted as 2 passes (a backward costs about two forwards), a signal read along a sampling trajectory is
 charged the trajectory steps it needs. Wall times are measured for the calls a signal adds and pro-rated for the
 trajectory share it reads (the trajectories are recorded once and shared).

@@ -103,7 +103,7 @@ def summary_markdown(runs: list[dict[str, Any]], figure: str | None = None, onse
     # Training-loss gap per band (the bench's own held-out vs planted pairs, each with its own caption).
     if all("gap" in c["loss_by_band"] for r in runs for c in r["checkpoints"]):
         bands = runs[0]["checkpoints"][0]["loss_by_band"]["bands"]
-        lines += ["", "Training-loss gap per noise band, held-out − planted (image, own caption) pairs, ε-MSE "
+        lines += ["", "Training-loss gap per noise band, held-out − planted (image, own caption) pairs, training MSE "
                   "(positive = the planted pairs are fitted better):", "",
                   "| step | " + " | ".join(f"t∈[{b[0]},{b[1]})" for b in bands) + " |", "|---|" + "---|" * len(bands)]
         for i, step in enumerate(steps):
