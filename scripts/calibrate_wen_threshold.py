@@ -22,6 +22,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
+from mnemoguard.denoiser import Denoiser  # noqa: E402
+from mnemoguard.family import noise_schedule  # noqa: E402
 from mnemoguard.testbed import load_ground_truth  # noqa: E402
 from mnemoguard.trainer.base_model import resolve_base  # noqa: E402
 from mnemoguard.trainer.models import load_components  # noqa: E402
@@ -30,15 +32,13 @@ KINDS = ("global", "plain")
 
 
 @torch.no_grad()
-def gaps(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+def gaps(den: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
          batch: int = 256) -> torch.Tensor:
     """``||eps_c - eps_0||_2`` per row of ``x_t``."""
     out = []
     for s in range(0, len(x_t), batch):
         xb, tb, cb = x_t[s:s + batch], t[s:s + batch], cond[s:s + batch]
-        eps_c = unet(xb, tb, encoder_hidden_states=cb).sample.float()
-        eps_u = unet(xb, tb, encoder_hidden_states=uncond.expand(len(xb), -1, -1)).sample.float()
-        out.append((eps_c - eps_u).flatten(1).norm(dim=1))
+        out.append((den.eps(xb, tb, cb).float() - den.eps(xb, tb, uncond).float()).flatten(1).norm(dim=1))
     return torch.cat(out)
 
 
@@ -63,14 +63,14 @@ def main() -> None:
     g = torch.Generator().manual_seed(1234)
     x0 = images.images[rows].repeat_interleave(a.draws, 0)
     t = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (len(x0),), generator=g)
-    x_t = parts.noise_scheduler.add_noise(x0, torch.randn(x0.shape, generator=g), t)
-    cond = parts.encode_prompt([images.captions[i] for i in rows]).repeat_interleave(a.draws, 0)
-    uncond = parts.encode_prompt([""])
+    x_t = noise_schedule(parts.noise_scheduler).add_noise(x0, torch.randn(x0.shape, generator=g), t)
+    cond = parts.encode_prompt([images.captions[i] for i in rows]).embeds.repeat_interleave(a.draws, 0)
+    uncond = parts.encode_prompt([""]).embeds
 
     models = {"base": resolve_base(a.base)}
     models.update({f"step {s}": a.run / "train" / f"checkpoint-{s}" / "unet" for s in a.checkpoints.split(",")})
-    measured = {name: gaps(UNet2DConditionModel.from_pretrained(path).eval(), x_t, t, cond, uncond).numpy()
-                for name, path in models.items()}
+    measured = {name: gaps(Denoiser(UNet2DConditionModel.from_pretrained(path).eval(), parts.noise_scheduler), x_t, t,
+                           cond, uncond).numpy() for name, path in models.items()}
     print(f"gap quantiles 5/25/50/75/95 over {x0[0].numel()} values per sample, {a.draws} timesteps per image:")
     for name, gap in measured.items():
         for k in KINDS:
