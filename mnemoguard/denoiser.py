@@ -211,8 +211,12 @@ class Denoiser:
         return self.schedule.alpha_sigma(t, dtype=dtype, device=device)[1]
 
     def alpha_bar(self, t: Tensor | float, *, dtype: torch.dtype = torch.float32, device: Any = None) -> Tensor:
-        """:math:`\\alpha_t^2` (DDPM's :math:`\\bar\\alpha_t`)."""
-        return self.alpha(t, dtype=dtype, device=device) ** 2
+        """DDPM's :math:`\\bar\\alpha_t` (a ``ValueError`` for other schedules: a flow model's α² is no ᾱ, since
+        α + σ = 1 there, not α² + σ² = 1; pass ``alpha=`` / ``sigma=`` to the signals instead)."""
+        if self.schedule.kind != "ddpm":
+            raise ValueError(f"alpha_bar is a DDPM schedule's ᾱ_t; this is a {self.schedule.kind} schedule: use "
+                             "alpha(t) and sigma(t) (the signals take alpha= and sigma=)")
+        return self.schedule.alpha_bar(t, dtype=dtype, device=device)
 
     # ------------------------------------------------------------------ network calls
     def _timesteps(self, t: Tensor | float, x_t: Tensor) -> Tensor:

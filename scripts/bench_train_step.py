@@ -1,6 +1,8 @@
-"""Per-optimizer-step wall time of the reference trainer: full UNet vs LoRA, measured in one process.
+"""Per-optimizer-step wall time of the reference trainer: full UNet vs LoRA, or the testbed's model families (the
+tiny UNet, SD3 and Flux transformers of ``mnemoguard bench``'s ``train.family``), measured in one process.
 
     OMP_NUM_THREADS=2 python scripts/bench_train_step.py --steps 60 --warmup 10
+    OMP_NUM_THREADS=2 python scripts/bench_train_step.py --steps 60 --warmup 10 --families
 
 Runs the demo recipe (tiny pixel UNet, MiniLM captions, batch 32) for each variant with checkpoints, validation and
 logging off, times each optimizer step with a callback, and prints the medians and their ratio. Time it alone: two
@@ -49,14 +51,36 @@ def run(variant: str, steps: int, extra: list[str]) -> list[float]:
     return timer.times
 
 
+def families(args: argparse.Namespace) -> None:
+    """Full training of each family's testbed model (the bench's family_overrides), the ratio to the UNet's."""
+    from types import SimpleNamespace
+
+    from mnemoguard.testbed.bench_recipe import family_overrides
+
+    medians = {}
+    for family in ("sd", "sd3", "flux"):
+        t = SimpleNamespace(family=family, weighting_scheme="logit_normal" if family == "sd3" else "none",
+                            flow_shift=1.0)
+        times = run("full", args.steps, [*family_overrides(t), *args.overrides])[args.warmup:]
+        medians[family] = statistics.median(times)
+        q = statistics.quantiles(times, n=10)
+        ratio = medians[family] / medians["sd"]
+        print(f"{family:5s} median {1000 * medians[family]:7.1f} ms/step  (p10 {1000 * q[0]:.1f}, "
+              f"p90 {1000 * q[-1]:.1f}; {1 / medians[family]:.1f} steps/s; / sd {ratio:.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--families", action="store_true", help="compare the testbed's model families instead")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, steps {args.steps} (first {args.warmup} "
           "dropped)")
+    if args.families:
+        families(args)
+        return
     medians = {}
     for variant in ("full", "lora"):
         times = run(variant, args.steps, args.overrides)[args.warmup:]

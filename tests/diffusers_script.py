@@ -10,11 +10,9 @@ each rank writes ``<output_dir>/record<rank>.json`` (weights checksum, the guard
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,34 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    p.add_argument("--pretrained_model_name_or_path", required=True)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--guard_config", default=None, help="a guard: section (YAML); none: a disabled guard, which is a "
-                   "pass-through (uniform timesteps drawn as torch.randint draws them, the plain mean loss)")
-    p.add_argument("--lora", action="store_true", help="train_text_to_image_lora.py's flow (else the full UNet)")
-    p.add_argument("--use_ema", action="store_true")
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--train_batch_size", type=int, default=4)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_train_steps", type=int, default=4)
-    p.add_argument("--checkpointing_steps", type=int, default=2)
-    p.add_argument("--checkpoints_total_limit", type=int, default=None)
-    p.add_argument("--resume_from_checkpoint", default=None)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--mixed_precision", default="no")
-    p.add_argument("--max_train_samples", type=int, default=48)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--record", action="store_true")
-    p.add_argument("--guard_after_load_state", action="store_true", help="the mistake the guard must name")
-    p.add_argument("--end_on_main_process_only", action="store_true", help="the mistake the guard must name: "
-                   "guard.end inside `if accelerator.is_main_process:`")
-    args = p.parse_args(argv)
-    args.guard_config = args.guard_config or {"enabled": False}
-    return args
+from tests import script_common as common  # noqa: E402
 
 
 def digits_dataset(n: int):
@@ -77,7 +48,7 @@ def main(argv: list[str] | None = None):  # noqa: C901 - the shape of the diffus
 
     from mnemoguard import Guard
 
-    args = parse_args(argv)
+    args = common.parse_args(argv, "sd")
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
@@ -179,31 +150,15 @@ def main(argv: list[str] | None = None):  # noqa: C901 - the shape of the diffus
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
 
-    def resume():
-        global_step, first_epoch = 0, 0
-        if args.resume_from_checkpoint:
-            if args.resume_from_checkpoint != "latest":
-                path = os.path.basename(args.resume_from_checkpoint)
-            else:
-                dirs = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint")]
-                dirs = sorted(dirs, key=lambda x: int(x.split("-")[1]))
-                path = dirs[-1] if len(dirs) > 0 else None
-            if path is not None:
-                accelerator.load_state(os.path.join(args.output_dir, path))
-                global_step = int(path.split("-")[1])
-                first_epoch = global_step // num_update_steps_per_epoch
-        return global_step, first_epoch
-
     if args.guard_after_load_state:  # the mistake the guard must name: built after accelerator.load_state
-        global_step, first_epoch = resume()
+        global_step, first_epoch, resume_step = common.resume(args, accelerator, num_update_steps_per_epoch)
     guard = Guard(args.guard_config, accelerator=accelerator, model=unet, noise_scheduler=noise_scheduler,  # guard
                   optimizer=optimizer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
                   train_dataset=dataset["train"], ema=ema_unet, max_steps=args.max_train_steps)
     if accelerator.is_main_process:
         accelerator.init_trackers("text2image-fine-tune")
     if not args.guard_after_load_state:
-        global_step, first_epoch = resume()
-    resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+        global_step, first_epoch, resume_step = common.resume(args, accelerator, num_update_steps_per_epoch)
 
     for epoch in range(first_epoch, num_train_epochs):
         unet.train()
@@ -244,13 +199,7 @@ def main(argv: list[str] | None = None):  # noqa: C901 - the shape of the diffus
                 train_loss = 0.0
                 guard.step(global_step)  # guard
                 if global_step % args.checkpointing_steps == 0 or guard.should_save:  # guard
-                    if accelerator.is_main_process:
-                        if args.checkpoints_total_limit is not None:
-                            found = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint")),
-                                           key=lambda x: int(x.split("-")[1]))
-                            for old in found[: max(0, len(found) - args.checkpoints_total_limit + 1)]:
-                                shutil.rmtree(os.path.join(args.output_dir, old))
-                        accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+                    common.save_checkpoint(args, accelerator, global_step)
             if global_step >= args.max_train_steps or guard.should_stop:  # guard
                 break
         if guard.should_stop:  # guard

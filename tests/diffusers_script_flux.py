@@ -98,15 +98,7 @@ def main(argv: list[str] | None = None):  # noqa: C901 - the shape of the diffus
         accelerator.init_trackers("dreambooth-flux-dev-lora")
     global_step, first_epoch, resume_step = common.resume(args, accelerator, num_update_steps_per_epoch)
 
-    def get_sigmas(timesteps, n_dim=4, dtype=torch.float32):
-        sigmas = noise_scheduler_copy.sigmas.to(device=accelerator.device, dtype=dtype)
-        schedule_timesteps = noise_scheduler_copy.timesteps.to(accelerator.device)
-        timesteps = timesteps.to(accelerator.device)
-        step_indices = [(schedule_timesteps == t).nonzero().item() for t in timesteps]
-        sigma = sigmas[step_indices].flatten()
-        while len(sigma.shape) < n_dim:
-            sigma = sigma.unsqueeze(-1)
-        return sigma
+    get_sigmas = common.sigmas_of(noise_scheduler_copy, accelerator.device)
 
     for epoch in range(first_epoch, num_train_epochs):
         transformer.train()

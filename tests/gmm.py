@@ -4,7 +4,9 @@ A mixture ``p(x) = Σ_i π_i N(x; μ_i, Σ_i)`` in ``R^d`` stays a Gaussian mixt
 
 - variance exploding (VE), ``y = x + σ n``:            ``p_σ(y) = Σ_i π_i N(y; μ_i, Σ_i + σ² I)``;
 - variance preserving (VP, DDPM), ``x_t = α x + s n``: ``p_t(y) = Σ_i π_i N(y; α μ_i, α² Σ_i + s² I)``,
-  with ``α = sqrt(ᾱ_t)`` and ``s = sqrt(1 − ᾱ_t)``.
+  with ``α = sqrt(ᾱ_t)`` and ``s = sqrt(1 − ᾱ_t)``;
+- the linear interpolant of flow matching / rectified flow, ``x_t = (1 − σ) x + σ n``: the same form with
+  ``α = 1 − σ``, ``s = σ`` (:meth:`GaussianMixture.flow`).
 
 So every quantity is exact. With component precisions ``P_i = C_i^{-1}`` (``C_i`` the noised covariance),
 component scores ``g_i(y) = −P_i (y − m_i)`` and posterior weights ``w_i(y) = π_i N_i(y) / p(y)``:
@@ -17,6 +19,20 @@ component scores ``g_i(y) = −P_i (y − m_i)`` and posterior weights ``w_i(y) 
 - normalised ∞-Laplacian ``sᵀHs / ‖s‖²``
 - noise prediction ``ε(y) = −s_noise · s(y)`` (``s_noise = σ`` for VE, ``sqrt(1 − ᾱ_t)`` for VP).
 
+For ``x_t = α x_0 + s n`` (any α ≥ 0, s > 0) the posterior of ``x_0`` is exact too. Per component (Gaussian
+conditioning), ``E[x_0 | y, i] = μ_i + α Σ_i C_i^{-1} (y − α μ_i) = μ_i − α Σ_i g_i(y)``, so
+
+- posterior mean     ``x̂_0(y) = E[x_0 | x_t = y] = Σ_i w_i (μ_i − α Σ_i g_i)``, which for α > 0 is Tweedie's
+  ``(y + s² ∇log p_t(y)) / α``; at α = 0 (pure noise) it is the prior mean ``Σ_i π_i μ_i``;
+- velocity           ``v(y) = E[ε − x_0 | x_t = y] = ε̂ − x̂_0 = −s ∇log p_t(y) − x̂_0(y)``, for α > 0
+  ``−s ∇log p_t(y) − (y + s² ∇log p_t(y)) / α`` (the target of a ``flow_prediction`` network; on the linear
+  interpolant the velocity ``d x_t / dσ`` of rectified flow).
+
+These are methods of the *clean* mixture (:meth:`GaussianMixture.posterior_mean_fn`,
+:meth:`GaussianMixture.velocity_fn`, :meth:`GaussianMixture.target_fn`), since they need its components; ``eps_fn``
+and the exact quantities above are methods of the *noised* one. :class:`MixtureNet` wraps the targets as a network
+with a diffusers UNet's call signature (:func:`flow_coefs`, :func:`ddpm_coefs` map its timesteps to ``(α, s)``).
+
 Covariances may be isotropic (a scalar or one per component), diagonal (``(N, d)``) or full (``(N, d, d)``).
 Variance zero is allowed for the clean mixture (point masses): it only needs to be positive after noising.
 
@@ -27,11 +43,12 @@ Queries accept ``y`` of shape ``(B, d)`` or ``(B, *event)`` with ``prod(event) =
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 
 import torch
 
-__all__ = ["GaussianMixture", "point_masses"]
+__all__ = ["GaussianMixture", "MixtureNet", "ddpm_coefs", "flow_coefs", "point_masses"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -103,6 +120,13 @@ class GaussianMixture:
         if not 0.0 < alpha_bar <= 1.0:
             raise ValueError(f"alpha_bar must lie in (0, 1]; found {alpha_bar}")
         return self.vp(math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar))
+
+    def flow(self, sigma: float) -> GaussianMixture:
+        """Law of the linear interpolant ``x_t = (1 − σ) x + σ n``, ``σ ∈ [0, 1]`` (rectified flow, flow matching:
+        SD3, Flux): ``vp(α, σ)`` with ``α = 1 − σ`` — means scale by α, covariances become ``α² Σ + σ² I``."""
+        if not 0.0 <= sigma <= 1.0:
+            raise ValueError(f"the interpolant's sigma must lie in [0, 1]; found {sigma}")
+        return self.vp(1.0 - float(sigma), float(sigma))
 
     # ------------------------------------------------------------------ internals
     def _flatten(self, y: torch.Tensor) -> torch.Tensor:
@@ -221,30 +245,105 @@ class GaussianMixture:
             return lap
         return norm ** (p - 2) * (lap + (p - 2) * self.score_hessian_score(y) / norm**2)
 
-    def eps_fn(self, noise_std: float) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``x ↦ ε(x) = −noise_std · ∇ log p(x)`` in the dtype of ``x``.
-
-        Call it on the *noised* mixture, with the noise scale that produced it (``σ`` for ``ve(σ)``,
-        ``sqrt(1 − ᾱ)`` for ``vp_from_alpha_bar(ᾱ)``). Differentiable in ``x`` (used by the autograd estimators).
-        """
+    def _weights_scores_fn(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """``flat (B, d) ↦ (w (B, N), g (B, N, d))``, posterior weights and component scores in the dtype of the
+        input, written with differentiable torch ops (the closed form of :meth:`_components`)."""
         means = self.means
         weights = self.weights
         prec, logdet = self._precision()
         full = self.full
         dim = self.dim
 
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            # Closed form written with differentiable torch ops so JVP/VJP-based estimators can run on it.
-            flat = x.reshape(x.shape[0], -1)
+        def fn(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if flat.shape[1] != dim:
-                raise ValueError(f"expected points with {dim} coordinates per sample; found shape {tuple(x.shape)}")
+                raise ValueError(f"expected points with {dim} coordinates per sample; found shape {tuple(flat.shape)}")
             dt = flat.dtype
             diff = flat[:, None, :] - means.to(dt)[None]
             g = -torch.einsum("nij,bnj->bni", prec.to(dt), diff) if full else -prec.to(dt)[None] * diff
             maha = -(diff * g).sum(-1)
             log_joint = torch.log(weights.to(dt))[None] - 0.5 * (maha + logdet.to(dt)[None])
-            w = torch.softmax(log_joint, dim=1)
+            return torch.softmax(log_joint, dim=1), g
+
+        return fn
+
+    def eps_fn(self, noise_std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``x ↦ ε(x) = −noise_std · ∇ log p(x)`` in the dtype of ``x``.
+
+        Call it on the *noised* mixture, with the noise scale that produced it (``σ`` for ``ve(σ)``,
+        ``sqrt(1 − ᾱ)`` for ``vp_from_alpha_bar(ᾱ)``, ``σ`` for ``flow(σ)``). Differentiable in ``x`` (used by the
+        autograd estimators).
+        """
+        field = self._weights_scores_fn()
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            # Closed form written with differentiable torch ops so JVP/VJP-based estimators can run on it.
+            w, g = field(x.reshape(x.shape[0], -1))
             return (-noise_std * (w[..., None] * g).sum(1)).reshape(x.shape)
+
+        return fn
+
+    def _posterior_fn(self, alpha: float, noise_std: float) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+        """``x ↦ (ε̂, x̂_0)`` flat (B, d), the exact posterior means of ``n`` and ``x_0`` given ``α x_0 + s n = x``
+        (module docstring), differentiable in ``x``. Called on the *clean* mixture."""
+        alpha, noise_std = float(alpha), float(noise_std)
+        if alpha < 0 or not noise_std > 0:
+            raise ValueError(f"need alpha >= 0 and noise_std > 0; found alpha={alpha}, noise_std={noise_std}")
+        field = self.vp(alpha, noise_std)._weights_scores_fn()
+        means, cov, full = self.means, self.cov, self.full
+
+        def fn(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            dt = flat.dtype
+            w, g = field(flat)
+            score = (w[..., None] * g).sum(1)
+            # E[x_0 | y, i] = μ_i − α Σ_i g_i(y)   (Gaussian conditioning, no division by α)
+            cov_g = torch.einsum("nij,bnj->bni", cov.to(dt), g) if full else cov.to(dt)[None] * g
+            x0 = (w[..., None] * (means.to(dt)[None] - alpha * cov_g)).sum(1)
+            return -noise_std * score, x0
+
+        return fn
+
+    def posterior_mean_fn(self, alpha: float, noise_std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``x ↦ x̂_0(x) = E[x_0 | α x_0 + s n = x] = Σ_i w_i (μ_i − α Σ_i g_i)`` (Tweedie's ``(x + s² ∇log p_t)/α``
+        for α > 0; the prior mean at α = 0), same shape and dtype as ``x``, differentiable.
+
+        Call it on the *clean* mixture with the noising's ``α`` and ``s = noise_std`` (DDPM: ``sqrt(ᾱ)``,
+        ``sqrt(1 − ᾱ)``; the linear interpolant: ``1 − σ``, ``σ``).
+        """
+        post = self._posterior_fn(alpha, noise_std)
+        return lambda x: post(x.reshape(x.shape[0], -1))[1].reshape(x.shape)
+
+    def velocity_fn(self, alpha: float, sigma: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``x ↦ v(x) = E[ε − x_0 | α x_0 + σ ε = x] = ε̂ − x̂_0``, the exact target of a ``flow_prediction`` network;
+        for α > 0 ``v = −σ s − (x + σ² s)/α``, ``s = ∇ log p_t(x)`` the score of ``vp(α, σ)``. Same shape and dtype
+        as ``x``, differentiable.
+
+        Call it on the *clean* mixture. On the linear interpolant (``α = 1 − σ``, :meth:`flow`) this is the
+        velocity field ``d x_t / dσ`` of rectified flow, defined at σ = 1 as well (``v = x − Σ_i π_i μ_i``).
+        """
+        post = self._posterior_fn(alpha, sigma)
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            eps, x0 = post(x.reshape(x.shape[0], -1))
+            return (eps - x0).reshape(x.shape)
+
+        return fn
+
+    def target_fn(
+        self, alpha: float, noise_std: float, prediction_type: str
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``x ↦`` the exact output of a perfectly trained network of ``prediction_type`` at ``x_t = x`` for the
+        noising ``α x_0 + s n``: ``epsilon`` ε̂ = −s·s(x); ``v_prediction`` ``α ε̂ − s x̂_0`` (Salimans & Ho 2022);
+        ``sample`` x̂_0; ``flow_prediction`` ``ε̂ − x̂_0`` (:meth:`velocity_fn`). Called on the *clean* mixture."""
+        if prediction_type not in ("epsilon", "v_prediction", "sample", "flow_prediction"):
+            raise ValueError(f"unknown prediction_type {prediction_type!r}")
+        post = self._posterior_fn(alpha, noise_std)
+        a, s = float(alpha), float(noise_std)
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            eps, x0 = post(x.reshape(x.shape[0], -1))
+            out = {"epsilon": lambda: eps, "v_prediction": lambda: a * eps - s * x0, "sample": lambda: x0,
+                   "flow_prediction": lambda: eps - x0}[prediction_type]()
+            return out.reshape(x.shape)
 
         return fn
 
@@ -268,3 +367,82 @@ def point_masses(points: torch.Tensor, weights: torch.Tensor | None = None) -> G
     """
     points = torch.as_tensor(points, dtype=torch.float64)
     return GaussianMixture(points.reshape(points.shape[0], -1), weights, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------- as a network
+Coefs = Callable[[torch.Tensor], tuple[float, float]]
+
+
+def flow_coefs(num_train_timesteps: int = 1000) -> Coefs:
+    """``t ↦ (α, σ) = (1 − t/T, t/T)``: the linear interpolant at a flow-matching timestep ``t = σ·T`` (diffusers'
+    ``FlowMatchEulerDiscreteScheduler``), computed in float64 from the timestep's own value."""
+    T = float(num_train_timesteps)
+
+    def coefs(t: torch.Tensor) -> tuple[float, float]:
+        sigma = float(torch.as_tensor(t).double()) / T
+        return 1.0 - sigma, sigma
+
+    return coefs
+
+
+def ddpm_coefs(alphas_cumprod: torch.Tensor) -> Coefs:
+    """``t ↦ (sqrt(ᾱ_t), sqrt(1 − ᾱ_t))`` at an integer DDPM timestep (``scheduler.alphas_cumprod``, float64)."""
+    table = torch.as_tensor(alphas_cumprod).double()
+
+    def coefs(t: torch.Tensor) -> tuple[float, float]:
+        tf = float(torch.as_tensor(t).double())
+        if tf != round(tf):
+            raise ValueError(f"ddpm_coefs: expected an integer timestep, found {tf}")
+        ab = float(table[int(round(tf))])
+        return math.sqrt(ab), math.sqrt(1.0 - ab)
+
+    return coefs
+
+
+class MixtureNet(torch.nn.Module):
+    """A network with a diffusers UNet's call signature whose output is the exact target of a clean mixture
+    (:meth:`GaussianMixture.target_fn`): a perfectly trained model of that law, of any family and parameterisation.
+
+    ``forward(x, t, encoder_hidden_states=None, return_dict=True)``: ``x`` ``[B, C, H, W]`` with ``C·H·W = d``,
+    ``t`` a scalar or ``[B]`` timesteps mapped to ``(α, s)`` by ``coefs`` (:func:`flow_coefs`, :func:`ddpm_coefs`);
+    returns ``SimpleNamespace(sample=out)`` or, with ``return_dict=False``, ``(out,)``. With several ``mixtures``
+    the conditioning picks one per row: row b uses ``mixtures[round(encoder_hidden_states[b].flatten()[0])]`` (a
+    "caption" that names its law; none: mixture 0). Computes in float64 (a float64 parameter sets the adapter's
+    dtype); ``config`` carries ``in_channels`` and ``sample_size`` for the sampler.
+    """
+
+    def __init__(self, mixtures: GaussianMixture | Sequence[GaussianMixture], coefs: Coefs, prediction_type: str,
+                 sample_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.mixtures = [mixtures] if isinstance(mixtures, GaussianMixture) else list(mixtures)
+        if math.prod(sample_shape) != self.mixtures[0].dim:
+            raise ValueError(f"sample_shape {sample_shape} does not hold {self.mixtures[0].dim} coordinates")
+        self.coefs, self.prediction_type = coefs, prediction_type
+        self.anchor = torch.nn.Parameter(torch.zeros((), dtype=torch.float64), requires_grad=False)
+        self.config = SimpleNamespace(in_channels=sample_shape[0], sample_size=sample_shape[-1])
+        self._fns: dict[tuple[float, int], Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.calls: list[torch.Tensor] = []  # the timesteps of every call (to check what the network was given)
+
+    def _fn(self, t: torch.Tensor, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        key = (float(t), k)
+        if key not in self._fns:
+            alpha, noise_std = self.coefs(t)
+            self._fns[key] = self.mixtures[k].target_fn(alpha, noise_std, self.prediction_type)
+        return self._fns[key]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                return_dict: bool = True):
+        B = x.shape[0]
+        t = torch.as_tensor(t).detach().cpu().reshape(-1).expand(B)
+        self.calls.append(t.clone())
+        if encoder_hidden_states is None:
+            which = torch.zeros(B, dtype=torch.long)
+        else:
+            which = encoder_hidden_states.reshape(B, -1)[:, 0].detach().round().long().cpu()
+        out = None
+        for tv in torch.unique(t):  # rows of one (timestep, law) share one closed form
+            for k in torch.unique(which).tolist():
+                rows = ((t == tv) & (which == k)).to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+                value = self._fn(tv, k)(x)
+                out = torch.where(rows, value, torch.zeros_like(value) if out is None else out)
+        return SimpleNamespace(sample=out) if return_dict else (out,)

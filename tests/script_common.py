@@ -36,6 +36,12 @@ def parse_args(argv: list[str] | None, family: str) -> argparse.Namespace:
     p.add_argument("--max_train_samples", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--record", action="store_true")
+    if family == "sd":
+        p.add_argument("--lora", action="store_true", help="train_text_to_image_lora.py's flow (else the full UNet)")
+        p.add_argument("--use_ema", action="store_true")
+        p.add_argument("--guard_after_load_state", action="store_true", help="the mistake the guard must name")
+        p.add_argument("--end_on_main_process_only", action="store_true", help="the mistake the guard must name: "
+                       "guard.end inside `if accelerator.is_main_process:`")
     if family in ("sd3", "flux"):  # diffusers' flow-matching script arguments and defaults
         p.add_argument("--weighting_scheme", default="logit_normal" if family == "sd3" else "none",
                        choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"])
@@ -140,6 +146,22 @@ def resume(args: argparse.Namespace, accelerator: Any, num_update_steps_per_epoc
 def epochs(args: argparse.Namespace, loader: Any) -> tuple[int, int]:
     per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     return per_epoch, math.ceil(args.max_train_steps / per_epoch)
+
+
+def sigmas_of(noise_scheduler_copy: Any, device: Any):
+    """diffusers' flow scripts' ``get_sigmas``: each timestep's σ looked up in the scheduler copy's tables."""
+
+    def get_sigmas(timesteps, n_dim=4, dtype=torch.float32):
+        sigmas = noise_scheduler_copy.sigmas.to(device=device, dtype=dtype)
+        schedule_timesteps = noise_scheduler_copy.timesteps.to(device)
+        timesteps = timesteps.to(device)
+        step_indices = [(schedule_timesteps == t).nonzero().item() for t in timesteps]
+        sigma = sigmas[step_indices].flatten()
+        while len(sigma.shape) < n_dim:
+            sigma = sigma.unsqueeze(-1)
+        return sigma
+
+    return get_sigmas
 
 
 def save_checkpoint(args: argparse.Namespace, accelerator: Any, global_step: int) -> None:

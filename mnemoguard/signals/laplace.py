@@ -1,6 +1,8 @@
 """p-Laplace family of ``log p_t`` from a learned score (Brokman et al., SSVM 2025 and NeurReps 2025).
 
-With ``f = log p_t`` and the score ``s = ∇f ≈ −ε_θ(x, t)/σ_t`` (``σ_t = sqrt(1 − ᾱ_t)``):
+With ``f = log p_t`` and the score ``s = ∇f ≈ −ε_θ(x, t)/σ_t`` (``σ_t`` the noise scale of
+``x_t = α_t x0 + σ_t ε``: ``sqrt(1 − ᾱ_t)`` for DDPM, the interpolant's σ for flow matching, whose ε̂ is
+``x_t + α_t v``; :mod:`mnemoguard.parameterisation`):
 
 * p-Laplacian ``Δ_p f = div(‖s‖^{p−2} s) = ‖s‖^{p−2} [tr J_s + (p − 2) sᵀJ_s s / ‖s‖²]``;
 * ``p = 2``: ``Δf = tr J_s``, the Laplacian of log p_t (very negative at a sharp, memorized mode);
@@ -36,8 +38,9 @@ Two estimators:
    ``(d/r)·flux`` at small r by orders of magnitude; the expectation is unchanged.
 
    In Stable Diffusion their code uses ``c = sqrt(ᾱ_t)·z0``, ``radius_factor = sqrt(1 − ᾱ_t)``, so
-   ``y_k = sqrt(ᾱ_t) z0 + sqrt(1 − ᾱ_t)·(sqrt(d) n_k)``: a forward-noised copy of z0 with noise of typical norm,
-   and, with ``p = 1`` and the field ``ε_θ``, the criterion ``k = mean_k cos(ε_θ(y_k), n_k)``
+   ``y_k = sqrt(ᾱ_t) z0 + sqrt(1 − ᾱ_t)·(sqrt(d) n_k)``: a forward-noised copy of z0 with noise of typical norm
+   (for any schedule ``y_k = α_t z0 + σ_t·(sqrt(d) n_k)``), and, with ``p = 1`` and the field ``ε_θ``, the
+   criterion ``k = mean_k cos(ε_θ(y_k), n_k)``
    (:func:`noise_recovery_flux`): how well the model recovers the injected noise direction. Memorized (sharp)
    modes give *higher* k (≈ 1 for a perfect denoiser around a training point). SSVM: field = conditional ε,
    t = 10, K = 128; NeurReps ``k_δ``: field = ``ε_c − ε_u``, K = 16, along the generation trajectory. Since
@@ -312,8 +315,10 @@ def p_laplacian_sphere(
 def noise_recovery_flux(
     eps_fn: EpsFn,
     z0: Tensor,
-    alpha_bar: float | Tensor,
+    alpha_bar: float | Tensor | None = None,
     *,
+    alpha: float | Tensor | None = None,
+    sigma: float | Tensor | None = None,
     p: float = 1.0,
     num_points: int = 128,
     generator: torch.Generator | int | None = None,
@@ -322,18 +327,35 @@ def noise_recovery_flux(
 ) -> Tensor:
     """Brokman et al.'s SD criterion k (SSVM 2025) / ``k_δ`` (NeurReps 2025), per sample (B,).
 
-    ``k = mean_k ‖ε̂(y_k)‖^{p−2} <ε̂(y_k), n_k>`` at ``y_k = sqrt(ᾱ) z0 + sqrt(1 − ᾱ)·sqrt(d)·n_k`` — for p = 1 the
-    mean cosine between the predicted and the injected noise. Higher = sharper mode = memorized. Their settings:
-    SSVM ``eps_fn`` = conditional ε, ᾱ at t = 10, K = 128; NeurReps ``eps_fn`` = ``ε_c − ε_u``, K = 16, at each saved
-    step of a generation (z0 = the decoded and re-encoded latent). ``z0``: clean latents [B, ...] (VAE-scaled).
+    ``k = mean_k ‖ε̂(y_k)‖^{p−2} <ε̂(y_k), n_k>`` at ``y_k = α_t z0 + σ_t·sqrt(d)·n_k`` — for p = 1 the mean cosine
+    between the predicted and the injected noise. Higher = sharper mode = memorized. ``α_t = sqrt(ᾱ)``,
+    ``σ_t = sqrt(1 − ᾱ)`` from ``alpha_bar`` (their SD setting); or, with ``alpha_bar=None``, the keyword-only
+    ``alpha`` (>= 0) and ``sigma`` (> 0) of any schedule ``x_t = α_t x0 + σ_t ε`` (flow matching: ``α = 1 − σ``), a
+    scalar or one per sample each. Their settings: SSVM ``eps_fn`` = conditional ε, ᾱ at t = 10, K = 128; NeurReps
+    ``eps_fn`` = ``ε_c − ε_u``, K = 16, at each saved step of a generation (z0 = the decoded and re-encoded latent).
+    ``z0``: clean latents [B, ...] (VAE-scaled).
     """
     _check_batch(z0)
-    a = torch.as_tensor(alpha_bar, dtype=z0.dtype, device=z0.device).reshape(-1)
-    if (a <= 0).any() or (a >= 1).any():
-        raise ValueError(f"alpha_bar must lie strictly inside (0, 1); found {a.tolist()}")
     d = z0[0].numel()
-    center = a.sqrt().reshape(-1, *([1] * (z0.ndim - 1))) * z0
-    radius = (1 - a).sqrt() * math.sqrt(d)
+    if alpha_bar is not None:
+        if alpha is not None or sigma is not None:
+            raise ValueError("pass either alpha_bar (DDPM) or alpha= and sigma=, not both")
+        a = torch.as_tensor(alpha_bar, dtype=z0.dtype, device=z0.device).reshape(-1)
+        if (a <= 0).any() or (a >= 1).any():
+            raise ValueError(f"alpha_bar must lie strictly inside (0, 1); found {a.tolist()}")
+        scale, noise = a.sqrt(), (1 - a).sqrt()
+    elif alpha is None or sigma is None:
+        raise ValueError("pass alpha_bar (DDPM's ᾱ_t) or both alpha= and sigma= (x_t = α x0 + σ ε, any schedule)")
+    else:
+        scale = torch.as_tensor(alpha, dtype=z0.dtype, device=z0.device).reshape(-1)
+        noise = torch.as_tensor(sigma, dtype=z0.dtype, device=z0.device).reshape(-1)
+        if (scale < 0).any() or (noise <= 0).any():
+            raise ValueError(f"need alpha >= 0 and sigma > 0; found alpha {scale.tolist()}, sigma {noise.tolist()}")
+    for name, v in (("alpha", scale), ("sigma", noise)):
+        if v.numel() not in (1, z0.shape[0]):
+            raise ValueError(f"{name} must be a scalar or one per sample ({z0.shape[0]}); found {v.numel()} values")
+    center = scale.reshape(-1, *([1] * (z0.ndim - 1))) * z0
+    radius = noise * math.sqrt(d)
     return sphere_flux(
         eps_fn,
         center,
