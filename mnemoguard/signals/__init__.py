@@ -9,6 +9,7 @@
 - score_gap: Wen et al.'s text-conditional gap (2024), live-vs-baseline gaps per band, Asthana & Belagiannis'
   norm + anisotropy detector (2026)
 - trajectory: early-denoising overshoot and first-step loss (Kim, Kim & Lee 2025)
+- returns: one-step self-return of a noised training image (Gu et al.'s ratio at Dodson et al.'s noise levels)
 """
 
 from ._streaming import distinct_rows, subsample_indices
@@ -51,6 +52,7 @@ from .posterior import (
     max_posterior_weights,
     posterior_weights,
 )
+from .returns import self_return_ratio, self_return_score
 from .score_gap import (
     ASTHANA_PRESETS,
     AsthanaPreset,
@@ -125,6 +127,8 @@ __all__ = [
     "shell_coverage",
     "shell_coverage_curve",
     "shell_interval",
+    "self_return_ratio",
+    "self_return_score",
     "sigma_to_timestep",
     "sigmas_from_alphas_cumprod",
     "sphere_flux",
