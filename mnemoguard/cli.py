@@ -1,7 +1,9 @@
-"""``mnemoguard`` command line: ``train RECIPE``, ``demo``, ``config``, ``bench``.
+"""``mnemoguard`` command line: ``audit``, ``train RECIPE``, ``demo``, ``config``, ``bench``.
 
 Examples::
 
+    mnemoguard audit --base BASE_MODEL --checkpoints output/ --data train_images/ --out audit/
+    mnemoguard audit --watch output/ --base BASE_MODEL --data train_images/ --on-copy "touch STOP"
     mnemoguard demo                                  # the guard's story, unguarded vs guarded (~4.5 min on 2 cores)
     mnemoguard train recipes/sd15_lora.yaml --set training.max_train_steps=2000
     accelerate launch --config_file recipes/accelerate/zero2.yaml -m mnemoguard.cli train recipes/sd15_full.yaml
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="fine-tune with a YAML recipe")
     p_train.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
     p_train.add_argument("--overwrite", action="store_true", help="replace an earlier run in training.output_dir")
+    from .audit.cli import add_audit_parser
+
+    add_audit_parser(sub)
     p_demo = sub.add_parser("demo", help="the guard's story: memorization, alarm, mitigation, stop")
     p_cfg = sub.add_parser("config", help="print the resolved recipe (defaults + file + overrides) as YAML")
     p_cfg.add_argument("recipe", nargs="?", default=None)
@@ -87,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a recipe value, e.g. --set model.lora.rank=8 (repeatable)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "audit":
+            from .audit.cli import run_audit_command
+
+            return run_audit_command(args)
         if args.command == "train":
             return _train(args.recipe, args.overrides, args.overwrite)
         if args.command == "demo":

@@ -109,7 +109,10 @@ def _step_from_name(name: str) -> int | None:
 def _step(ckpt: Checkpoint) -> None:
     meta_file = ckpt.weights if ckpt.weights.is_file() else None
     if meta_file is not None:
-        meta = _metadata(meta_file)
+        try:
+            meta = _metadata(meta_file)
+        except AuditError:  # unreadable: its step from the name; measuring it reports the error
+            meta = {}
         for key in STEP_KEYS:
             value = meta.get(key)
             if value is not None and str(value).strip().isdigit():
