@@ -114,7 +114,9 @@ class Auditor:
         except AuditError as err:
             self.failed[name] = str(err)
             if self.is_main:
-                print(f"mnemoguard audit: skipped {name}: {err}", file=sys.stderr)
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"mnemoguard audit: skipped {name}: {err}", file=sys.stderr)  # beside the bar
             return None
         self.failed.pop(name, None)
         self.results[name] = result

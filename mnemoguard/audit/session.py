@@ -85,7 +85,7 @@ class AuditSession:
         start = time.perf_counter()
         self.guard.begin()
         self.tracker = self.guard.components.danger_zone
-        self.groups = self._record_groups()
+        self.records, self.groups = self._distinct_images()
         self.image_set = None
         if s.per_image:
             self.image_set = build_image_set(self.guard, self.records, self.groups, self.decision_timesteps(),
@@ -136,18 +136,26 @@ class AuditSession:
                      tokenizer=parts.tokenizer, vae=parts.vae, ema=False, heldout=self.heldout,
                      resolution=self.resolution, log_every=0)
 
-    def _record_groups(self) -> list[int]:
-        """Per record, its duplicate group (the monitor's exact and near-duplicate groups of rows, and a record's own
-        repeated rows), -1 for none."""
-        group_of_row: dict[int, int] = {}
-        for g, rows in enumerate(self.guard.monitor.spec["image_groups"]["groups"]):
-            for r in rows:
-                group_of_row[int(r)] = g
-        out = []
+    def _distinct_images(self) -> tuple[list[ImageRecord], list[int]]:
+        """The records as distinct images, each with its duplicate group (-1: none): records of one exact-duplicate
+        group of the monitor (identical pixels after preprocessing, whatever the file names) are one image whose
+        repeats are theirs together; near duplicates stay apart, in one group."""
+        spec = self.guard.monitor.spec["image_groups"]
+        group_of_row = {int(r): g for g, rows in enumerate(spec["groups"]) for r in rows}
+        merged: dict[int, ImageRecord] = {}
+        records, groups = [], []
         for rec in self.records:
             found = {group_of_row[r] for r in rec.rows if r in group_of_row}
-            out.append(min(found) if found else -1)
-        return out
+            g = min(found) if found else -1
+            if g >= 0 and spec["exact"][g]:
+                if g in merged:
+                    merged[g].repeats += rec.repeats
+                    merged[g].rows.extend(rec.rows)
+                    continue
+                rec = merged[g] = ImageRecord(rec.file, rec.caption, rec.repeats, list(rec.rows))
+            records.append(rec)
+            groups.append(g)
+        return records, groups
 
     def decision_timesteps(self) -> list[float | int]:
         """The tracker's grid timesteps where it decides (σ at or above the data prior's coverage floor); all but
@@ -192,5 +200,3 @@ class AuditSession:
             "seconds": {"danger_zone": dz_seconds, "total": time.perf_counter() - start},
         }, generations
 
-    def image_table(self) -> list[ImageRecord]:
-        return self.records

@@ -150,6 +150,7 @@ def build_tiny(cfg: Any, workdir: str | os.PathLike, family: str = "sd") -> Mode
     from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     workdir = Path(workdir)
+    torch.manual_seed(cfg.seed + 2)  # the tiny CLIP's random weights: the same model in every process
     text_encoder, tokenizer, dim = _text_encoder(cfg, workdir)
     torch.manual_seed(cfg.seed)
     channels = 4 if cfg.latent else cfg.channels
