@@ -36,7 +36,7 @@ class MonitorConfig:
 
     enabled: bool = True  # the memorization monitor (probe set, per-band signals every N steps)
     every_n_steps: int = 100  # optimizer steps between checks (a last check also runs at the end of training)
-    num_duplicate_probes: int = 4  # at-risk rows: duplicated images (exact or near) or captions, most repeated first
+    num_duplicate_probes: int = 4  # at-risk rows: duplicated images (exact or near, most copies first), then captions
     near_duplicate_ratio: float = 1.0 / 3.0  # near-duplicate images: thumbnail distance < ratio x median NN distance
     duplicate_scan_rows: int | None = 20000  # rows scanned for duplicate images (a uniform subsample; None: all)
     num_random_probes: int = 4  # further training rows drawn uniformly (never the content of another probe)

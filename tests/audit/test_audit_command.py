@@ -71,8 +71,9 @@ def test_lycoris_and_truncated_files_are_one_line_and_the_others_still_measured(
 
     folder = tmp_path / "mixed"
     folder.mkdir()
-    save_file({"lora_unet_down_blocks_0_attn.lokr_w1": torch.zeros(2, 2),
-               "lora_unet_down_blocks_0_attn.lokr_w2": torch.zeros(2, 2)}, str(folder / "style-step00000050.safetensors"))
+    lokr = {"lora_unet_down_blocks_0_attn.lokr_w1": torch.zeros(2, 2),
+            "lora_unet_down_blocks_0_attn.lokr_w2": torch.zeros(2, 2)}
+    save_file(lokr, str(folder / "style-step00000050.safetensors"))
     data = audit_case["diffusers"][0].read_bytes()
     (folder / "cut-step00000150.safetensors").write_bytes(data[: len(data) // 2])
     (folder / "good-step00000100.safetensors").write_bytes(data)

@@ -1,9 +1,9 @@
 """The monitor's probe set: a plain, JSON-able spec chosen once from the training rows (and held-out samples).
 
-- *at-risk* probes, most repeated first, one row per group: groups of exact and near-duplicate training images,
-  whatever their captions (kind ``image_duplicate``, :mod:`mnemoguard.image_groups`), and training rows whose caption
-  is repeated verbatim elsewhere (kind ``duplicate``) — the pairs most at risk of being memorized (Somepalli et al.
-  2023, Carlini et al. 2023);
+- *at-risk* probes, one row per group: groups of exact and near-duplicate training images, whatever their captions
+  (kind ``image_duplicate``, :mod:`mnemoguard.image_groups`), largest first, then training rows whose caption is
+  repeated verbatim elsewhere (kind ``duplicate``), most repeated first — the pairs most at risk of being memorized
+  (Somepalli et al. 2023, Carlini et al. 2023);
 - *random* probes: further training rows drawn uniformly, never with the content (canonical image and caption) of a
   probe already chosen;
 - *held-out* probes: unseen captions (``heldout_captions``; evaluated at the inputs of training probe ``h mod P``) or
@@ -95,7 +95,9 @@ def choose_probes(dataset: Any, config: MonitorConfig, bands: dict[str, tuple[in
     groups = image_groups(dataset, c)
     at_risk = [(grp[0], len(grp), "image_duplicate") for grp in groups.groups]
     at_risk += [(row, count, "duplicate") for row, count in duplicated_caption_rows(captions)]
-    at_risk.sort(key=lambda rck: -rck[1])  # stable: an image group before a caption group of the same size
+    # Duplicated images first (most copies first), then repeated captions: a class caption shared by a hundred
+    # different images is a far weaker risk than one image trained thirty times.
+    at_risk.sort(key=lambda rck: (rck[2] != "image_duplicate", -rck[1]))
     rows, kinds, seen = [], [], set()
     for row, _count, kind in at_risk:
         if len(rows) == c.num_duplicate_probes:
