@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,10 @@ class AuditSession:
         self.tracker = self.guard.components.danger_zone
         self.records, self.groups = self._distinct_images()
         self.image_set = None
-        if s.per_image:
+        if s.per_image and len(self.records) < 2:
+            warnings.warn(f"--data {self.data_source}: one distinct training image; the per-image table compares each "
+                          "image with the others and is left out", RuntimeWarning, stacklevel=2)
+        elif s.per_image:
             self.image_set = build_image_set(self.guard, self.records, self.groups, self.decision_timesteps(),
                                              s.seed + 21)
         self.setup_seconds = time.perf_counter() - start
