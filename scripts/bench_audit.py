@@ -42,7 +42,8 @@ def _kinds(run: Path) -> dict[str, str]:
 
 
 def score_run(run: Path, out: Path, extra: list[str]) -> dict:
-    settings = AuditSettings(base=str(run / "train" / "final"), checkpoints=[str(run / "train")],
+    checkpoints = sorted((run / "train").glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
+    settings = AuditSettings(base=str(run / "train" / "final"), checkpoints=[str(c) for c in checkpoints],
                              data=str(run / "testbed" / "train"), heldout=str(run / "testbed" / "held_out"),
                              out=str(out), device="cpu", overrides=extra)
     start = time.perf_counter()
