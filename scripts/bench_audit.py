@@ -85,11 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+")
     p.add_argument("--out", default="outputs/bench_audit.json")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="guard settings (--set of the audit)")
+    p.add_argument("--name", default="audit", help="the audit's folder inside each run (default: audit)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    results = [score_run(Path(r), Path(r) / "audit", args.overrides) for r in args.runs]
+    results = [score_run(Path(r), Path(r) / args.name, args.overrides) for r in args.runs]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1, default=float))
     for r in results:
