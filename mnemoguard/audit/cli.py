@@ -44,10 +44,11 @@ def add_audit_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="training resolution in pixels (default: the recipe's, else the "
                    "model's sample size)")
     p.add_argument("--probes", type=int, help="at-risk, random and held-out probes of the danger-zone measurement, "
-                   "each (default: the guard's, 4)")
+                   "each (default: 8 at-risk, 4 random and 4 held-out; the live guard takes 4 at-risk)")
     p.add_argument("--draws", type=int, help="noise draws per probe and noise level (default: the guard's, 4)")
     p.add_argument("--steps", dest="num_inference_steps", type=int,
-                   help="sampler steps of the measurement and the generations (default: the guard's, 10)")
+                   help="sampler steps of the measurement and the generations (default: 25; the live guard "
+                        "takes 10)")
     p.add_argument("--guidance-scale", type=float, help="guidance of the generations (default: 1, the conditional "
                    "model, where copies show best)")
     p.add_argument("--copy-ratio", type=float, help="Gu et al.'s d1/d2 below which a generation is a copy (1/3)")
@@ -95,10 +96,10 @@ def run_audit_command(args: argparse.Namespace) -> int:
 
 
 def _print(result: Any, settings: AuditSettings) -> None:
-    from .outputs import _summary
+    from .outputs import summary
 
     for r in result.rows:
         print(f"step {r['step']:>7}  {r['verdict']:<8} copy rate {r['copy_rate']:.2f}  excess {r['excess']:.2f}  "
               f"{r['file']}")
-    print(f"\n{_summary(result)}")
+    print(f"\n{summary(result)}")
     print(f"Report: {settings.out}/index.html  (tables: audit.csv, images.csv, report.md)")

@@ -19,7 +19,7 @@ import torch
 
 from .settings import AuditSettings
 
-__all__ = ["IMAGE_SCORE", "image_ranking", "write_outputs"]
+__all__ = ["IMAGE_SCORE", "image_ranking", "summary", "write_outputs"]
 
 IMAGE_SCORE = "self_return"  # the per-image memorization score of images.csv (BENCHMARKS.md: chosen by measurement)
 AUDIT_COLUMNS = ("step", "file", "verdict", "excess", "copy_rate", "heldout_copy_rate", "band_sigma_lo",
@@ -87,7 +87,7 @@ def _image_rows(result: Any) -> tuple[list[str], list[dict[str, str]]]:
     return header, out
 
 
-def _summary(result: Any) -> str:
+def summary(result: Any) -> str:
     rec = result.recommended
     first_copy = next((r for r in result.rows if r["verdict"] == "copying"), None)
     first_rise = next((r for r in result.rows if r["verdict"] != "ok"), None)
@@ -104,7 +104,7 @@ def _summary(result: Any) -> str:
 
 
 def _report_md(result: Any, settings: AuditSettings) -> str:
-    lines = ["# mnemoguard audit", "", f"**{_summary(result)}**", "",
+    lines = ["# mnemoguard audit", "", f"**{summary(result)}**", "",
              f"Base `{settings.base}`, data `{settings.data or '(from the recipe / metadata)'}`, "
              f"held-out `{settings.heldout or '(random training rows stand in)'}`.", "",
              "| step | verdict | excess | copy rate | band σ | file |", "|---:|---|---:|---:|---|---|"]
@@ -183,7 +183,7 @@ def _index_html(result: Any, settings: AuditSettings) -> str:
              ".v{color:#fff;padding:1px 6px;border-radius:3px}.big{font-size:20px;padding:12px;border-radius:6px;"
              "background:#f4f4f4}.g td{text-align:center;vertical-align:top;font-size:11px}img{image-rendering:"
              "pixelated}</style></head><body><h1>mnemoguard audit</h1>",
-             f"<p class='big'>{html.escape(_summary(result))}</p>"]
+             f"<p class='big'>{html.escape(summary(result))}</p>"]
     if rec is not None:
         parts.append(f"<p>Keep <b>step {rec['step']}</b>: <code>{html.escape(rec['file'])}</code></p>")
     if result.rows:

@@ -9,6 +9,8 @@ from ..errors import DataError
 __all__ = ["AuditSettings", "DTYPES"]
 
 DTYPES = ("float32", "bfloat16", "float16")
+AUDIT_STEPS = 25  # sampler steps of the measurement (the live guard: 10)
+AUDIT_AT_RISK_PROBES = 8  # at-risk probes (the live guard: 4)
 
 
 @dataclass
@@ -27,9 +29,9 @@ class AuditSettings:
     batch_size: int = 16  # rows per network call
     seed: int = 1234  # probes, noise draws (the same draws at every checkpoint)
     resolution: int | None = None  # training resolution in pixels; None: the recipe's, else the model's
-    probes: int | None = None  # at-risk, random and held-out probes of the danger-zone measurement (each)
+    probes: int | None = None  # at-risk, random and held-out probes (each); None: 8 at-risk, the guard's 4 others
     draws: int | None = None  # noise draws per probe and level
-    num_inference_steps: int | None = None  # sampler steps of the measurement and the generations
+    num_inference_steps: int | None = None  # sampler steps of the measurement and the generations; None: 25
     guidance_scale: float | None = None  # guidance of the generations (1: the conditional model)
     copy_ratio: float | None = None  # Gu et al.'s d1/d2 below which a generation is a copy
     per_image: bool = True  # the per-image table (one generation and a few denoiser calls per training image)
@@ -53,10 +55,13 @@ class AuditSettings:
         no EMA (the base model without the checkpoint is the unconditional baseline's model), nothing written."""
         monitor: dict = {"baseline": "uncond", "curvature_every_k_checks": 0, "seed": self.seed,
                          "batch_size": self.batch_size, "nearest_pool_size": min(num_rows, 4096)}
+        # Offline, the audit affords more than the live guard's defaults (10 steps, 4 at-risk probes): with them the
+        # copy rate lagged the ground truth by 2-3 checkpoints on the 100-planted testbed (BENCHMARKS.md, "Audit").
+        monitor["num_duplicate_probes"] = AUDIT_AT_RISK_PROBES
         if self.probes is not None:
             monitor.update(num_duplicate_probes=self.probes, num_random_probes=self.probes,
                            num_heldout_probes=self.probes)
-        dz: dict = {"enabled": True, "every_n_checks": 1}
+        dz: dict = {"enabled": True, "every_n_checks": 1, "num_inference_steps": AUDIT_STEPS}
         for key, value in (("draws", self.draws), ("num_inference_steps", self.num_inference_steps),
                            ("guidance_scale", self.guidance_scale), ("copy_ratio", self.copy_ratio)):
             if value is not None:
