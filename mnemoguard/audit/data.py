@@ -70,22 +70,26 @@ def _kohya(path: Path, folders: list[Path]) -> tuple[Any, list[ImageRecord]]:
     return datasets.Dataset.from_dict({"image": images, "text": texts}, features=features), records
 
 
-def load_audit_data(source: str | Path, image_column: str = "image",
-                    caption_column: str = "text") -> tuple[Any, list[ImageRecord]]:
-    """``(rows, records)`` of ``source`` (module docstring); a :class:`~mnemoguard.errors.DataError` naming the
-    folder when it is none of the layouts."""
+def load_audit_data(source: str | Path, image_column: str = "image", caption_column: str = "text",
+                    max_rows: int | None = None) -> tuple[Any, list[ImageRecord]]:
+    """``(rows, records)`` of ``source`` (module docstring), its first ``max_rows`` rows when given (a recipe's
+    ``data.max_samples``); a :class:`~mnemoguard.errors.DataError` naming the folder when it is none of the
+    layouts."""
     from ..data import load_dataset_source
+
+    def first(rows: Any) -> Any:
+        return rows if max_rows is None or len(rows) <= max_rows else rows.select(range(max_rows))
 
     path = Path(source)
     if str(source).startswith("builtin:"):  # a recipe's built-in data set
-        return _rows_and_records(load_dataset_source(str(source)), str(source), image_column, caption_column)
+        return _rows_and_records(first(load_dataset_source(str(source))), str(source), image_column, caption_column)
     if not path.is_dir():
         raise DataError(f"--data: expected a folder (an imagefolder with metadata.jsonl, a save_to_disk folder or "
                         f"kohya's <repeats>_<name>/ folders), found {str(source)!r}")
     kohya = sorted(p for p in path.iterdir() if p.is_dir() and _KOHYA_FOLDER.match(p.name))
     if kohya and not (path / "metadata.jsonl").is_file():
         return _kohya(path, kohya)
-    return _rows_and_records(load_dataset_source(str(path)), str(path), image_column, caption_column)
+    return _rows_and_records(first(load_dataset_source(str(path))), str(path), image_column, caption_column)
 
 
 def _rows_and_records(rows: Any, where: str, image_column: str, caption_column: str) -> tuple[Any, list[ImageRecord]]:

@@ -71,7 +71,8 @@ class AuditSession:
         self.data_source = str(data)
         columns = (recipe_data.get("image_column", s.image_column), recipe_data.get("caption_column",
                                                                                    s.caption_column))
-        self.rows, self.records = load_audit_data(data, *columns)
+        max_rows = recipe_data.get("max_samples") if not s.data else None
+        self.rows, self.records = load_audit_data(data, *columns, max_rows=max_rows)
         self.heldout = None
         if s.heldout:
             from ..data import load_dataset_source
@@ -112,7 +113,7 @@ class AuditSession:
             parts = load_or_build(cfg.model, out / ".base")
             d = cfg.data
             return parts, {"source": d.source, "image_column": d.image_column, "caption_column": d.caption_column,
-                           "resolution": d.resolution}
+                           "resolution": d.resolution, "max_samples": d.max_samples}
         if not base.is_dir():
             raise DataError(f"--base: expected a diffusers pipeline folder or a recipe .yaml, found {str(base)!r}")
         try:

@@ -79,3 +79,10 @@ def test_an_audit_killed_midway_keeps_what_it_measured(audit_case, tmp_path):
     assert main(audit_args(audit_case, out, audit_case["kohya"])) == 0
     cached = [r["cached"] for r in _rows(out / "audit.csv")]
     assert cached.count("true") >= measured and len(cached) == 3
+
+
+def test_a_recipes_max_samples_bounds_the_rows(audit_case):
+    from mnemoguard.audit import load_audit_data
+
+    rows, records = load_audit_data(audit_case["data"], max_rows=5)
+    assert len(rows) == 5 and sum(r.repeats for r in records) == 5
