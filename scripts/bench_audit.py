@@ -6,7 +6,8 @@ images, then reports
 
 * the recommended checkpoint vs the oracle (the first checkpoint whose ground truth has >= 5 % copies among the
   planted captions' generations at guidance 1) and the ground truth at the recommended one;
-* per-image detection, planted (duplicated) images vs plain ones, at the first checkpoint whose ground truth reaches
+* per-image detection, planted (duplicated) images vs plain ones (TPR at 1 % FPR: the largest TPR any threshold
+  reaches with FPR <= 1 %), at the first checkpoint whose ground truth reaches
   10 % copies: AUC and TPR at 1 % FPR of each per-image signal (and of the data-only repeats count, for reference);
 * the audit's cost per checkpoint (danger-zone measurement and per-image table, seconds).
 
@@ -66,7 +67,7 @@ def score_run(run: Path, out: Path, extra: list[str]) -> dict:
                    "repeats (data only)": np.array([r.repeats for r in result.records], dtype=float)}
         for name, s in signals.items():
             s, y = s[keep], labels[keep]
-            detection[name] = {"auc": roc_auc(s, y), "tpr@1%fpr": tpr_at_fpr(s, y, 0.01)}
+            detection[name] = {"auc": roc_auc(s, y), "tpr@1%fpr": tpr_at_fpr(s, y, 0.01, convention="last_below")}
     return {
         "run": str(run), "oracle": oracle, "recommended": rec["step"] if rec else None,
         "gt_at_recommended": gt.get(rec["step"]) if rec else None, "gt": gt,

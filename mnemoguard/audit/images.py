@@ -9,7 +9,9 @@ noise so that checkpoints are compared on the same draws:
 * ``generation``: one generation from the image's caption (the tracker's sampler, steps and guidance) and its
   nearest training image: ``generation_ratio`` = distance to the image itself / to its nearest other training image
   (Gu et al.'s ratio, below ``copy_ratio`` a copy), ``nearest`` the nearest image overall; in pixels;
-* ``wen``: Wen et al.'s first-step text-conditional noise gap from pure noise (:func:`mnemoguard.signals.wen_norm`).
+* ``wen``: Wen et al.'s first-step text-conditional gap from pure noise (:func:`mnemoguard.signals.wen_norm`) of
+  the network's output (ε for an ε-model as in the paper; the velocity for a flow model, whose ε at σ = 1 is the
+  input itself and carries no gap).
 
 The images are split across the processes of an ``accelerate launch`` and gathered: every process returns the
 whole table.
@@ -109,8 +111,9 @@ def _rows_scores(guard: Any, s: ImageSet, rows: Tensor, config: Any, batch_size:
                                           config.num_inference_steps, latents=s.gen_noise[r], decode=context.decode)))
         x_T = s.gen_noise[r].to(s.x0.device)
         tt = torch.full((r.numel(),), t_first, dtype=schedule.timestep_dtype, device=s.x0.device)
-        wen.append(wen_norm(den.eps(x_T, tt, s.cond[r]).float(),
-                            den.eps(x_T, tt, s.uncond[[0] * r.numel()]).float()).cpu())
+        # the network's own output (ε of an ε-model, a flow model's velocity: at σ = 1 its ε is x_T itself)
+        wen.append(wen_norm(den.raw(x_T, tt, s.cond[r]).float(),
+                            den.raw(x_T, tt, s.uncond[[0] * r.numel()]).float()).cpu())
     images = torch.cat(images)
     ref = s.pixels.reshape(s.pixels.shape[0], -1).double()
     d = torch.cdist(images.reshape(images.shape[0], -1).double(), ref)

@@ -26,7 +26,7 @@ from .settings import AuditSettings
 
 __all__ = ["AuditSession", "data_from_metadata"]
 
-SESSION_VERSION = 1
+SESSION_VERSION = 2  # of what a cached result holds and how it was measured
 
 
 def data_from_metadata(checkpoints: list[Checkpoint]) -> str | None:
@@ -174,8 +174,9 @@ class AuditSession:
     def key(self, checkpoint: Checkpoint) -> str:
         """The cache key of ``checkpoint``'s measurement: its weights' hash, the settings, the base and the data."""
         s = self.settings
-        settings = {"version": SESSION_VERSION, "guard": merge_dicts(s.guard_config(len(self.rows)),
-                                                                     parse_overrides(s.overrides)),
+        from dataclasses import asdict
+
+        settings = {"version": SESSION_VERSION, "guard": asdict(self.guard.config),  # resolved: defaults included
                     "dtype": s.dtype, "per_image": s.per_image, "resolution": self.resolution,
                     "heldout": s.heldout, "family": self.family}
         data = [(r.file, r.caption, r.repeats) for r in self.records]

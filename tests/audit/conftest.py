@@ -32,7 +32,7 @@ def write_digits(folder: Path, indices: list[int], copies: dict[int, int] | None
     return folder
 
 
-def save_random_lora(recipe: Path, out: Path, scale: float, seed: int) -> Path:
+def save_random_lora(recipe: Path, out: Path, scale: float, seed: int, family: str = "sd") -> Path:
     """A LoRA of the recipe's tiny UNet with random weights (``scale``), saved as the reference trainer saves it."""
     from mnemoguard.config import load_config
     from mnemoguard.trainer.models import load_or_build
@@ -46,7 +46,7 @@ def save_random_lora(recipe: Path, out: Path, scale: float, seed: int) -> Path:
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     out.mkdir(parents=True, exist_ok=True)
-    save_model(parts.model, out, lora=True, family="sd")
+    save_model(parts.model, out, lora=True, family=family)
     return out / "pytorch_lora_weights.safetensors"
 
 
