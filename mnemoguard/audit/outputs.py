@@ -214,12 +214,11 @@ def _gallery(result: Any) -> str:
     steps = [r["step"] for r in result.rows if r["step"] in result.generations]
     if not steps:
         return ""
-    session_pixels = getattr(result, "pixels", None)
     out = ["<h2>Most reproduced training images, and what each checkpoint generates from their captions</h2>",
            "<table class='g'><tr><th>training image</th>" + "".join(f"<th>step {s}</th>" for s in steps) + "</tr>"]
     for i in image_ranking(result)[:GALLERY]:
         rec = result.records[i]
-        own = session_pixels[i] if session_pixels is not None else None
+        own = result.pixels[i] if result.pixels is not None else None
         cell = f"<img src='{_thumb_png(own)}'><br>" if own is not None else ""
         out.append(f"<tr><td>{cell}{html.escape(rec.caption[:60])}<br>×{rec.repeats}</td>")
         for s in steps:

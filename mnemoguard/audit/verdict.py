@@ -33,14 +33,10 @@ def verdict_of(copy_rate: float, active: bool, threshold: float | None = None) -
     return "rising" if active else "ok"
 
 
-def _reset(tracker: Any) -> None:
-    tracker.active, tracker._below, tracker.zone, tracker.strength = False, 0, None, 0.0
-
-
 def replay(tracker: Any, results: list[dict[str, Any]], num_train_timesteps: int) -> list[dict[str, Any]]:
     """Per result (sorted by step): the tracker's decision on its profile, in order from a fresh band, and the
     verdict. The tracker's band state is left as after the last one."""
-    _reset(tracker)
+    tracker.reset_band()
     out = []
     for r in sorted(results, key=lambda r: r["step"]):
         entry = tracker.decide(r["step"], ReturnProfile(**r["profile"]), num_train_timesteps)

@@ -275,6 +275,10 @@ class DangerZoneTracker(Callback):
         covered = [s for s, cov in zip(prior["sigmas"], prior["coverage"]) if cov >= self.config.coverage_threshold]
         return float(covered[0]) if covered else 0.0
 
+    def reset_band(self) -> None:
+        """The band off, as before the first measurement (to replay recorded measurements through :meth:`decide`)."""
+        self.active, self._below, self.zone, self.strength = False, 0, None, 0.0
+
     def decide(self, step: int, profile: ReturnProfile, num_train_timesteps: int,
                curvature: list[float] | None = None) -> dict[str, Any]:
         """Update the band from one measurement's ``profile`` (also used to replay recorded measurements): hysteresis
