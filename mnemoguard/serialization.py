@@ -20,7 +20,7 @@ import torch
 
 from .errors import StateFormatError
 
-__all__ = ["StateFormatError", "check_keys", "load_state_files", "save_state_files", "to_jsonable"]
+__all__ = ["StateFormatError", "check_keys", "load_state_files", "save_state_files", "to_jsonable", "write_atomic"]
 
 _TENSOR = "__tensor__"
 
@@ -99,6 +99,18 @@ def _join(obj: Any, tensors: Mapping[str, torch.Tensor], where: str) -> Any:
     return obj
 
 
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file (named after this process) renamed into place: a reader,
+    another process writing the same file, or a kill never leaves a half-written ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def save_state_files(state: Mapping[str, Any], directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
     """Write ``state`` as ``<name>.json`` (the document) + ``<name>.safetensors`` (its tensors) in ``directory``;
     each written to a temporary file and renamed into place. Returns both paths."""
@@ -109,9 +121,7 @@ def save_state_files(state: Mapping[str, Any], directory: str | os.PathLike, nam
     tensors: dict[str, torch.Tensor] = {}
     document = _split(dict(state), "", tensors)
     doc_path, tensor_path = directory / f"{name}.json", directory / f"{name}.safetensors"
-    tmp = doc_path.with_name(doc_path.name + ".tmp")
-    tmp.write_text(json.dumps(document))
-    os.replace(tmp, doc_path)
+    write_atomic(doc_path, json.dumps(document))
     tmp = tensor_path.with_name(tensor_path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, tensor_path)

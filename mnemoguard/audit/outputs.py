@@ -11,12 +11,13 @@ import csv
 import html
 import io
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..config.danger_zone import default_stop
+from ..serialization import write_atomic
 from .settings import AuditSettings
 
 __all__ = ["IMAGE_SCORE", "image_ranking", "summary", "write_outputs"]
@@ -31,12 +32,6 @@ def _f(x: Any, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return ""
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _audit_rows(result: Any) -> list[dict[str, str]]:
@@ -66,7 +61,7 @@ def _csv(path: Path, header: list[str], rows: list[dict[str, str]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_text(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def _image_rows(result: Any) -> tuple[list[str], list[dict[str, str]]]:
@@ -160,7 +155,8 @@ def _curves_figure(result: Any) -> Any:
     ax = fig.subplots()
     ax.plot(steps, [r["copy_rate"] for r in result.rows], marker="o", label="copy rate (at-risk generations)")
     ax.plot(steps, [r["excess"] for r in result.rows], marker="s", label="danger-zone excess")
-    ax.axhline(0.05, color="tab:red", linestyle=":", label="stop threshold (5 %)")
+    limit = default_stop()["divergence_threshold"]
+    ax.axhline(limit, color="tab:red", linestyle=":", label=f"stop threshold ({100 * limit:g} %)")
     for r in result.rows:
         if r["verdict"] != "ok":
             ax.axvline(r["step"], color="tab:red" if r["verdict"] == "copying" else "tab:orange", alpha=0.15, lw=6)
@@ -252,8 +248,8 @@ def write_outputs(result: Any, settings: AuditSettings) -> dict[str, Path]:
     _csv(paths["audit.csv"], list(AUDIT_COLUMNS), _audit_rows(result))
     header, rows = _image_rows(result)
     _csv(paths["images.csv"], header, rows)
-    _atomic_text(paths["report.md"], _report_md(result, settings))
-    _atomic_text(paths["index.html"], _index_html(result, settings))
+    write_atomic(paths["report.md"], _report_md(result, settings))
+    write_atomic(paths["index.html"], _index_html(result, settings))
     if settings.tensorboard:
         _tensorboard(result, out)
     return paths

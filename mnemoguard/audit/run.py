@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..serialization import write_atomic
 from .checkpoints import AuditError, Checkpoint, find_checkpoints
 from .settings import AuditSettings
 from .verdict import recommended, replay
@@ -44,12 +44,6 @@ class AuditResult:
     prior: dict[str, Any] | None = None
     setup_seconds: float = 0.0
     pixels: torch.Tensor | None = None  # [R, C, h, w] the training images' thumbnails (the gallery)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class Auditor:
@@ -94,8 +88,8 @@ class Auditor:
             from safetensors.torch import save
 
             u8 = (gens.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
-            _write_atomic(self.cache / f"{key}.safetensors", save({"generations": u8}))
-        _write_atomic(self.cache / f"{key}.json", json.dumps(result).encode())
+            write_atomic(self.cache / f"{key}.safetensors", save({"generations": u8}))
+        write_atomic(self.cache / f"{key}.json", json.dumps(result).encode())
 
     def measure(self, checkpoint: Checkpoint) -> dict[str, Any] | None:
         """The checkpoint's result (from the cache when measured before); None, with its reason recorded in

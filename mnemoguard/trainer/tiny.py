@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..serialization import write_atomic
 from .models import ModelParts
 from .text_encoders import TextEncoders
 
@@ -48,13 +49,6 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in codes]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place: processes building the same tiny
-    model in one folder (several ranks) never read a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def build_tiny_clip_tokenizer(directory: str | os.PathLike, max_length: int = 16):
     """A real byte-level BPE ``CLIPTokenizer`` with a minimal vocabulary, written to ``directory``."""
@@ -67,8 +61,8 @@ def build_tiny_clip_tokenizer(directory: str | os.PathLike, max_length: int = 16
     tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    _write_atomic(directory / "vocab.json", json.dumps(vocab))
-    _write_atomic(directory / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    write_atomic(directory / "vocab.json", json.dumps(vocab))
+    write_atomic(directory / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     return CLIPTokenizer(
         vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"), model_max_length=max_length
     )

@@ -75,7 +75,7 @@ def test_an_audit_killed_midway_keeps_what_it_measured(audit_case, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     measured = len(list((out / "cache").glob("*.json")))
-    assert measured >= 1  # a torn write would be a *.tmp<pid> file, never read
+    assert measured >= 1  # a torn write is a .<name>.<pid>.tmp file, never read
     assert main(audit_args(audit_case, out, audit_case["kohya"])) == 0
     cached = [r["cached"] for r in _rows(out / "audit.csv")]
     assert cached.count("true") >= measured and len(cached) == 3
