@@ -188,10 +188,11 @@ def read_lora(file: Path, family: str) -> tuple[dict[str, Any], dict[str, float]
     """``(state dict with the denoiser's prefix, network alphas or None, the file's format)``, converted by
     diffusers' loader of ``family``; an :class:`AuditError` for what cannot be read."""
     import diffusers.loaders as loaders
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     _metadata(file)  # a one-line error for a truncated or foreign file
-    keys = list(load_file(str(file)).keys())
+    with safe_open(str(file), "pt") as f:
+        keys = list(f.keys())  # the names only: the tensors are read once, by diffusers' loader
     fmt = lora_format(keys)
     if fmt == "lycoris":
         raise AuditError(f"{file}: a LyCORIS / LoKr file (keys like {keys[0]!r}); diffusers has no loader for it. "
@@ -242,7 +243,7 @@ def applied(checkpoint: Checkpoint, model: nn.Module, family: str, adapter: str 
         class_name = json.loads(config_file.read_text()).get("_class_name", type(model).__name__)
         cls = getattr(diffusers, class_name, type(model))
         loaded = cls.from_pretrained(str(checkpoint.weights))
-        base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        base = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}  # not a 2nd copy on GPU
         try:
             missing = model.load_state_dict(loaded.state_dict(), strict=False)
         except RuntimeError as err:

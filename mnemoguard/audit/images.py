@@ -112,8 +112,8 @@ def _rows_scores(guard: Any, s: ImageSet, rows: Tensor, config: Any, batch_size:
         x_T = s.gen_noise[r].to(s.x0.device)
         tt = torch.full((r.numel(),), t_first, dtype=schedule.timestep_dtype, device=s.x0.device)
         # the network's own output (ε of an ε-model, a flow model's velocity: at σ = 1 its ε is x_T itself)
-        wen.append(wen_norm(den.raw(x_T, tt, s.cond[r]).float(),
-                            den.raw(x_T, tt, s.uncond[[0] * r.numel()]).float()).cpu())
+        out_c, out_u = den.raw_cond_uncond(x_T, tt, s.cond[r], s.uncond)
+        wen.append(wen_norm(out_c.float(), out_u.float()).cpu())
     images = torch.cat(images)
     ref = s.pixels.reshape(s.pixels.shape[0], -1).double()
     d = torch.cdist(images.reshape(images.shape[0], -1).double(), ref)

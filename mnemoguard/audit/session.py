@@ -19,6 +19,7 @@ import torch
 
 from ..config.schema import merge_dicts, parse_overrides
 from ..errors import DataError
+from ..isolation import eval_mode, preserved_rng_state
 from .checkpoints import Checkpoint, applied
 from .data import ImageRecord, load_audit_data
 from .images import build_image_set, image_scores
@@ -59,9 +60,13 @@ class AuditSession:
 
         self.settings = s = settings
         device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.accelerator = Accelerator(cpu=device == "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise DataError(f"--device {device}: no CUDA device here; use --device cpu")
+        if device.startswith("cuda:"):  # one process: the accelerator takes the current device
+            torch.cuda.set_device(int(device.split(":", 1)[1]))
+        elif device not in ("cpu", "cuda"):
+            raise DataError(f"--device: expected cpu, cuda or cuda:N, found {device!r}")
+        self.accelerator = Accelerator(cpu=device == "cpu")
         self.parts, recipe_data = self._open_base(Path(s.out))
         data = s.data or recipe_data.get("source") or data_from_metadata(checkpoints)
         if data is None:
@@ -133,7 +138,8 @@ class AuditSession:
         from ..guard import Guard
 
         s, parts, acc = self.settings, self.parts, self.accelerator
-        config = merge_dicts(s.guard_config(len(self.rows)), parse_overrides(s.overrides))
+        values = parts.image_channels * self.resolution * self.resolution
+        config = merge_dicts(s.guard_config(len(self.rows), values), parse_overrides(s.overrides))
         guidance = {"guidance_scale": parts.extra["guidance_scale"]} if "guidance_scale" in parts.extra else {}
         return Guard(config, accelerator=acc, model=model_adapter(parts.model, **guidance),
                      noise_scheduler=parts.noise_scheduler, train_dataset=self.rows,
@@ -197,7 +203,8 @@ class AuditSession:
             dz_seconds = time.perf_counter() - t0
             images = None
             if self.image_set is not None:
-                images = image_scores(self.guard, self.image_set, self.tracker.config, self.settings.batch_size)
+                with preserved_rng_state(), eval_mode(self.guard.context.unwrapped_model):
+                    images = image_scores(self.guard, self.image_set, self.tracker.config, self.settings.batch_size)
         generations = images.pop("generations") if images is not None else None
         return {
             "step": int(checkpoint.step), "step_source": checkpoint.step_source, "file": str(checkpoint.path),

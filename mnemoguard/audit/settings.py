@@ -11,6 +11,8 @@ __all__ = ["AuditSettings", "DTYPES"]
 DTYPES = ("float32", "bfloat16", "float16")
 AUDIT_STEPS = 25  # sampler steps of the measurement (the live guard: 10)
 AUDIT_AT_RISK_PROBES = 8  # at-risk probes (the live guard: 4)
+POOL_IMAGES = 4096  # training images in the return test's reference pool (the live guard: 64 besides the probes)
+POOL_BYTES = 2 << 30  # ... and at most this much of them, as float32 pixels
 
 
 @dataclass
@@ -50,11 +52,14 @@ class AuditSettings:
         if not self.checkpoints:
             raise DataError("--checkpoints: expected at least one LoRA file or checkpoint folder, found none")
 
-    def guard_config(self, num_rows: int) -> dict:
+    def guard_config(self, num_rows: int, values_per_image: int) -> dict:
         """The guard section the audit measures with: the danger-zone tracker at every check, the monitor's probes,
-        no EMA (the base model without the checkpoint is the unconditional baseline's model), nothing written."""
+        no EMA (the base model without the checkpoint is the unconditional baseline's model), nothing written. The
+        return test's reference pool holds every training image up to :data:`POOL_IMAGES`, and at most
+        :data:`POOL_BYTES` of float32 pixels (``values_per_image`` each: 170 RGB images at 1024², 682 at 512²)."""
+        pool = min(num_rows, POOL_IMAGES, max(64, POOL_BYTES // (4 * values_per_image)))
         monitor: dict = {"baseline": "uncond", "curvature_every_k_checks": 0, "seed": self.seed,
-                         "batch_size": self.batch_size, "nearest_pool_size": min(num_rows, 4096)}
+                         "batch_size": self.batch_size, "nearest_pool_size": pool}
         # Offline, the audit affords more than the live guard's defaults (10 steps, 4 at-risk probes): with them the
         # copy rate lagged the ground truth by 2-3 checkpoints on the 100-planted testbed (BENCHMARKS.md, "Audit").
         monitor["num_duplicate_probes"] = AUDIT_AT_RISK_PROBES
