@@ -16,7 +16,7 @@ from .schema import ConfigError
 __all__ = ["DANGER_ZONE_TAGS", "DangerZoneConfig", "default_stop"]
 
 #: the scalars the tracker writes (``mem/danger_zone/<name>``); the band edges only while a band is on
-DANGER_ZONE_TAGS = ("excess", "copy_rate", "heldout_copy_rate", "active", "strength", "t_begin", "t_end",
+DANGER_ZONE_TAGS = ("excess", "copy_rate", "heldout_copy_rate", "active", "strength", "rows", "t_begin", "t_end",
                     "sigma_lo", "sigma_hi", "prior_sigma_lo", "prior_sigma_hi")
 
 

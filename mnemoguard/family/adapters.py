@@ -78,6 +78,7 @@ class ModelAdapter:
                             f"{type(module).__name__}")
         self.module = module
         self._sample_size = sample_size
+        self.rows = 0  # batch rows sent through the network so far (a measurement's cost: the difference)
 
     # ------------------------------------------------------------------ description
     @property
@@ -141,6 +142,7 @@ class ModelAdapter:
         dtype = self.dtype
         cond = None if cond is None else as_conditioning(cond).to(device=x.device, dtype=dtype)
         x_in = x.to(dtype) if dtype.is_floating_point else x
+        self.rows += int(x.shape[0])
         out = _first_output(self.forward(x_in, t, cond, **kwargs))
         C = x.shape[1]
         if out.ndim == 4 and out.shape[1] == 2 * C:  # learned-variance heads: [prediction, variance]

@@ -150,11 +150,19 @@ def test_the_tracker_in_a_guarded_run_writes_its_scalars_and_its_state_is_json(t
     assert len(entry["profile"]["sigmas"]) == 4 and entry["profile"]["sigmas"] == sorted(entry["profile"]["sigmas"])
     assert set(entry["profile"]["rates"]) >= {"train", "random"} and len(entry["curvature"]) == 4
     assert 0.0 <= entry["copy_rate"] <= 1.0  # generations from the at-risk captions that copy their own image
-    for name in ("excess", "copy_rate", "active", "strength"):
+    for name in ("excess", "copy_rate", "active", "strength", "rows"):
         assert state.metric_steps[f"mem/danger_zone/{name}"] == 4
     restored = type(tracker)(tracker.config, monitor=tracker.monitor)
     restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
     assert restored.history == tracker.history and restored.prior == tracker.prior
+
+    # The network rows of a measurement, counted by the adapter, are the protocol's: every probe x draw runs the
+    # sampler's remaining steps from each of the 4 starts (4 + 3 + 2 + 1), every at-risk probe x draw one 4-step
+    # generation (guidance 1: one row per step).
+    tracker.config.curvature_probes = 0
+    kinds = tracker.monitor.probe_set.kinds
+    at_risk = sum(k in ("image_duplicate", "duplicate") for k in kinds) or sum(k != "heldout" for k in kinds)
+    assert tracker.measure(5)["mem/danger_zone/rows"] == len(kinds) * 2 * 10 + at_risk * 2 * 4
 
 
 def test_the_noise_gap_follows_the_live_band_and_releases_it():

@@ -58,15 +58,12 @@ def return_flags(images: torch.Tensor, reference: torch.Tensor, own: torch.Tenso
     ``reference`` images ``[K, ...]`` (no two identical): ``returns`` = the nearest reference is ``own[b]`` (an
     index into ``reference``, or −1) with ``d1/d2 < copy_ratio``; ``lands_on_training`` = the nearest reference is a
     training image (``is_training[k]``) with ``d1/d2 < copy_ratio``."""
-    from ...evaluation import nearest_neighbour_ratio
+    from ..copies import own_copies
 
     S, B = images.shape[:2]
-    nn = nearest_neighbour_ratio(images.reshape(S * B, *images.shape[2:]).float(), reference.float(),
-                                 check_unique=False)
-    nearest = nn.indices[:, 0].reshape(S, B)
-    close = (nn.ratio < copy_ratio).reshape(S, B)
-    returns = close & (nearest == own.reshape(1, B))
-    lands = close & is_training[nearest]
+    check = own_copies(images.reshape(S * B, *images.shape[2:]), reference, own.repeat(S), copy_ratio)
+    returns = check.copies.reshape(S, B)
+    lands = (check.ratio < copy_ratio).reshape(S, B) & is_training[check.nearest].reshape(S, B)
     return returns, lands
 
 

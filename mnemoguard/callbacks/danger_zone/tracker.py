@@ -43,15 +43,14 @@ from ...isolation import eval_mode, preserved_rng_state
 from ...serialization import check_keys
 from ..bands import NoiseBand
 from ..base import Callback, TrainerControl, TrainerState
+from ..copies import from_rank_zero, own_copies
+from ..monitor.tensors import AT_RISK_KINDS, ProbeSet
 from .measure import ReturnProfile, band_from_excess, band_timesteps, return_flags, return_profile
 from .prior import data_prior
 
 logger = logging.getLogger("mnemoguard")
 
 __all__ = ["DangerZoneTracker"]
-
-AT_RISK = ("image_duplicate", "duplicate")
-
 
 class DangerZoneTracker(Callback):
     """The data prior, the live per-σ return rates and the live band (module docstring).
@@ -101,45 +100,30 @@ class DangerZoneTracker(Callback):
                            "probes beside the at-risk ones: the excess, and so the live band, cannot be measured; "
                            "only the copy rate is")
             if self.config.prior and self.prior is None:
-                seed = self.monitor.config.seed + 11
+                seed = self.monitor.probe_set.seed + 11
                 self.prior = data_prior(context, self.config, seed, self._inputs["heldout_x0"])
         self.seconds["prior"] += time.perf_counter() - start
 
     def _build_inputs(self, context: Any) -> dict[str, Any]:
-        """Per (probe, draw) clean samples, noise, captions; the reference images and each probe's own index."""
-        tz, spec = self.monitor.tensors, self.monitor.spec
-        P = tz.num_train_probes
-        first = [int(torch.nonzero(tz.probe == p)[0]) for p in range(int(tz.probe.max()) + 1)]
-        held = spec["heldout_source"] == "samples"
-        ids = list(range(P + (len(spec["heldout_rows"]) if held else 0)))
-        x0 = tz.x0[[first[i] for i in ids]]
-        cond = tz.cond[[first[i] for i in ids]]
-        pool = tz.pool if tz.pool is not None else torch.zeros((0, *tz.train_px[0].shape))
-        own = [next((k for k in range(pool.shape[0]) if torch.equal(pool[k], tz.train_px[p])), -1) for p in range(P)]
-        reference, is_training = pool, [True] * pool.shape[0]
-        heldout_x0 = x0[P:] if held else None
-        if held:
-            with torch.no_grad():
-                px = ((context.decode(heldout_x0).float().clamp(-1, 1) + 1) / 2).cpu()
-            own += list(range(pool.shape[0], pool.shape[0] + px.shape[0]))
-            reference = torch.cat([pool, px])
-            is_training += [False] * px.shape[0]
-        kinds = [*spec["train_kinds"], *(["heldout"] * (len(ids) - P))]
-        D = self.config.draws
-        g = torch.Generator().manual_seed(self.monitor.config.seed + 12)
-        noise = torch.randn((len(ids) * D, *x0.shape[1:]), generator=g)
-        gen_noise = torch.randn((len(ids) * D, *context.denoiser.adapter.sample_shape), generator=g)
-        rep = torch.arange(len(ids)).repeat_interleave(D)
-        kind = [kinds[i] for i in rep.tolist()]
+        """Per (probe, draw) clean samples, noise, captions and own image, from the monitor's probe set."""
+        probes: ProbeSet = self.monitor.probe_set
+        Q, D = len(probes.kinds), self.config.draws
+        g = torch.Generator().manual_seed(probes.seed + 12)
+        noise = torch.randn((Q * D, *probes.x0.shape[1:]), generator=g)
+        gen_noise = torch.randn((Q * D, *context.denoiser.adapter.sample_shape), generator=g)
+        rep = torch.arange(Q).repeat_interleave(D)
+        kind = [probes.kinds[i] for i in rep.tolist()]
+        held = probes.heldout_pixels.shape[0] > 0
         return {
-            "x0": x0[rep.to(x0.device)], "cond": cond[rep], "noise": noise, "gen_noise": gen_noise,
-            "own": torch.tensor(own, dtype=torch.long)[rep], "reference": reference,
-            "is_training": torch.tensor(is_training, dtype=torch.bool),
-            "groups": {"at_risk": torch.tensor([k in AT_RISK for k in kind]),
+            "x0": probes.x0[rep.to(probes.x0.device)], "cond": probes.cond[rep], "noise": noise,
+            "gen_noise": gen_noise, "own": probes.own[rep], "reference": probes.reference,
+            "is_training": probes.is_training,
+            "groups": {"at_risk": torch.tensor([k in AT_RISK_KINDS for k in kind]),
                        "random": torch.tensor([k == "random" for k in kind]),
                        "train": torch.tensor([k != "heldout" for k in kind]),
                        "heldout": torch.tensor([k == "heldout" for k in kind])},
-            "uncond": tz.uncond, "heldout_x0": heldout_x0.detach().cpu() if heldout_x0 is not None else None,
+            "uncond": probes.uncond,
+            "heldout_x0": probes.x0[probes.num_train_probes:].detach().cpu() if held else None,
         }
 
     # ------------------------------------------------------------------------------------------------ per step
@@ -189,6 +173,8 @@ class DangerZoneTracker(Callback):
 
         start = time.perf_counter()
         c, context, inp = self.config, self._context, self._inputs
+        adapter = context.denoiser.adapter
+        rows_before = adapter.rows
         starts, timesteps, levels, sigmas = self.grid()
         with preserved_rng_state(), eval_mode(context.unwrapped_model):
             images = denoise_from(context.denoiser, inp["x0"], inp["noise"], starts, inp["cond"], inp["uncond"],
@@ -196,15 +182,17 @@ class DangerZoneTracker(Callback):
                                   batch_size=self.monitor.config.batch_size * 4)
             returns, lands = return_flags(images, inp["reference"], inp["own"], inp["is_training"], c.copy_ratio)
             copies = self._generation_copies()
-            returns, lands, copies = self._from_rank_zero(returns, lands, copies)
+            returns, lands, copies = from_rank_zero(context, returns, lands, copies)
             curvature = _ascending(self._curvature(timesteps), levels) if c.curvature_probes else None
         profile = return_profile(levels, sigmas, returns, lands, inp["groups"])
         entry = self.decide(step, profile, context.num_train_timesteps, curvature)
         entry["copy_rate"] = float(copies.float().mean()) if copies.numel() else float("nan")
+        entry["rows"] = int(adapter.rows - rows_before)
         self.history.append(entry)
         self.seconds["measure"] += time.perf_counter() - start
         values = {"mem/danger_zone/excess": entry["excess"], "mem/danger_zone/copy_rate": entry["copy_rate"],
-                  "mem/danger_zone/active": float(self.active), "mem/danger_zone/strength": self.strength}
+                  "mem/danger_zone/active": float(self.active), "mem/danger_zone/strength": self.strength,
+                  "mem/danger_zone/rows": entry["rows"]}
         if entry["heldout_copy_rate"] is not None:
             values["mem/danger_zone/heldout_copy_rate"] = entry["heldout_copy_rate"]
         if self.active and entry["band"] is not None:
@@ -226,24 +214,11 @@ class DangerZoneTracker(Callback):
             return torch.zeros(0, dtype=torch.bool)
         images = generate(context.denoiser, inp["cond"][rows], inp["uncond"], c.guidance_scale,
                           c.num_inference_steps, latents=inp["gen_noise"][rows], decode=context.decode)
-        copies, _ = return_flags(images[None], inp["reference"], inp["own"][rows], inp["is_training"], c.copy_ratio)
-        return copies[0]
-
-    def _from_rank_zero(self, *flags: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Rank 0's flags on every rank (one broadcast)."""
-        if self._context.num_processes <= 1:
-            return flags
-        from accelerate.utils import broadcast
-
-        sizes = [f.numel() for f in flags]
-        packed = torch.cat([f.reshape(-1) for f in flags]).to(torch.uint8).to(self._context.device)
-        packed = broadcast(packed, from_process=0).cpu().bool()
-        return tuple(p.reshape(f.shape) for p, f in zip(packed.split(sizes), flags))
+        return own_copies(images, inp["reference"], inp["own"][rows], c.copy_ratio).copies
 
     def _curvature(self, timesteps: list[float | int]) -> list[float]:
         """Per grid t (in the sampler's order of ``timesteps``): mean Kim & Lee Δh of the at-risk probes (first draw
         each), live vs the monitor's baseline, at ``x_t = α_t x0 + σ_t ε``."""
-        from ...baselines import UnconditionalBaseline
         from ...signals import curvature_diff_map
 
         context, inp = self._context, self._inputs
@@ -253,14 +228,14 @@ class DangerZoneTracker(Callback):
         if rows.numel() == 0:
             return [float("nan")] * len(timesteps)
         x0, noise, cond = inp["x0"][rows], inp["noise"][rows.cpu()].to(inp["x0"].device), inp["cond"][rows.cpu()]
-        baseline = self.monitor.baseline() or UnconditionalBaseline(den, inp["uncond"])
+        baseline = self.monitor.curvature_baseline()
         out = []
         for k, t in enumerate(timesteps):
             tt = torch.full((rows.numel(),), t, dtype=schedule.timestep_dtype, device=x0.device)
             x = schedule.add_noise(x0, noise.to(x0.dtype), tt)
             base_fn = baseline.eps_fn(tt, cond)
             maps = curvature_diff_map(den.eps_fn(tt, cond), base_fn, x, num_probes=self.config.curvature_probes,
-                                      generator=torch.Generator().manual_seed(self.monitor.config.seed + 13 + k),
+                                      generator=torch.Generator().manual_seed(self.monitor.probe_set.seed + 13 + k),
                                       method="vjp")
             out.append(float(maps.detach().float().mean()))
         return out

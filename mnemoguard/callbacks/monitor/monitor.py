@@ -148,10 +148,25 @@ class MemorizationMonitor(Callback):
         """The probe set's tensors (:class:`~.tensors.ProbeTensors`), or None before ``on_train_begin``."""
         return self._tensors
 
+    @property
+    def probe_set(self) -> Any:
+        """The probes, one entry each (:class:`~.tensors.ProbeSet`), or None before ``on_train_begin``."""
+        return self._tensors.probe_set if self._tensors is not None else None
+
     def baseline(self) -> Any:
         """The less-trained baseline of this check (:mod:`mnemoguard.baselines`; None while an EMA snapshot ring is
         still empty)."""
         return self._current_baseline()
+
+    def curvature_baseline(self, denoiser: Any = None) -> Any:
+        """What the curvature maps compare the live model with: the baseline of this check, or, while there is none
+        yet, the unconditional model of ``denoiser`` (default: the live one)."""
+        from ...baselines import UnconditionalBaseline
+
+        baseline = self._current_baseline()
+        if baseline is not None:
+            return baseline
+        return UnconditionalBaseline(denoiser or self._context.denoiser, self._tensors.uncond)
 
     @property
     def last_check_step(self) -> int | None:
@@ -306,7 +321,7 @@ class MemorizationMonitor(Callback):
                                            self.has_heldout)
             vis = None
             if visual:
-                vis = visual_check(context, den, baseline, tz, self.spec["train_captions"], c, self.spec["seed"])
+                vis = visual_check(context, den, self.curvature_baseline(den), tz, c)
                 metrics[f"mem/curvature_diff/t={c.curvature_timestep}/train"] = float(np.mean(vis["curvature"]))
                 if vis["nn_ratio"]:
                     metrics["mem/nn_ratio/train"] = float(np.mean(vis["nn_ratio"]))

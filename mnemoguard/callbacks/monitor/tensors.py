@@ -19,7 +19,41 @@ from ...data import decode_image, preprocess_image
 from ...family.conditioning import Conditioning
 from .probes import heldout_item
 
-__all__ = ["ProbeTensors", "build_probe_tensors", "encode_pixels"]
+__all__ = ["AT_RISK_KINDS", "ProbeSet", "ProbeTensors", "build_probe_tensors", "encode_pixels"]
+
+#: the kinds of probe chosen because their image or caption is repeated in the training data
+AT_RISK_KINDS = ("image_duplicate", "duplicate")
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """The monitor's probes, one entry per probe, as the danger-zone tracker and the audit read them: the ``P``
+    training probes first, then the held-out samples with images (held-out *captions* have no image of their own and
+    are not in it)."""
+
+    x0: Tensor  # [Q, C, H, W] clean model input of each probe (device)
+    cond: Conditioning  # [Q] its caption's conditioning (device)
+    uncond: Conditioning  # [1] the empty caption's (device)
+    kinds: list[str]  # [Q] "image_duplicate" / "duplicate" (at risk: AT_RISK_KINDS), "random", "heldout"
+    captions: list[str]  # [Q]
+    pool: Tensor  # [K, C, H, W] the training images of the nearest-neighbour pool in [0, 1] (CPU), distinct
+    heldout_pixels: Tensor  # [Q - P, C, H, W] the held-out probes' images in [0, 1] (CPU)
+    own: Tensor  # [Q] long: each probe's own image in ``reference`` (−1: not in it)
+    seed: int  # the monitor's seed (every fixed draw derives from it)
+
+    @property
+    def num_train_probes(self) -> int:
+        return sum(k != "heldout" for k in self.kinds)
+
+    @property
+    def reference(self) -> Tensor:
+        """``[K + Q − P, ...]``: the pool's training images, then the held-out probes' images."""
+        return torch.cat([self.pool, self.heldout_pixels])
+
+    @property
+    def is_training(self) -> Tensor:
+        """``[K + Q − P]`` bool: which references are training images."""
+        return torch.arange(self.pool.shape[0] + self.heldout_pixels.shape[0]) < self.pool.shape[0]
 
 
 @dataclass
@@ -42,6 +76,7 @@ class ProbeTensors:
     gen_latents: Tensor  # [G, C, h, w] initial noise of the probe generations (CPU)
     gen_cond: Conditioning | None  # [G] their caption conditioning (device)
     curv_noise: Tensor  # [G, C, h, w] noise that re-noises a generation for its curvature map (CPU)
+    probe_set: ProbeSet  # the same probes, one entry each
 
     def noisy(self, rows: Tensor, schedule: Any) -> Tensor:
         """``x_t = α_t x_0 + σ_t ε`` of the given rows (the schedule's ``add_noise``)."""
@@ -101,7 +136,7 @@ def build_probe_tensors(spec: dict[str, Any], context: Any, heldout: Any, curvat
         probe = torch.cat([probe, P + torch.arange(len(src)).repeat_interleave(per)])
         captions += [cap for cap in spec["heldout_captions"] for _ in range(per)]
 
-    pool_px, pool_rows, seen = [], [], set()
+    pool_px, pool_rows, seen = [], [], {}
     for r in [*spec["train_rows"], *spec["pool_rows"]]:
         try:
             px = ds.canonical_image(r)
@@ -109,9 +144,10 @@ def build_probe_tensors(spec: dict[str, Any], context: Any, heldout: Any, curvat
             continue
         key = px.numpy().tobytes()
         if key not in seen:
-            seen.add(key)
+            seen[key] = len(pool_px)
             pool_px.append((px + 1) / 2)
             pool_rows.append(r)
+    own = [seen.get(px.numpy().tobytes(), -1) for px in train_px]
     G = min(curvature_num_probes, P)
     gg = torch.Generator().manual_seed(spec["seed"] + 2)
     gen_latents = torch.randn((G, *context.denoiser.adapter.sample_shape), generator=gg)
@@ -122,11 +158,22 @@ def build_probe_tensors(spec: dict[str, Any], context: Any, heldout: Any, curvat
     encoded = prompts(unique)
     row = {cap: i for i, cap in enumerate(unique)}
     level = t.to(device)
+    pool = torch.stack(pool_px) if pool_px else None
+    held = len(own_px) - P  # held-out samples with images (0 for held-out captions)
+    heldout_px = torch.stack([(p + 1) / 2 for p in own_px[P:]]) if held else torch.zeros((0, channels, res, res))
+    K = pool.shape[0] if pool is not None else 0
+    probe_set = ProbeSet(
+        x0=x0_own, cond=encoded[[row[cap] for cap in spec["train_captions"]]
+                                + [row[cap] for cap in spec["heldout_captions"][:held]]],
+        uncond=encoded[[row[""]]], kinds=[*spec["train_kinds"], *(["heldout"] * held)],
+        captions=[*spec["train_captions"], *spec["heldout_captions"][:held]],
+        pool=pool if pool is not None else torch.zeros((0, channels, res, res)), heldout_pixels=heldout_px,
+        own=torch.tensor([*own, *range(K, K + held)], dtype=torch.long), seed=int(spec["seed"]))
     return ProbeTensors(
         x0=x0.to(device), noise=noise.to(device), level=level, t=context.schedule.timesteps_at(level), band=band,
         probe=probe, cond=encoded[[row[cap] for cap in captions]], uncond=encoded[[row[""]]], captions=captions,
-        num_train_probes=P, pool=torch.stack(pool_px) if pool_px else None, pool_rows=pool_rows,
+        num_train_probes=P, pool=pool, pool_rows=pool_rows,
         train_px=[(p + 1) / 2 for p in train_px], gen_latents=gen_latents,
         gen_cond=encoded[[row[cap] for cap in spec["train_captions"][:G]]] if G else None,
-        curv_noise=curv_noise,
+        curv_noise=curv_noise, probe_set=probe_set,
     )

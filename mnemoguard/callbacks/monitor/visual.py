@@ -6,7 +6,8 @@ noise, so successive checks are comparable), its nearest image in a pool of trai
 nearest image is the probe's own, and Kim & Lee's curvature-difference map ``Δh`` (live vs the baseline,
 :func:`mnemoguard.signals.curvature_diff_map`, fixed Rademacher probes) at the generation re-noised to the level
 ``curvature_timestep`` of the schedule. Every rank computes the same set (ZeRO-3 needs equal calls); rank 0's values
-are broadcast so the scalars that feed decisions are identical everywhere.
+are broadcast (:func:`~mnemoguard.callbacks.copies.from_rank_zero`) so the scalars that feed decisions are identical
+everywhere.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ from typing import Any
 
 import torch
 
+from ..copies import from_rank_zero, own_copies
+
 __all__ = ["visual_check"]
 
 
-def visual_check(context: Any, den: Any, baseline: Any, tz: Any, captions: list[str], config: Any,
-                 seed: int) -> dict[str, Any]:
+def visual_check(context: Any, den: Any, baseline: Any, tz: Any, config: Any) -> dict[str, Any]:
     """``{"probe_ids", "captions", "generations", "maps", "curvature", "nn_ratio", "nearest_is_own", "nearest",
     "nearest_rows"}`` (images in [0, 1] and maps on the CPU)."""
-    from ...baselines import UnconditionalBaseline
-    from ...evaluation.nearest_neighbour import nearest_neighbour_ratio
     from ...sampling import generate
     from ...signals import curvature_diff_map
 
@@ -42,30 +42,25 @@ def visual_check(context: Any, den: Any, baseline: Any, tz: Any, captions: list[
     schedule = context.schedule
     t = schedule.timesteps_at(torch.full((G,), int(c.curvature_timestep), dtype=torch.long)).to(z.device)
     x = schedule.add_noise(z, tz.curv_noise.to(z.device, z.dtype), t)
-    base_fn = (baseline or UnconditionalBaseline(den, tz.uncond)).eps_fn(t, tz.gen_cond)
+    base_fn = baseline.eps_fn(t, tz.gen_cond)
     maps = curvature_diff_map(den.eps_fn(t, tz.gen_cond), base_fn, x, num_probes=c.curvature_hutchinson_probes,
-                              generator=torch.Generator().manual_seed(seed + 4), method="vjp")
+                              generator=torch.Generator().manual_seed(tz.probe_set.seed + 4), method="vjp")
     maps = maps.detach().float().cpu()
     out: dict[str, Any] = {
-        "probe_ids": list(range(G)), "captions": list(captions[:G]), "generations": images.float().cpu(),
+        "probe_ids": list(range(G)), "captions": list(tz.probe_set.captions[:G]), "generations": images.float().cpu(),
         "maps": maps, "curvature": [float(m.mean()) for m in maps], "nn_ratio": [], "nearest_is_own": [],
         "nearest": None, "nearest_rows": [],
     }
     pool = tz.pool
     if pool is not None and pool.shape[0] >= 2 and pool.shape[1:] == images.shape[1:]:
-        nn = nearest_neighbour_ratio(images.float().cpu(), pool, check_unique=False)
-        idx = nn.indices[:, 0].tolist()
-        out["nn_ratio"] = [float(v) for v in nn.ratio]
+        check = own_copies(images, pool, tz.probe_set.own[:G], copy_ratio=1.0)
+        idx = check.nearest.tolist()
         out["nearest"] = pool[idx]
         out["nearest_rows"] = [tz.pool_rows[i] for i in idx]
-        out["nearest_is_own"] = [bool(torch.equal(pool[i], tz.train_px[g])) for g, i in enumerate(idx)]
-    if context.num_processes > 1:
-        from accelerate.utils import broadcast
-
-        n = len(out["nn_ratio"])
-        packed = torch.tensor([*out["curvature"], *out["nn_ratio"], *map(float, out["nearest_is_own"])],
-                              dtype=torch.float64, device=context.device)
-        packed = broadcast(packed, from_process=0).cpu().tolist()
-        out["curvature"], out["nn_ratio"] = packed[:G], packed[G:G + n]
-        out["nearest_is_own"] = [bool(v) for v in packed[G + n:]]
+        curvature, ratio, is_own = from_rank_zero(context, torch.tensor(out["curvature"], dtype=torch.float64),
+                                                  check.ratio, check.is_own)
+        out["curvature"], out["nn_ratio"], out["nearest_is_own"] = curvature.tolist(), ratio.tolist(), is_own.tolist()
+    else:
+        (curvature,) = from_rank_zero(context, torch.tensor(out["curvature"], dtype=torch.float64))
+        out["curvature"] = curvature.tolist()
     return out
