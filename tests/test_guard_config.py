@@ -105,11 +105,12 @@ def test_the_guard_docs_first_example_loads_and_turns_on_the_defaults(tmp_path):
     import re
     from pathlib import Path
 
-    from mnemoguard.config.checks import early_stopping_settings, tracker_enabled
+    from mnemoguard.config.plan import plan_components
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "guard.md").read_text()
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(re.search(r"```yaml\n(guard:.*?)```", text, re.S).group(1))
     guard = load_config(recipe).guard
-    assert guard.default_policy and tracker_enabled(guard) and guard.danger_zone.every_n_checks == 1
-    assert early_stopping_settings(guard).monitor == "mem/danger_zone/copy_rate"
+    plan = plan_components(guard)
+    assert guard.default_policy and plan.danger_zone and guard.danger_zone.every_n_checks == 1
+    assert plan.early_stopping.monitor == "mem/danger_zone/copy_rate"

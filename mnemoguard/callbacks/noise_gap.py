@@ -23,8 +23,9 @@ uniform for DDPM scripts, diffusers' ``weighting_scheme`` — ``logit_normal``, 
 matching), so a flow model keeps its logit-normal shape outside the gap.
 
 Adaptive mode: the policy calls :meth:`NoiseGapScheduler.activate` ``(band, strength)`` and
-:meth:`~NoiseGapScheduler.deactivate`; with ``follow_danger_zone`` the scheduler follows the danger-zone tracker
-instead (:meth:`~NoiseGapScheduler.follow`: its live band and strength while on, released when it turns off).
+:meth:`~NoiseGapScheduler.deactivate`; ``follow_danger_zone`` is such a rule (:func:`mnemoguard.config.plan.
+follow_danger_zone_rule`: the danger-zone tracker's live band and strength while it is on, released when it turns
+off).
 While active, the weights inside ``band`` are multiplied by
 ``1 − strength`` on top of the static ones (strength 1 excludes the band, 0.5 halves its share). Levels are drawn
 with ``torch.multinomial`` over ``q(t) = p(t) m(t) / Σ p m`` and handed out as the schedule's timesteps.
@@ -79,16 +80,12 @@ class NoiseGapScheduler(Callback):
     Args:
         num_train_timesteps: the schedule's number of levels when it is used before a run hands over its schedule
             (then a DDPM-like one: the timesteps are the levels, the density uniform).
-        zone: the danger-zone tracker to follow (``follow_danger_zone``).
     """
 
     def __init__(self, config: NoiseGapConfig | None = None, num_train_timesteps: int | None = None,
-                 zone: Any = None, **overrides: Any) -> None:
+                 **overrides: Any) -> None:
         self.config = dataclasses.replace(config or NoiseGapConfig(), **overrides)
         c = self.config
-        if c.follow_danger_zone and zone is None:
-            raise ValueError("NoiseGapScheduler(follow_danger_zone=True) needs the tracker to follow: zone=")
-        self.zone = zone if c.follow_danger_zone else None
         if c.timestep_bias_strategy not in STRATEGIES:
             raise ValueError(f"timestep_bias_strategy must be one of {STRATEGIES}, found {c.timestep_bias_strategy!r}")
         self.active = False
@@ -279,29 +276,10 @@ class NoiseGapScheduler(Callback):
             "mem/noise_gap/band_mass": self.band_mass(),
         }
 
-    def follow(self) -> None:
-        """With ``follow_danger_zone``: gap the tracker's live band at its strength while it is on, release it when
-        the tracker turns the band off (the tracker's hysteresis decides both)."""
-        tracker = self.zone
-        zone = tracker.zone
-        if tracker.active and zone is not None and tracker.strength > 0:
-            lo, hi = as_band(zone)
-            band = (lo, min(hi, self.num_train_timesteps))
-            if not self.active or self.band != band or self.strength != tracker.strength:
-                self.activate(band, tracker.strength)
-                logger.info("NoiseGapScheduler: following the danger zone: t in [%d, %d) at strength %.2f", *band,
-                            tracker.strength)
-        elif self.active:
-            self.deactivate()
-            self._changed = True
-            logger.info("NoiseGapScheduler: the danger zone is off: back to the static distribution")
-
     def on_step_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
                     logs: dict | None = None, **kwargs: Any) -> None:
         if not self.num_train_timesteps:
             return
-        if self.zone is not None:
-            self.follow()
         values = self.metrics()
         state.update_metrics(values)
         if logs is not None:

@@ -196,16 +196,17 @@ class MitigationPolicy(Callback):
         best: tuple[Rule, float] | None = None
         for rule in self.rules:
             if rule.action == name and self.rule_states[rule.name].on:
-                if best is None or rule.strength > best[1]:
-                    best = (rule, rule.strength)
+                strength = float(rule.strength() if callable(rule.strength) else rule.strength)
+                if best is None or strength > best[1]:
+                    best = (rule, strength)
         if best is None:
             return None
-        rule = best[0]
+        rule, strength = best
         band = rule.band() if callable(rule.band) else rule.band
         if band is not None and getattr(band, "t_lo", 0) is None:  # an empty danger zone: the action takes its own
             band = None
         band = as_band(band) if band is not None else None
-        return {"strength": float(rule.strength), "band": list(band) if band is not None else None,
+        return {"strength": strength, "band": list(band) if band is not None else None,
                 "rule": rule.name}
 
     def _update_actions(self, alarms: list[dict[str, Any]]) -> None:
@@ -224,11 +225,11 @@ class MitigationPolicy(Callback):
             alarm["message"] += f", {alarm['action']} strength now {alarm['strength']:g}"
 
     def _follow_bands(self) -> None:
-        """Actions on with a band that moves (a rule whose band is a callable, e.g. the danger-zone tracker's live
-        band): re-applied when the band or strength they would get now differs from the applied one."""
+        """Actions on with a band or strength that moves (a rule whose band or strength is a callable, e.g. the
+        danger-zone tracker's live ones): re-applied when what they would get now differs from the applied one."""
         for name, applied in list(self.applied.items()):
             rule = next((r for r in self.rules if r.name == applied["rule"]), None)
-            if rule is None or not callable(rule.band):
+            if rule is None or not (callable(rule.band) or callable(rule.strength)):
                 continue
             want = self._desired(name)
             if want is not None and want != applied:

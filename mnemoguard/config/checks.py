@@ -9,13 +9,13 @@ tag is wrong (the signal, the band, the split) and lists the valid ones. Tags ou
 
 from __future__ import annotations
 
-from .danger_zone import DANGER_ZONE_TAGS, default_stop
-from .guard import EarlyStoppingSettings, GuardConfig, band_names, default_policy
+from .danger_zone import DANGER_ZONE_TAGS
+from .guard import GuardConfig, band_names, default_policy
+from .plan import plan_components
 from .regularizers import REGULARIZER_CONFIGS, check_regularizer_settings
 from .schema import ConfigError
 
-__all__ = ["GUARD_NAMESPACES", "check_guard_config", "check_metric_name", "early_stopping_settings", "guard_tags",
-           "tracker_enabled"]
+__all__ = ["GUARD_NAMESPACES", "check_guard_config", "check_metric_name", "guard_tags"]
 
 GUARD_NAMESPACES = ("mem/", "reg/", "train/")
 _NOISE_GAP = ("strength", "band_begin", "band_end", "band_mass")
@@ -47,29 +47,16 @@ def guard_tags(cfg: GuardConfig, heldout_given: bool = False) -> set[str]:
         tags |= {f"mem/{s}/band={b}/{p}" for s in _signal_names(cfg) for b in bands for p in splits}
         if m.curvature_every_k_checks and m.curvature_num_probes:
             tags |= {"mem/nn_ratio/train", f"mem/curvature_diff/t={m.curvature_timestep}/train"}
-    rules = [*cfg.policy, *(default_policy().rules if cfg.default_policy else [])]
-    regularizers = {*cfg.regularizers, *(default_policy().regularizers if cfg.default_policy else {})}
-    if cfg.noise_gap.enabled or any(r.action == "noise_gap" for r in rules):
+    plan = plan_components(cfg)
+    if plan.noise_gap:
         tags |= {f"mem/noise_gap/{k}" for k in _NOISE_GAP}
-    if rules:
-        tags |= {"mem/alarm"} | {f"mem/policy/{r.action}" for r in rules}
-    if tracker_enabled(cfg):
+    if plan.rules:
+        tags |= {"mem/alarm"} | {f"mem/policy/{r.action}" for r in plan.rules}
+    if plan.danger_zone:
         tags |= {f"mem/danger_zone/{k}" for k in DANGER_ZONE_TAGS}
-    for name in regularizers:
+    for name in plan.regularizers:
         tags |= {f"reg/{name}/{k}" for k in ("strength", *REGULARIZER_CONFIGS[name].metrics)}
     return tags
-
-
-def tracker_enabled(cfg: GuardConfig) -> bool:
-    """Whether the danger-zone tracker runs: asked for, or needed by the default stop rule or the default policy."""
-    return cfg.enabled and cfg.monitor.enabled and (cfg.danger_zone.enabled or cfg.default_stop or cfg.default_policy)
-
-
-def early_stopping_settings(cfg: GuardConfig) -> EarlyStoppingSettings:
-    """The early stopping that runs: ``early_stopping``, or the default stop rule with ``default_stop``."""
-    if cfg.default_stop:
-        return EarlyStoppingSettings(**default_stop())
-    return cfg.early_stopping
 
 
 def _explain(tag: str, cfg: GuardConfig, tags: set[str]) -> str:
@@ -112,9 +99,10 @@ def check_guard_config(cfg: GuardConfig, where: str = "guard", heldout_given: bo
     guard will write). Raises :class:`ConfigError` naming the key and the valid names."""
     if not cfg.enabled:
         return
+    plan = plan_components(cfg)
     for name, settings in cfg.regularizers.items():
         check_regularizer_settings(name, settings, where=f"{where}.regularizers.{name}")
-    configured = {"noise_gap", *cfg.regularizers, *(default_policy().regularizers if cfg.default_policy else {})}
+    configured = {"noise_gap", *plan.regularizers}
     for i, rule in enumerate(cfg.policy):
         if not rule.signal:
             raise ConfigError(f"{where}.policy[{i}].signal: expected a metric key (e.g. "
@@ -126,9 +114,11 @@ def check_guard_config(cfg: GuardConfig, where: str = "guard", heldout_given: bo
             raise ConfigError(f"{where}.policy[{i}].action {rule.action!r} is not configured, so the rule could never "
                               f"act: add {where}.regularizers.{rule.action}: {{enabled: false}} (the rule turns it "
                               "on)")
-        if rule.band == "danger_zone" and not tracker_enabled(cfg):
-            raise ConfigError(f"{where}.policy[{i}].band: 'danger_zone' follows the danger-zone tracker's live band; "
-                              f"turn it on with {where}.danger_zone.enabled: true (and the monitor), found it off")
+        for key in ("band", "strength"):
+            if getattr(rule, key) == "danger_zone" and not plan.danger_zone:
+                raise ConfigError(f"{where}.policy[{i}].{key}: 'danger_zone' follows the danger-zone tracker's live "
+                                  f"{key}; turn it on with {where}.danger_zone.enabled: true (and the monitor), found "
+                                  "it off")
     if cfg.default_policy and not (cfg.monitor.enabled and (cfg.monitor.heldout_data or
                                                             cfg.monitor.num_random_probes > 0)):
         raise ConfigError(f"{where}.default_policy reads mem/danger_zone/excess, the at-risk probes' return rate "
@@ -144,7 +134,7 @@ def check_guard_config(cfg: GuardConfig, where: str = "guard", heldout_given: bo
         raise ConfigError(f"{where}.danger_zone measures the monitor's probes: it needs {where}.monitor.enabled, "
                           "found false")
     if cfg.noise_gap.follow_danger_zone:
-        if not tracker_enabled(cfg):
+        if not plan.danger_zone:
             raise ConfigError(f"{where}.noise_gap.follow_danger_zone needs the tracker ({where}.danger_zone.enabled)")
         if any(r.action == "noise_gap" for r in cfg.policy):
             raise ConfigError(f"{where}: the noise gap follows the danger zone (noise_gap.follow_danger_zone) and a "
@@ -154,7 +144,7 @@ def check_guard_config(cfg: GuardConfig, where: str = "guard", heldout_given: bo
     if cfg.default_policy:
         for rule in default_policy().rules:
             check_metric_name(rule.signal, cfg, f"{where}.default_policy (its rule on {rule.signal})", heldout_given)
-    stopping = early_stopping_settings(cfg)
+    stopping = plan.early_stopping
     if stopping.enabled:
         what = "default_stop" if cfg.default_stop else "early_stopping.monitor"
         check_metric_name(stopping.monitor, cfg, f"{where}.{what}", heldout_given)

@@ -160,7 +160,8 @@ class Rule:
     release_fraction: float = 0.8  # default off-level as a fraction of the on-level
     release_patience: int = 1  # consecutive fresh checks beyond the release level before turning off
     direction: Literal["above", "below"] = "above"  # which side of the on-level means "memorizing"
-    strength: float = 1.0  # passed to the action
+    strength: float | Literal["danger_zone"] = 1.0  # passed to the action; "danger_zone": the tracker's strength
+    # (min(max_strength, excess)), followed while the rule is on (needs the tracker); in code also a callable
     band: tuple[int, int] | Literal["danger_zone"] | None = None  # [begin, end) timesteps passed as band=;
     # "danger_zone": the danger-zone tracker's live band, followed while the rule is on (needs the tracker); in code
     # also a DangerZone or a callable returning one
@@ -185,7 +186,10 @@ class Rule:
         if not 0 < self.release_fraction <= 1:
             raise ValueError(f"rule on {self.signal!r}: release_fraction must be in (0, 1], found "
                              f"{self.release_fraction}")
-        if self.strength < 0:
+        if isinstance(self.strength, str) and self.strength != "danger_zone":
+            raise ValueError(f"rule on {self.signal!r}: strength must be a number or 'danger_zone', found "
+                             f"{self.strength!r}")
+        if isinstance(self.strength, (int, float)) and self.strength < 0:
             raise ValueError(f"rule on {self.signal!r}: strength must be >= 0, found {self.strength}")
         if self.name is None:
             self.name = f"{self.action}<-{self.signal}"
@@ -311,7 +315,6 @@ class DefaultPolicy:
 
     rules: list[Rule]
     regularizers: dict[str, dict[str, Any]]  # name -> settings, with enabled: false (the rules turn them on)
-    needs_noise_gap: bool  # a rule drives the noise-gap scheduler
 
 
 def default_policy() -> DefaultPolicy:
@@ -325,4 +328,4 @@ def default_policy() -> DefaultPolicy:
     loss units of the testbed's model; that rule can still be written as a ``guard.policy`` item.)"""
     rule = Rule(signal="mem/danger_zone/excess", action="iet_agc", threshold=0.5, release=0.25, patience=1,
                 release_patience=2)
-    return DefaultPolicy(rules=[rule], regularizers={"iet_agc": {"enabled": False}}, needs_noise_gap=False)
+    return DefaultPolicy(rules=[rule], regularizers={"iet_agc": {"enabled": False}})

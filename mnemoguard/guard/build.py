@@ -27,8 +27,9 @@ from ..callbacks.noise_gap import NoiseGapScheduler
 from ..callbacks.policy import MitigationPolicy
 from ..callbacks.regularizers import Regularizer, build_regularizers
 from ..callbacks.report import MemorizationReport
-from ..config import ConfigError, EMASettings, GuardConfig, RecipeConfig, default_policy, load_dataclass, read_mapping
-from ..config.checks import check_guard_config, early_stopping_settings, tracker_enabled
+from ..config import ConfigError, EMASettings, GuardConfig, RecipeConfig, load_dataclass, read_mapping
+from ..config.checks import check_guard_config
+from ..config.plan import plan_components
 from ..prompts import PromptEncoder, tokenize_and_encode
 from .data import as_training_dataset
 
@@ -95,40 +96,37 @@ def build_components(cfg: GuardConfig, callbacks: Sequence[Callback] = (), heldo
     producers and the consumers). ``heldout``: held-out samples for the monitor (instead of
     ``monitor.heldout_data``)."""
     out = Components(user=list(callbacks))
+    plan = plan_components(cfg)
     if not cfg.enabled:
         return out
     out.loss_flags = LowLossFlags(cfg.loss_flags)
-    if cfg.monitor.enabled:
+    if plan.monitor:
         out.monitor = MemorizationMonitor(cfg.monitor, heldout=heldout)
-    if tracker_enabled(cfg):
+    if plan.danger_zone:
         out.danger_zone = DangerZoneTracker(cfg.danger_zone, monitor=out.monitor)
-    rules, regularizers = list(cfg.policy), dict(cfg.regularizers)
-    noise_gap = cfg.noise_gap.enabled or cfg.noise_gap.follow_danger_zone
-    if cfg.default_policy:
-        default = default_policy()
-        rules = [*default.rules, *rules]
-        regularizers = {**default.regularizers, **regularizers}
-        noise_gap = noise_gap or default.needs_noise_gap
-    if noise_gap or any(r.action == "noise_gap" for r in rules):
-        out.noise_gap = NoiseGapScheduler(cfg.noise_gap, zone=out.danger_zone)
-    out.regularizers = build_regularizers(regularizers)
-    if out.danger_zone is not None:  # band: danger_zone -> the tracker's live band, read at every check
+    if plan.noise_gap:
+        out.noise_gap = NoiseGapScheduler(cfg.noise_gap)
+    out.regularizers = build_regularizers(plan.regularizers)
+    rules = plan.rules
+    if out.danger_zone is not None:  # "danger_zone" band / strength -> the tracker's live ones, read at every check
         tracker = out.danger_zone
-        rules = [replace(r, band=lambda: tracker.zone) if r.band == "danger_zone" else r for r in rules]
+        rules = [replace(r, band=(lambda: tracker.zone) if r.band == "danger_zone" else r.band,
+                         strength=(lambda: tracker.strength) if r.strength == "danger_zone" else r.strength)
+                 for r in rules]
     if rules:
         actions: dict[str, Any] = {r.name: r for r in out.regularizers}
         if out.noise_gap is not None:
             actions["noise_gap"] = out.noise_gap
         out.policy = MitigationPolicy(rules, actions=actions)
-    es = early_stopping_settings(cfg)
+    es = plan.early_stopping
     if es.enabled:
         out.early_stopping = EarlyStopping(**{k: v for k, v in vars(es).items() if k != "enabled"})
-    if cfg.dashboard.enabled:
+    if plan.dashboard:
         out.dashboard = TensorBoardDashboard(
             cfg.dashboard, monitor=out.monitor, policy=out.policy, loss_flags=out.loss_flags,
             early_stopping=[out.early_stopping] if out.early_stopping is not None else [],
             copy_ratio=cfg.report.nn_ratio_threshold, danger_zone=out.danger_zone, noise_gap=out.noise_gap)
-    if cfg.report.enabled:
+    if plan.report:
         extras = [cb for cb in out.user if callable(getattr(cb, "report_summary", None))]
         stoppers = [out.early_stopping] if out.early_stopping is not None else []
         out.report = MemorizationReport(cfg.report, monitor=out.monitor, policy=out.policy, loss_flags=out.loss_flags,

@@ -166,22 +166,30 @@ def test_the_tracker_in_a_guarded_run_writes_its_scalars_and_its_state_is_json(t
 
 
 def test_the_noise_gap_follows_the_live_band_and_releases_it():
-    from mnemoguard.callbacks.noise_gap import NoiseGapScheduler
-    from mnemoguard.config import NoiseGapConfig
+    from mnemoguard.callbacks import TrainerState
+    from mnemoguard.config.checks import guard_tags
+    from mnemoguard.guard.build import build_components, load_guard_config
     from mnemoguard.signals import DangerZone
 
-    tracker = SimpleNamespace(active=True, zone=DangerZone(0.5, 2.0, 200, 599), strength=0.6)
-    gap = NoiseGapScheduler(NoiseGapConfig(enabled=True, follow_danger_zone=True), num_train_timesteps=1000,
-                            zone=tracker)
-    gap.follow()
+    from ._drive import drive
+
+    cfg, _ = load_guard_config({"danger_zone": {"enabled": True}, "noise_gap": {"follow_danger_zone": True},
+                                "monitor": {"heldout_captions": ["a seven"]}})
+    parts = build_components(cfg)
+    tracker, gap = parts.danger_zone, parts.noise_gap
+    assert gap is not None and {"mem/noise_gap/strength", "mem/policy/noise_gap"} <= guard_tags(cfg)
+    gap._set_num_train_timesteps(1000)
+    state = TrainerState()
+    tracker.active, tracker.zone, tracker.strength = True, DangerZone(0.5, 2.0, 200, 599), 0.6
+    drive(parts.policy, "mem/danger_zone/active", [1.0], state=state)  # the policy follows it: one route
     q = gap.distribution()
     assert gap.active and gap.band == (200, 600) and gap.strength == 0.6
     assert float(q[300] / q[100]) == pytest.approx(0.4)  # the band keeps 1 - strength of its weight
     tracker.zone, tracker.strength = DangerZone(1.0, 3.0, 400, 699), 0.8
-    gap.follow()
+    drive(parts.policy, "mem/danger_zone/active", [1.0], state=state, start_step=1)
     assert gap.band == (400, 700) and gap.strength == 0.8
     tracker.active = False
-    gap.follow()
+    drive(parts.policy, "mem/danger_zone/active", [0.0], state=state, start_step=2)
     assert not gap.active and torch.allclose(gap.distribution(), torch.full((1000,), 1e-3, dtype=torch.float64))
 
 

@@ -43,8 +43,11 @@ def test_every_arm_turns_the_guard_on_and_builds(arm, tmp_path):
     assert expected in names  # the arm's action (for the policy: the policy) is among the callbacks
     assert ("MemorizationMonitor" in names) == reads_monitor
     if arm == "adaptive_gap":
-        gap = next(c for c in callbacks if type(c).__name__ == "NoiseGapScheduler")
-        assert gap.zone is next(c for c in callbacks if type(c).__name__ == "DangerZoneTracker")
+        policy = next(c for c in callbacks if type(c).__name__ == "MitigationPolicy")
+        tracker = next(c for c in callbacks if type(c).__name__ == "DangerZoneTracker")
+        follow = next(r for r in policy.rules if r.action == "noise_gap")  # the one route: a rule on the tracker
+        tracker.zone, tracker.strength = (100, 200), 0.3
+        assert follow.signal == "mem/danger_zone/active" and follow.band() == (100, 200) and follow.strength() == 0.3
     with pytest.raises(ConfigError, match="monitor") if reads_monitor else contextlib.nullcontext():
         _guard(arm, monitor_on=False)
 
@@ -79,7 +82,8 @@ def test_policy_arm_installs_the_default_policy(tmp_path):
     callbacks = build_components(_with_heldout(guard, tmp_path)).ordered()
     policy = next(c for c in callbacks if isinstance(c, MitigationPolicy))
     assert [r.signal for r in policy.rules] == [r.signal for r in default_policy().rules]
-    assert any(isinstance(c, NoiseGapScheduler) for c in callbacks) == default_policy().needs_noise_gap
+    drives_gap = any(r.action == "noise_gap" for r in default_policy().rules)
+    assert any(isinstance(c, NoiseGapScheduler) for c in callbacks) == drives_gap
     actions = {c.name: c for c in callbacks if getattr(c, "name", "") in default_policy().regularizers}
     assert set(actions) == set(default_policy().regularizers)  # installed, and off until the rule turns them on
     assert not any(c.active for c in actions.values())
