@@ -4,7 +4,6 @@ monitor, low-loss flags, policy, noise gap, regularizers, early stopping, dashbo
 from .base import NEEDS, Callback, CallbackList, TrainerControl, TrainerState
 from .dashboard import TensorBoardDashboard
 from .early_stopping import EarlyStopping
-from .loss_flags import LowLossFlags
 from .monitor import MemorizationMonitor
 from .noise_gap import NoiseGapScheduler
 from .policy import MitigationPolicy
@@ -24,6 +23,7 @@ from .regularizers import (
     build_regularizers,
     register_regularizer,
 )
+from .regularizers.agc_table import LowLossFlags
 from .report import MemorizationReport, memorization_metadata
 from .timesteps import DensitySampler, TimestepSampler, TimestepSlot
 

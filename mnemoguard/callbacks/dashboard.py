@@ -63,7 +63,8 @@ class TensorBoardDashboard(Callback):
         config: the settings; keyword arguments override its fields.
         monitor: the :class:`~mnemoguard.callbacks.monitor.MemorizationMonitor` to show, or None.
         policy: the :class:`~mnemoguard.callbacks.policy.MitigationPolicy` (rules, alarms, actions), or None.
-        loss_flags: the :class:`~mnemoguard.callbacks.loss_flags.LowLossFlags` (per-sample flag counts), or None.
+        loss_flags: the :class:`~mnemoguard.callbacks.regularizers.agc_table.LowLossFlags` (per-sample flag counts),
+            or None.
         early_stopping: the :class:`~mnemoguard.callbacks.early_stopping.EarlyStopping` callbacks whose monitored
             metric and best value to show.
         copy_ratio: the nearest-neighbour ratio below which a generation counts as a copy (the report's

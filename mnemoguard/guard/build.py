@@ -21,11 +21,11 @@ from ..callbacks.base import Callback
 from ..callbacks.danger_zone import DangerZoneTracker
 from ..callbacks.dashboard import TensorBoardDashboard
 from ..callbacks.early_stopping import EarlyStopping
-from ..callbacks.loss_flags import LowLossFlags
 from ..callbacks.monitor import MemorizationMonitor
 from ..callbacks.noise_gap import NoiseGapScheduler
 from ..callbacks.policy import MitigationPolicy
 from ..callbacks.regularizers import Regularizer, build_regularizers
+from ..callbacks.regularizers.agc_table import LowLossFlags
 from ..callbacks.report import MemorizationReport
 from ..config import ConfigError, EMASettings, GuardConfig, RecipeConfig, load_dataclass, read_mapping
 from ..config.checks import check_guard_config

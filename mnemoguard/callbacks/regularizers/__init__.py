@@ -27,8 +27,8 @@ from __future__ import annotations
 from typing import Any
 
 from ...config.regularizers import REGULARIZER_CONFIGS, RegularizerConfig, check_regularizer_settings
-from ..loss_flags import agc_keep, agc_update, timestep_buckets
 from .agc import AntiGradientControl
+from .agc_table import agc_keep, agc_update, timestep_buckets
 from .base import Regularizer, drop_samples, timestep_mask
 from .captions import (
     CaptionDropout,

@@ -8,7 +8,7 @@ from typing import Any
 
 from ...config.regularizers import AntiGradientControlConfig
 from ..base import TrainerControl, TrainerState
-from ..loss_flags import agc_keep
+from .agc_table import agc_keep
 from .base import Regularizer, drop_samples
 
 __all__ = ["AntiGradientControl"]
@@ -17,10 +17,10 @@ __all__ = ["AntiGradientControl"]
 class AntiGradientControl(Regularizer):
     """IET-AGC's per-sample gate as a switchable callback (``on_loss``).
 
-    The running-mean table is the guard's :class:`~mnemoguard.callbacks.loss_flags.LowLossFlags` (one table for the
+    The running-mean table is the guard's :class:`~.agc_table.LowLossFlags` (one table for the
     dashboard's flag rates and this gate; its ``mem_ratio`` / ``beta`` / buckets are ``guard.loss_flags``), which runs
     first and writes ``inputs["low_loss_level"]``, the level a loss must reach to be kept: the gate keeps
-    ``l_i ≥ strength · level_i`` (:func:`~mnemoguard.callbacks.loss_flags.agc_keep`), so at strength 1 it drops
+    ``l_i ≥ strength · level_i`` (:func:`~.agc_table.agc_keep`), so at strength 1 it drops
     exactly the flagged samples. Dropped samples get weight 0 and the kept ones are renormalised
     (:func:`~mnemoguard.callbacks.regularizers.base.drop_samples`). With Min-SNR in the loop the losses carry the SNR
     weight, a function of t alone, which cancels in the per-bucket ratio (exactly with one bucket per timestep).

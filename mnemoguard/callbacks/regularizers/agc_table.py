@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config.guard import LossFlagsConfig
-from ..devices import to_device
-from .base import Callback, TrainerControl, TrainerState
+from ...config.guard import LossFlagsConfig
+from ...devices import to_device
+from ..base import Callback, TrainerControl, TrainerState
 
 __all__ = ["LowLossFlags", "agc_keep", "agc_update", "timestep_buckets"]
 
