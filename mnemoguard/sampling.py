@@ -30,17 +30,22 @@ def sampling_steps(denoiser: Denoiser, num_inference_steps: int,
     return [(t, schedule.previous_timestep(ts, k)) for k, t in enumerate(ts)]
 
 
+def _predict(denoiser: Denoiser, x: Tensor, t: float | int, cond: Conditioning, uncond: Conditioning | None,
+             guidance_scale: float) -> tuple[Tensor, Tensor]:
+    """``(x̂_0, ε̂)`` of the guided prediction at ``t`` for the float32 samples ``x``."""
+    from .parameterisation import eps_from_prediction, x0_from_prediction
+
+    pred = denoiser.guided(x, t, cond, uncond, guidance_scale)
+    alpha, sigma = denoiser.schedule.sampler_coefs(t, x)
+    return (x0_from_prediction(pred, x, alpha, sigma, denoiser.prediction_type),
+            eps_from_prediction(pred, x, alpha, sigma, denoiser.prediction_type))
+
+
 def _step(denoiser: Denoiser, x: Tensor, t: float | int, t_prev: float | int | None, cond: Conditioning,
           uncond: Conditioning | None, guidance_scale: float) -> Tensor:
     """One guided deterministic step of the float32 samples ``x``."""
-    schedule = denoiser.schedule
-    pred = denoiser.guided(x, t, cond, uncond, guidance_scale)
-    alpha, sigma = schedule.sampler_coefs(t, x)
-    from .parameterisation import eps_from_prediction, x0_from_prediction
-
-    x0 = x0_from_prediction(pred, x, alpha, sigma, denoiser.prediction_type)
-    eps = eps_from_prediction(pred, x, alpha, sigma, denoiser.prediction_type)
-    return schedule.step(x0, eps, t_prev)
+    x0, eps = _predict(denoiser, x, t, cond, uncond, guidance_scale)
+    return denoiser.schedule.step(x0, eps, t_prev)
 
 
 def _conds(denoiser: Denoiser, cond: Conditioning | Tensor, uncond: Conditioning | Tensor | None,
@@ -102,14 +107,16 @@ def denoise_from(
     decode: Callable[[Tensor], Tensor] | None = None,
     batch_size: int = 64,
     timestep_spacing: str | None = None,
+    num_steps: int | None = None,
 ) -> Tensor:
     """Noise clean samples to sampler step ``s`` and denoise them back, for every ``s`` of ``start_indices``: the
     per-noise-level probe of Dodson et al.'s picture (does a training image come back as itself from σ?).
 
     Row ``b`` of ``x0`` (``[B, C, H, W]``, the network's sample space) is noised with its own ``noise[b]`` to
     ``x_s = α_s x0 + σ_s ε`` (``t_s`` the ``s``-th timestep of a ``num_inference_steps`` sampler) and run through the
-    remaining steps with caption ``cond[b]``. All starts run as one batch per step (a trajectory joins when the
-    schedule reaches its start), ``batch_size`` rows per network call.
+    remaining steps with caption ``cond[b]`` (``num_steps``: at most that many, ending on the last one's clean-sample
+    estimate ``x̂_0``; 1 is the one-step return, one network call per row and start). All starts run as one batch per
+    step (a trajectory joins when the schedule reaches its start), ``batch_size`` rows per network call.
 
     Returns:
         images in [0, 1], ``[len(start_indices), B, C', H', W']`` (after ``decode``, on the CPU).
@@ -123,13 +130,21 @@ def denoise_from(
     x = torch.zeros((S * B, *x0.shape[1:]), dtype=torch.float32, device=device)
     x0_all, noise_all = x0.float().to(device).repeat(S, 1, 1, 1), noise.float().to(device).repeat(S, 1, 1, 1)
     cond_all = c.repeat(S)
+    if num_steps is not None and num_steps < 1:
+        raise ValueError(f"num_steps: expected None or >= 1, found {num_steps}")
+    ends = starts + (num_steps if num_steps is not None else len(steps))  # the step a trajectory stops before
     for k, (t, t_prev) in enumerate(steps):
         joining = torch.nonzero(starts == k).reshape(-1).to(device)
         if joining.numel():
             t_b = torch.full((joining.numel(),), t, dtype=schedule.timestep_dtype, device=device)
             x[joining] = schedule.add_noise(x0_all[joining], noise_all[joining], t_b).float()
-        active = torch.nonzero(starts <= k).reshape(-1).to(device)
+        active = torch.nonzero((starts <= k) & (k < ends)).reshape(-1).to(device)
         for chunk in active.split(batch_size) if active.numel() else ():
-            x[chunk] = _step(denoiser, x[chunk], t, t_prev, cond_all[chunk], u, guidance_scale)
+            x0_hat, eps_hat = _predict(denoiser, x[chunk], t, cond_all[chunk], u, guidance_scale)
+            stepped = schedule.step(x0_hat, eps_hat, t_prev)
+            if num_steps is not None:  # a trajectory on its last step ends on its clean-sample estimate
+                last = (ends[chunk.cpu()] == k + 1).to(device).reshape(-1, *([1] * (x.ndim - 1)))
+                stepped = torch.where(last, x0_hat, stepped)
+            x[chunk] = stepped
     images = torch.cat([decode(part) if decode is not None else part for part in x.split(batch_size)])
     return ((images.float() + 1) / 2).clamp(0, 1).cpu().reshape(S, B, *images.shape[1:])

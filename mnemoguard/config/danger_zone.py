@@ -16,7 +16,8 @@ from .schema import ConfigError
 __all__ = ["DANGER_ZONE_TAGS", "DangerZoneConfig", "default_stop"]
 
 #: the scalars the tracker writes (``mem/danger_zone/<name>``); the band edges only while a band is on
-DANGER_ZONE_TAGS = ("excess", "copy_rate", "heldout_copy_rate", "active", "strength", "rows", "t_begin", "t_end",
+DANGER_ZONE_TAGS = ("excess", "copy_rate", "copy_rate_lower", "heldout_copy_rate", "active", "strength", "rows",
+                    "t_begin", "t_end",
                     "sigma_lo", "sigma_hi", "prior_sigma_lo", "prior_sigma_hi")
 
 
@@ -30,6 +31,11 @@ class DangerZoneConfig:
     start_stride: int = 2  # the probes start from every k-th of those timesteps, the first (highest) included: the
     # σ grid. A measurement costs probes x draws x the sum over starts of the steps left UNet rows (10 and 2: 30)
     draws: int = 4  # fixed noise draws per probe and σ
+    return_steps: int = 0  # sampler steps each start runs before its image is compared: 0 all the remaining ones
+    # (the multi-step return); k >= 1: k steps, ending on the last one's clean-sample estimate (1: the one-step
+    # return, one network row per probe, draw and σ)
+    copy_draws: int = 0  # generations per at-risk probe for the copy rate (0: draws), each num_inference_steps rows
+    copy_confidence: float = 0.95  # the copy rate's one-sided Wilson lower bound (mem/danger_zone/copy_rate_lower)
     guidance_scale: float = 1.0  # guidance of the denoising (1: the conditional model, where copies show best)
     copy_ratio: float = 1.0 / 3.0  # Gu et al.: d1/d2 below this = the same image
     on_level: float = 0.5  # the band turns on when the at-risk probes return this much more often than held-out
@@ -53,6 +59,11 @@ class DangerZoneConfig:
                      "prior_rows", "prior_probes", "prior_sigmas"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{w}.{name} must be >= 1, found {getattr(self, name)}")
+        for name in ("curvature_probes", "return_steps", "copy_draws"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{w}.{name} must be >= 0, found {getattr(self, name)}")
+        if not 0.5 <= self.copy_confidence < 1:
+            raise ConfigError(f"{w}.copy_confidence must be in [0.5, 1), found {self.copy_confidence}")
         if self.curvature_probes < 0:
             raise ConfigError(f"{w}.curvature_probes must be >= 0, found {self.curvature_probes}")
         if not 0 <= self.release_level <= self.on_level <= 1:

@@ -14,7 +14,7 @@ import numpy as np
 from ._checks import ArrayLike, as_numpy_1d, check_positive_int, check_probability
 from .nearest_neighbour import GU_RATIO_THRESHOLD, NearestNeighbourRatio, is_memorized
 
-__all__ = ["BootstrapEstimate", "bootstrap_mean", "memorized_fraction"]
+__all__ = ["BootstrapEstimate", "bootstrap_mean", "memorized_fraction", "wilson_lower_bound"]
 
 
 @dataclass(frozen=True)
@@ -106,3 +106,31 @@ def memorized_fraction(
     if flags.numel() == 0:
         raise ValueError("ratio is empty; the memorized fraction needs at least one generated image")
     return bootstrap_mean(flags.cpu().numpy().astype(np.float64), n_resamples=n_resamples, level=level, seed=seed)
+
+
+def wilson_lower_bound(successes: int, trials: int, confidence: float = 0.95) -> float:
+    r"""One-sided lower confidence bound of a binomial proportion (Wilson's score bound, Wilson 1927).
+
+    With :math:`\hat p = k/n` and :math:`z = \Phi^{-1}(\text{confidence})`,
+
+    .. math:: L = \frac{\hat p + \frac{z^2}{2n} - z\sqrt{\frac{\hat p(1-\hat p)}{n} + \frac{z^2}{4n^2}}}
+                         {1 + \frac{z^2}{n}} ,
+
+    so :math:`P(p < L) \approx 1 - \text{confidence}`. Unlike the normal bound it stays in [0, 1] and is sensible at
+    :math:`k = 0` (:math:`L = 0`) and for the few dozen trials a live measurement has: with n = 32 at 95 %, 2
+    copies give L = 0.021 and 4 give L = 0.057. NaN for ``trials = 0``.
+    """
+    import math
+    from statistics import NormalDist
+
+    k, n = int(successes), int(trials)
+    if not 0 <= k <= max(n, 0):
+        raise ValueError(f"wilson_lower_bound: expected 0 <= successes <= trials, found {k} of {n}")
+    check_probability(float(confidence), "confidence", open_high=True)
+    if n == 0:
+        return float("nan")
+    z = NormalDist().inv_cdf(float(confidence))
+    p = k / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - spread) / (1 + z * z / n))

@@ -79,6 +79,36 @@ def test_the_live_measurement_finds_the_band_where_a_model_memorizes():
                                                      enumerate(profile.sigmas) if s > 5)
 
 
+def test_the_one_step_return_marks_exactly_the_noise_levels_where_the_denoiser_memorizes():
+    gen = torch.Generator().manual_seed(0)
+    train = torch.rand(24, 1, 4, 4, generator=gen) * 1.6 - 0.8
+    held = torch.rand(12, 1, 4, 4, generator=gen) * 1.6 - 0.8
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    lo, hi = 0.1, 0.5
+    den = Denoiser(BandMemorizer(train, sched.alphas_cumprod, lo, hi), sched)
+    steps, draws = 25, 4
+    timesteps = [int(t) for t, _ in sampling_steps(den, steps)]
+    sigmas = [float(sigmas_from_alphas_cumprod(sched.alphas_cumprod)[t]) for t in timesteps]
+    x0 = torch.cat([train[:8], held]).repeat_interleave(draws, 0)
+    noise = torch.randn(x0.shape, generator=gen)
+    rows = den.adapter.rows
+    images = denoise_from(den, x0, noise, list(range(steps)), torch.zeros(x0.shape[0], 1, 1),
+                          num_inference_steps=steps, num_steps=1)
+    assert den.adapter.rows - rows == x0.shape[0] * steps  # one network row per probe, draw and start
+    own = torch.cat([torch.arange(8), 24 + torch.arange(12)]).repeat_interleave(draws)
+    returns, lands = return_flags(images, (torch.cat([train, held]) + 1) / 2, own,
+                                  torch.tensor([True] * 24 + [False] * 12), 1 / 3)
+    kind = torch.tensor([True] * 8 + [False] * 12).repeat_interleave(draws)
+    profile = return_profile(timesteps, sigmas, returns, lands, {"at_risk": kind, "heldout": ~kind})
+    # One step of the optimal denoiser snaps a training probe onto itself inside [lo, hi] and nowhere above it
+    # (the Gaussian posterior mean shrinks towards the data mean): the band is the memorizing σ, no wider (the
+    # multi-step return also counts trajectories that start above the band and enter it on the way down).
+    band = band_from_excess(profile.excess(), 0.5)
+    inside = [k for k, s in enumerate(profile.sigmas) if lo <= s <= hi]
+    assert band == (inside[0], inside[-1])
+    assert all(profile.rates["at_risk"][k] == 0.0 for k, s in enumerate(profile.sigmas) if s > hi)
+
+
 def test_the_excess_is_what_memorization_adds_to_plain_denoising():
     from mnemoguard.callbacks.danger_zone import ReturnProfile
 
@@ -163,6 +193,10 @@ def test_the_tracker_in_a_guarded_run_writes_its_scalars_and_its_state_is_json(t
     kinds = tracker.monitor.probe_set.kinds
     at_risk = sum(k in ("image_duplicate", "duplicate") for k in kinds) or sum(k != "heldout" for k in kinds)
     assert tracker.measure(5)["mem/danger_zone/rows"] == len(kinds) * 2 * 10 + at_risk * 2 * 4
+    tracker.config.return_steps, tracker.config.copy_draws = 1, 1  # one step from each start, one generation each
+    values = tracker.measure(6)
+    assert values["mem/danger_zone/rows"] == len(kinds) * 2 * 4 + at_risk * 1 * 4
+    assert 0.0 <= values["mem/danger_zone/copy_rate_lower"] <= values["mem/danger_zone/copy_rate"]
 
 
 def test_the_noise_gap_follows_the_live_band_and_releases_it():

@@ -5,12 +5,14 @@
 * **Live measurement** at every ``every_n_checks``-th check of the monitor: the monitor's probes (at-risk and random
   training probes, held-out images) are noised to every ``start_stride``-th timestep of a few-step DDIM schedule
   (the scheduler's own spacing, as its generations use; ``trailing`` would start at the last timestep, where an
-  ε-model's x₀ estimate is ill-conditioned) with fixed noise, denoised by the live model and compared with a
+  ε-model's x₀ estimate is ill-conditioned) with fixed noise, denoised by the live model (the remaining steps, or
+  ``return_steps`` of them ending on that step's clean-sample estimate: 1 is the one-step return) and compared with a
   reference set of training (and held-out) images (:mod:`.measure`): per σ, the return rate of each kind of probe;
   the *excess* ``r_at_risk(σ) − r_heldout(σ)`` (the held-out images' self-return; without held-out images the random
   training probes' return stands in, :meth:`.measure.ReturnProfile.excess`); the *copy rate*: the share of
-  generations from the at-risk probes' captions (DDIM from fixed pure noise, the same steps and guidance) that
-  copy their own training image — the ground truth's criterion on fewer samples and steps; beside it, per σ, Kim &
+  generations from the at-risk probes' captions (DDIM from fixed pure noise, the same steps and guidance,
+  ``copy_draws`` per probe) that copy their own training image — the ground truth's criterion on fewer samples and
+  steps — and its one-sided Wilson lower bound at ``copy_confidence``; beside it, per σ, Kim &
   Lee's curvature difference (live vs the monitor's baseline) at the at-risk probes' noisy inputs, to see whether it
   marks the same band.
 * **The live band**, with hysteresis, decided at the σ the data prior says the sampler visits (``C_σ`` ≥
@@ -19,11 +21,12 @@
   ``on_level``; off after ``release_patience`` measurements below ``release_level``; while on, the band is the run of
   grid σ around that peak where the excess (at any σ, down to the grid's anchor at t ≈ 0) is at least
   ``release_level``, mapped to a ``[t_begin, t_end)`` timestep band (:attr:`zone`) with a strength
-  ``min(max_strength, largest excess)`` (:attr:`strength`) that :class:`~mnemoguard.callbacks.noise_gap.
-  NoiseGapScheduler` follows with ``follow_danger_zone``.
+  ``min(max_strength, largest excess)`` (:attr:`strength`) that a policy rule follows (``band`` / ``strength:
+  danger_zone``; ``noise_gap.follow_danger_zone`` is such a rule).
 
-Scalars (``mem/danger_zone/*``, the metrics contract): ``excess``, ``copy_rate``, ``heldout_copy_rate``, ``active``,
-``strength`` at every measurement; ``t_begin``, ``t_end``, ``sigma_lo``, ``sigma_hi`` while a band is on;
+Scalars (``mem/danger_zone/*``, the metrics contract): ``excess``, ``copy_rate``, ``copy_rate_lower``,
+``heldout_copy_rate``, ``active``, ``strength``, ``rows`` (the network rows the measurement took) at every
+measurement; ``t_begin``, ``t_end``, ``sigma_lo``, ``sigma_hi`` while a band is on;
 ``prior_sigma_lo`` / ``prior_sigma_hi`` once, with the first measurement. Every level is a difference or a share
 of probes: nothing depends on one model's loss units. Every rank makes the same UNet calls (ZeRO-3 needs that);
 rank 0's flags are broadcast so every rank decides the same.
@@ -39,6 +42,7 @@ from typing import Any
 import torch
 
 from ...config.danger_zone import DangerZoneConfig
+from ...evaluation import wilson_lower_bound
 from ...isolation import eval_mode, preserved_rng_state
 from ...serialization import check_keys
 from ..bands import NoiseBand
@@ -62,8 +66,8 @@ class DangerZoneTracker(Callback):
 
     Attributes:
         prior: the data prior (None until ``on_train_begin``, or with ``prior: false``).
-        history: one dict per live measurement: ``{"step", "profile", "excess", "copy_rate", "heldout_copy_rate",
-            "active", "band", "strength", "curvature"}``.
+        history: one dict per live measurement: ``{"step", "profile", "excess", "copy_rate", "copy_rate_lower",
+            "rows", "heldout_copy_rate", "active", "band", "strength", "curvature"}``.
         zone: the live band as a :class:`~mnemoguard.callbacks.bands.NoiseBand` (levels ``[lo, hi)`` and their σ) while
             on.
     """
@@ -179,7 +183,7 @@ class DangerZoneTracker(Callback):
         with preserved_rng_state(), eval_mode(context.unwrapped_model):
             images = denoise_from(context.denoiser, inp["x0"], inp["noise"], starts, inp["cond"], inp["uncond"],
                                   c.guidance_scale, c.num_inference_steps, decode=context.decode,
-                                  batch_size=self.monitor.config.batch_size * 4)
+                                  batch_size=self.monitor.config.batch_size * 4, num_steps=c.return_steps or None)
             returns, lands = return_flags(images, inp["reference"], inp["own"], inp["is_training"], c.copy_ratio)
             copies = self._generation_copies()
             returns, lands, copies = from_rank_zero(context, returns, lands, copies)
@@ -187,10 +191,12 @@ class DangerZoneTracker(Callback):
         profile = return_profile(levels, sigmas, returns, lands, inp["groups"])
         entry = self.decide(step, profile, context.num_train_timesteps, curvature)
         entry["copy_rate"] = float(copies.float().mean()) if copies.numel() else float("nan")
+        entry["copy_rate_lower"] = wilson_lower_bound(int(copies.sum()), copies.numel(), c.copy_confidence)
         entry["rows"] = int(adapter.rows - rows_before)
         self.history.append(entry)
         self.seconds["measure"] += time.perf_counter() - start
         values = {"mem/danger_zone/excess": entry["excess"], "mem/danger_zone/copy_rate": entry["copy_rate"],
+                  "mem/danger_zone/copy_rate_lower": entry["copy_rate_lower"],
                   "mem/danger_zone/active": float(self.active), "mem/danger_zone/strength": self.strength,
                   "mem/danger_zone/rows": entry["rows"]}
         if entry["heldout_copy_rate"] is not None:
@@ -208,8 +214,9 @@ class DangerZoneTracker(Callback):
         from ...sampling import generate
 
         c, context, inp = self.config, self._context, self._inputs
-        rows = torch.nonzero(inp["groups"]["at_risk"] if bool(inp["groups"]["at_risk"].any())
-                             else inp["groups"]["train"]).reshape(-1)
+        mask = inp["groups"]["at_risk"] if bool(inp["groups"]["at_risk"].any()) else inp["groups"]["train"]
+        draw = torch.arange(mask.numel()) % c.draws  # rows are probe-major: probe q, draw d at q * draws + d
+        rows = torch.nonzero(mask & (draw < (c.copy_draws or c.draws))).reshape(-1)
         if rows.numel() == 0:
             return torch.zeros(0, dtype=torch.bool)
         images = generate(context.denoiser, inp["cond"][rows], inp["uncond"], c.guidance_scale,
