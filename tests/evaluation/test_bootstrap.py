@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+
 @pytest.mark.parametrize("k,n", [(1, 16), (2, 32), (4, 32), (16, 16), (7, 100)])
 def test_the_wilson_lower_bound_solves_the_score_equation_below_the_estimate(k, n):
     from statistics import NormalDist
