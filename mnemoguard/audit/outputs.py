@@ -23,8 +23,9 @@ from .settings import AuditSettings
 __all__ = ["IMAGE_SCORE", "image_ranking", "summary", "write_outputs"]
 
 IMAGE_SCORE = "self_return"  # the per-image memorization score of images.csv (BENCHMARKS.md: chosen by measurement)
-AUDIT_COLUMNS = ("step", "file", "verdict", "excess", "copy_rate", "heldout_copy_rate", "band_sigma_lo",
-                 "band_sigma_hi", "band_t_begin", "band_t_end", "step_source", "format", "seconds", "cached")
+AUDIT_COLUMNS = ("step", "file", "verdict", "excess", "copy_rate", "copy_rate_lower", "heldout_copy_rate",
+                 "band_sigma_lo", "band_sigma_hi", "band_t_begin", "band_t_end", "rows", "step_source", "format",
+                 "seconds", "cached")
 GALLERY = 8  # training images in the report's gallery
 
 
@@ -39,7 +40,8 @@ def _audit_rows(result: Any) -> list[dict[str, str]]:
     for r in result.rows:
         band = r.get("band") or {}
         out.append({"step": str(r["step"]), "file": r["file"], "verdict": r["verdict"], "excess": _f(r["excess"]),
-                    "copy_rate": _f(r["copy_rate"]), "heldout_copy_rate": _f(r.get("heldout_copy_rate")),
+                    "copy_rate": _f(r["copy_rate"]), "copy_rate_lower": _f(r.get("copy_rate_lower")),
+                    "heldout_copy_rate": _f(r.get("heldout_copy_rate")), "rows": _f(r.get("rows")),
                     "band_sigma_lo": _f(band.get("sigma_lo")), "band_sigma_hi": _f(band.get("sigma_hi")),
                     "band_t_begin": _f(band.get("t_begin")), "band_t_end": _f(band.get("t_end")),
                     "step_source": r["step_source"], "format": r["format"], "seconds": _f(r["seconds"]["total"], 2),

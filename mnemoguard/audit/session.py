@@ -27,7 +27,7 @@ from .settings import AuditSettings
 
 __all__ = ["AuditSession", "data_from_metadata"]
 
-SESSION_VERSION = 2  # of what a cached result holds and how it was measured
+SESSION_VERSION = 3  # of what a cached result holds and how it was measured
 
 
 def data_from_metadata(checkpoints: list[Checkpoint]) -> str | None:
@@ -209,6 +209,7 @@ class AuditSession:
         return {
             "step": int(checkpoint.step), "step_source": checkpoint.step_source, "file": str(checkpoint.path),
             "format": fmt, "profile": entry["profile"], "copy_rate": entry["copy_rate"],
+            "copy_rate_lower": entry["copy_rate_lower"], "rows": entry["rows"],
             "heldout_copy_rate": entry["heldout_copy_rate"], "images": images,
             "seconds": {"danger_zone": dz_seconds, "total": time.perf_counter() - start},
         }, generations
