@@ -53,8 +53,8 @@ def _train(recipe: str | None, overrides: list[str], overwrite: bool = False) ->
 def _bench(config: str | None, out: str, overrides: list[str], overwrite: bool) -> int:
     import shlex
 
-    from .testbed.bench import run_bench
-    from .testbed.bench_report import MARKDOWN_FILE, RESULTS_FILE
+    from .bench.report import MARKDOWN_FILE, RESULTS_FILE
+    from .bench.run import run_bench
 
     sets = [arg for o in overrides for arg in ("--set", o)]
     command = shlex.join(["mnemoguard", "bench", *([config] if config else []), "--out", out, *sets])

@@ -55,7 +55,7 @@ def families(args: argparse.Namespace) -> None:
     """Full training of each family's testbed model (the bench's family_overrides), the ratio to the UNet's."""
     from types import SimpleNamespace
 
-    from mnemoguard.testbed.bench_recipe import family_overrides
+    from mnemoguard.bench.recipe import family_overrides
 
     medians = {}
     for family in ("sd", "sd3", "flux"):

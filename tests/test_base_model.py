@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from mnemoguard.bench.config import load_bench_config
 from mnemoguard.config import ConfigError, TinyModelConfig
 from mnemoguard.testbed import Layout, load_source, load_testbed_config
-from mnemoguard.testbed.bench_config import load_bench_config
 from mnemoguard.testbed.plan import make_plan
 from mnemoguard.trainer.base_model import BUILTIN_BASES, base_training_indices, resolve_base
 from mnemoguard.trainer.models import build_tiny_components
@@ -66,8 +66,8 @@ def test_bench_refuses_the_builtin_base_on_images_it_trained_on():
 
 
 def test_bench_finetune_recipe_starts_from_the_base_with_lora(tmp_path):
+    from mnemoguard.bench.recipe import bench_recipe
     from mnemoguard.testbed import build_testbed
-    from mnemoguard.testbed.bench_recipe import bench_recipe
 
     cfg = load_bench_config("recipes/bench/finetune_lora.yaml", ["train.monitor_every=0"])
     gt = build_testbed({"plain": {"num_images": 20}, "duplicated": {"num_images": 2, "copies": 2},

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
+from mnemoguard.bench.config import BenchConfig, load_bench_config
+from mnemoguard.bench.final import phrase_token_mask
+from mnemoguard.bench.probes import probe_latents
+from mnemoguard.bench.recipe import bench_recipe
+from mnemoguard.bench.run import run_bench
 from mnemoguard.cli import main
 from mnemoguard.config import ConfigError
-from mnemoguard.testbed.bench import run_bench
-from mnemoguard.testbed.bench_config import BenchConfig, load_bench_config
-from mnemoguard.testbed.bench_final import phrase_token_mask
-from mnemoguard.testbed.bench_probes import probe_latents
-from mnemoguard.testbed.bench_recipe import bench_recipe
 from mnemoguard.testbed.ground_truth import load_ground_truth
 
 # Every stage of the runner, at a size that trains and evaluates in seconds.
@@ -88,7 +88,7 @@ def test_cli_bench_parses_set_and_reports_config_errors(tmp_path, monkeypatch, c
         seen.update(config=config, out=out, overrides=overrides, overwrite=overwrite, command=command)
         return {"timing": {"total": 1.0}}
 
-    monkeypatch.setattr("mnemoguard.testbed.bench.run_bench", fake_run)
+    monkeypatch.setattr("mnemoguard.bench.run.run_bench", fake_run)
     rc = main(["bench", "--out", str(tmp_path / "b"), "--set", "seed=3", "--set", "train.max_train_steps=8"])
     assert rc == 0
     assert seen["overrides"] == ["seed=3", "train.max_train_steps=8"] and seen["config"] is None
@@ -168,7 +168,7 @@ def test_phrase_tokens_found_in_minilm_captions():
 
 
 def test_copy_ground_truth_needs_the_captions_own_image():
-    from mnemoguard.testbed.bench_probes import copy_ground_truth
+    from mnemoguard.bench.probes import copy_ground_truth
 
     gen = torch.Generator().manual_seed(0)
     train = torch.rand(5, 1, 4, 4, generator=gen)
@@ -183,8 +183,11 @@ def test_copy_ground_truth_needs_the_captions_own_image():
 
 # ---------------------------------------------------------------------------------------------------- summary
 def test_summary_of_several_runs_writes_tables_and_figure(bench_run, tmp_path):
-    from mnemoguard.testbed.bench_summary import main as summary_main
+    import runpy
+    from pathlib import Path
 
+    script = Path(__file__).resolve().parents[2] / "scripts" / "summarize_bench.py"
+    summary_main = runpy.run_path(str(script))["main"]  # the command that writes docs/bench
     out, _ = bench_run
     assert summary_main([str(out), str(out), "--out", str(tmp_path)]) == 0
     md = (tmp_path / "summary.md").read_text()
@@ -193,7 +196,7 @@ def test_summary_of_several_runs_writes_tables_and_figure(bench_run, tmp_path):
 
 
 def test_onset_and_alarm_steps_by_hand():
-    from mnemoguard.testbed.bench_summary import alarm_step, onset_step
+    from mnemoguard.bench.summary import alarm_step, onset_step
 
     gt = lambda f: {"w=1": {"planted": {"memorized_fraction": {"fraction": f}}}}  # noqa: E731
     run = {"checkpoints": [{"step": 250, "ground_truth": gt(0.0)}, {"step": 500, "ground_truth": gt(0.04)},

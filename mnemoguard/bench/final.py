@@ -11,16 +11,16 @@ import torch
 from ..evaluation import nearest_neighbour_ratio
 from ..sampling import sampling_steps
 from ..signals import danger_zone_band, danger_zone_curves, distinct_rows
-from .bench_config import BenchConfig
-from .bench_probes import (
+from ..testbed.ground_truth import GroundTruth, TrainingImages
+from .config import BenchConfig
+from .probes import (
     ProbeModel,
     denoise_from,
     probe_latents,
     sample_with_trajectory,
     template_verbatim_rate,
 )
-from .bench_signals import localization_maps, localization_metrics, nearest_step
-from .ground_truth import GroundTruth, TrainingImages
+from .signals import localization_maps, localization_metrics, nearest_step
 
 __all__ = [
     "caption_token_mask",

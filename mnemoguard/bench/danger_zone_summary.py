@@ -1,6 +1,6 @@
 """The danger-zone tables (issue 13) from ``mnemoguard bench`` runs with the tracker on.
 
-    python -m mnemoguard.testbed.bench_danger_zone_summary outputs/dz/digits/*_s? --out docs/bench --name digits
+    python scripts/summarize_danger_zone.py outputs/dz/digits/*_s? --out docs/bench --name digits
 
 * **Where**: per run, the data prior's band, the tracker's live band at its last measurement, the σ up to which the
   at-risk probes still came back, beside the bench's own end-of-training per-noise-level memorization (planted
@@ -16,15 +16,13 @@
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 from typing import Any
 
 from ..config.danger_zone import default_stop
-from .bench_mitigation_summary import early_stop_step
-from .bench_summary import load_runs, onset_step
+from .mitigation_summary import early_stop_step
+from .summary import onset_step
 
-__all__ = ["cost_markdown", "false_alarm_markdown", "main", "replay_band", "stop_markdown", "where_markdown"]
+__all__ = ["cost_markdown", "false_alarm_markdown", "replay_band", "stop_markdown", "where_markdown"]
 
 COPY_RATE = "mem/danger_zone/copy_rate"
 
@@ -168,33 +166,3 @@ def cost_markdown(runs: list[dict[str, Any]]) -> str:
                      f"{len(_tracker(run)['history'])} | {spent:.1f} | {t['training']:.0f} | "
                      f"{100 * spent / t['training']:.1f} % |")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mnemoguard.testbed.bench_danger_zone_summary", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dirs", nargs="+", help="bench run directories (each with bench.json, tracker on)")
-    p.add_argument("--clean", action="store_true", help="runs without duplicated images: the false-alarm table")
-    p.add_argument("--out", help="write danger_zone_<name>.md here (default: print only)")
-    p.add_argument("--name", default="runs")
-    p.add_argument("--thresholds", default=None, help="copy-rate levels to replay the stop at (default: the rule's)")
-    a = p.parse_args(argv)
-    levels = [float(t) for t in a.thresholds.split(",")] if a.thresholds else None
-    runs = sorted(load_runs(a.dirs), key=lambda r: (r["config"]["train"].get("mitigation", "none"), r["seed"]))
-    none = [r for r in runs if r["config"]["train"].get("mitigation", "none") == "none"]
-    parts = [f"## Where\n\n{where_markdown(runs)}"]
-    if a.clean:
-        parts.append(f"## False alarms (no duplicated images)\n\n{false_alarm_markdown(none)}")
-    elif none:
-        parts.append(f"## When: the default stop vs the oracle\n\n{stop_markdown(none, levels)}")
-    parts.append(f"## Cost\n\n{cost_markdown(runs)}")
-    text = "\n\n".join(parts) + "\n"
-    print(text)
-    if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / f"danger_zone_{a.name}.md").write_text(text)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -26,7 +26,7 @@ from ..evaluation import (
 from ..family.conditioning import Conditioning
 from ..parameterisation import denoising_loss
 from ..sampling import generate, sampling_steps
-from .ground_truth import GroundTruth
+from ..testbed.ground_truth import GroundTruth
 
 __all__ = [
     "ProbeModel",

@@ -27,7 +27,7 @@ from ..signals import (
     score_diff_map,
     wen_norm,
 )
-from .bench_probes import ProbeModel, Trajectory
+from .probes import ProbeModel, Trajectory
 
 __all__ = [
     "MAP_NAMES",

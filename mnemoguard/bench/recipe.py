@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import load_config
-from .bench_config import BenchConfig
-from .bench_mitigation import apply_mitigation
-from .ground_truth import GroundTruth
+from ..testbed.ground_truth import GroundTruth
+from .config import BenchConfig
+from .mitigation import apply_mitigation
 
 __all__ = ["bench_recipe", "family_overrides", "monitor_overrides"]
 

@@ -1,6 +1,6 @@
 """The mitigation table and early stopping vs the oracle, from ``mnemoguard bench`` runs of several arms and seeds.
 
-    python -m mnemoguard.testbed.bench_mitigation_summary outputs/mitigation/*_s? --out docs/bench
+    python scripts/summarize_mitigation.py outputs/mitigation/*_s? --out docs/bench
 
 Each run's arm is its ``train.mitigation``; ``none`` of the same seed is its reference. At the last checkpoint:
 
@@ -18,14 +18,12 @@ oracle step, the first checkpoint where the ground truth reaches 5 % memorized (
 
 from __future__ import annotations
 
-import argparse
 import statistics
-from pathlib import Path
 from typing import Any
 
-from .bench_summary import _cell, load_runs, onset_step
+from .summary import _cell, onset_step
 
-__all__ = ["STOPPED", "arm_metrics", "early_stop_step", "mitigation_markdown", "stopping_markdown", "main"]
+__all__ = ["STOPPED", "arm_metrics", "early_stop_step", "mitigation_markdown", "stopping_markdown"]
 
 TARGETS = {"ratio": 0.1, "heldout_change": 0.05, "fidelity_points": 2.0}
 
@@ -177,29 +175,3 @@ def stopping_markdown(runs: list[dict[str, Any]], monitor: str, thresholds: list
             cells.append(f"{stop}{verdict}" + (f", rollback {back}" if rollback == "last_good" else ""))
         lines.append(f"| {run['seed']} | {every} | {oracle} | {ten} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mnemoguard.testbed.bench_mitigation_summary", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dirs", nargs="+", help="bench run directories (each with bench.json)")
-    p.add_argument("--out", help="write mitigation.md here (default: print only)")
-    p.add_argument("--monitor", default="mem/probe_loss/band=low/contrast", help="early-stopping metric")
-    p.add_argument("--thresholds", default="0.06,0.08,0.1,0.12", help="divergence thresholds to replay")
-    p.add_argument("--rollback", default="best", choices=("best", "last_good"), help="early stopping's rollback")
-    p.add_argument("--stopped-arm", action="store_true",
-                   help="add each arm stopped at the first threshold and rolled back (its checkpoint there)")
-    a = p.parse_args(argv)
-    runs = load_runs(a.dirs)
-    thresholds = [float(t) for t in a.thresholds.split(",")]
-    stop = (a.monitor, thresholds[0], a.rollback) if a.stopped_arm else None
-    text = f"{mitigation_markdown(runs, stop)}\n\n{stopping_markdown(runs, a.monitor, thresholds, a.rollback)}\n"
-    print(text)
-    if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "mitigation.md").write_text(text)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

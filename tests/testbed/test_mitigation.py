@@ -4,16 +4,16 @@ import contextlib
 
 import pytest
 
-from mnemoguard.config import ConfigError, GuardConfig, default_policy, load_config
-from mnemoguard.guard import build_components
-from mnemoguard.testbed.bench_config import load_bench_config
-from mnemoguard.testbed.bench_mitigation import MITIGATIONS, WEN_TAU_TESTBED, apply_mitigation
-from mnemoguard.testbed.bench_mitigation_summary import (
+from mnemoguard.bench.config import load_bench_config
+from mnemoguard.bench.mitigation import MITIGATIONS, WEN_TAU_TESTBED, apply_mitigation
+from mnemoguard.bench.mitigation_summary import (
     STOPPED,
     early_stop_step,
     mitigation_markdown,
     stopping_markdown,
 )
+from mnemoguard.config import ConfigError, GuardConfig, default_policy, load_config
+from mnemoguard.guard import build_components
 
 
 def _guard(arm: str, monitor_on: bool = True) -> GuardConfig:
@@ -188,7 +188,7 @@ def test_stopping_table_marks_stops_within_ten_percent_of_the_oracle():
 
 
 def test_a_mitigation_arm_runs_end_to_end_with_fidelity_and_no_signals(tmp_path):
-    from mnemoguard.testbed.bench import run_bench
+    from mnemoguard.bench.run import run_bench
 
     from .test_bench import TINY
 

@@ -1,6 +1,6 @@
 """Several ``mnemoguard bench`` runs (seeds) side by side: one Markdown section and one figure.
 
-    python -m mnemoguard.testbed.bench_summary outputs/bench_s0 outputs/bench_s1 outputs/bench_s2 --out docs/bench
+    python scripts/summarize_bench.py outputs/bench_s0 outputs/bench_s1 outputs/bench_s2 --out docs/bench
 
 Every cell gives the mean over the runs and, in brackets, each run's value, so the spread between seeds is visible.
 The guard monitor's curves (``bench.json["monitor"]``, when the runs had ``train.monitor_every``) are read against
@@ -13,14 +13,13 @@ onset − alarm, in optimizer steps.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["alarm_step", "load_runs", "onset_step", "summary_markdown", "plot_summary", "main"]
+__all__ = ["alarm_step", "load_runs", "onset_step", "summary_markdown", "plot_summary"]
 
 
 def load_runs(dirs: list[str | Path]) -> list[dict[str, Any]]:
@@ -188,22 +187,3 @@ def plot_summary(runs: list[dict[str, Any]], path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", help="bench output directories (one per seed)")
-    parser.add_argument("--out", required=True, help="directory for summary.md and summary.png")
-    parser.add_argument("--name", default="summary", help="file stem (default: summary)")
-    args = parser.parse_args(argv)
-    runs = load_runs(args.runs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    figure = plot_summary(runs, out / f"{args.name}.png")
-    (out / f"{args.name}.md").write_text(summary_markdown(runs, figure.name))
-    print(out / f"{args.name}.md")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

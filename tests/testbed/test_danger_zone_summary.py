@@ -1,6 +1,6 @@
 """The danger-zone tables: the default stop replayed on a tracker curve against the oracle, false alarms, cost."""
 
-from mnemoguard.testbed.bench_danger_zone_summary import (
+from mnemoguard.bench.danger_zone_summary import (
     cost_markdown,
     false_alarm_markdown,
     stop_markdown,

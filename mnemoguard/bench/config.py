@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, load_dataclass, merge_dicts, read_mapping
-from .config import DuplicatedConfig, HeldOutConfig, PlainConfig, TemplateConfig, TestbedConfig, UnseenConfig
+from ..testbed.config import DuplicatedConfig, HeldOutConfig, PlainConfig, TemplateConfig, TestbedConfig, UnseenConfig
 
 __all__ = [
     "BenchConfig",
@@ -93,7 +93,7 @@ class BenchTrainConfig:
     monitor_probes: int = 8  # planted (duplicated) pairs and held-out probes the monitor takes, each
     monitor_heldout: str = "images"  # images: held-out image + caption pairs (a generalization gap); captions:
     # unseen captions on the planted images' inputs (confounded by class here: BENCHMARKS.md, 3-seed run)
-    mitigation: str = "none"  # an arm of testbed/bench_mitigation.py: none | noise_gap_low | noise_gap_mid |
+    mitigation: str = "none"  # an arm of bench/mitigation.py: none | noise_gap_low | noise_gap_mid |
     # noise_gap_low_half | adaptive_gap | wen_filter | iet_agc | caption_replacement | embedding_noise |
     # caption_dropout | preservation | policy
     danger_zone: bool = False  # run the guard's danger-zone tracker alongside the monitor (its curves go into
@@ -102,7 +102,7 @@ class BenchTrainConfig:
     recipe_overrides: list[str] = field(default_factory=list)  # e.g. ["ema.lag=500"], applied last
 
     def __post_init__(self) -> None:
-        from .bench_mitigation import MITIGATIONS
+        from .mitigation import MITIGATIONS
 
         _check(self.mitigation in MITIGATIONS,
                f"train.mitigation: expected one of {sorted(MITIGATIONS)}, found {self.mitigation!r}")

@@ -1,7 +1,7 @@
 """The bench's mitigation arms: each action of the guard alone, always on, or a policy that switches actions on.
 
 ``mnemoguard bench --set train.mitigation=NAME`` trains the testbed with one arm; the same seed with ``none`` is the
-unmitigated reference (``python -m mnemoguard.testbed.bench_mitigation_summary`` puts the arms side by side). Each
+unmitigated reference (``python scripts/summarize_mitigation.py`` puts the arms side by side). Each
 arm's settings are the action's published default where one exists, scaled to the testbed where it does not:
 
 * ``noise_gap_low`` / ``noise_gap_mid``: the noise-gap scheduler with ``timestep_bias_strategy: gap`` and

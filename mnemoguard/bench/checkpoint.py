@@ -1,6 +1,6 @@
 """The benchmark's per-checkpoint evaluation: a trainer callback that measures the live model at every ``on_save``
 (ground truth, prompt fidelity, every detection signal, the loss gap per noise band) and runs the end-of-training
-analyses (:mod:`.bench_final`) at ``on_train_end``."""
+analyses (:mod:`.final`) at ``on_train_end``."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import torch
 from ..callbacks import Callback, TrainerControl, TrainerState
 from ..evaluation import PromptFidelityClassifier, detection_summary, roc_auc
 from ..serialization import to_jsonable
-from .bench_config import BenchConfig
-from .bench_final import final_analyses
-from .bench_probe_set import ProbeSet
-from .bench_probes import (
+from ..testbed.ground_truth import GroundTruth
+from .caption_probes import CaptionProbes
+from .config import BenchConfig
+from .final import final_analyses
+from .probes import (
     ProbeModel,
     Trajectory,
     band_losses,
@@ -26,8 +27,7 @@ from .bench_probes import (
     probe_latents,
     sample_with_trajectory,
 )
-from .bench_signals import detection_signals
-from .ground_truth import GroundTruth
+from .signals import detection_signals
 
 __all__ = ["BenchCallback"]
 
@@ -50,7 +50,7 @@ class BenchCallback(Callback):
         self.gt = gt
         self.log_path = log_path
         self.train = gt.unique_training_images(value_range=(0.0, 1.0))
-        self.probes = ProbeSet.build(gt, cfg, self.train.captions)
+        self.probes = CaptionProbes.build(gt, cfg, self.train.captions)
         self.classifier = PromptFidelityClassifier().fit(self.train.images.flatten(1), self.train.labels)
         self.checkpoints: list[dict[str, Any]] = []
         self.final: dict[str, Any] = {}

@@ -10,12 +10,12 @@
    TPR@1%FPR, cost and wall time, and the training-loss gap per noise band;
 3. after training: Kim & Lee's localisation maps on template captions, the danger-zone curves of the training data
    beside the per-noise-level memorization rate;
-4. writes ``bench.json``, PNG figures and ``bench.md`` (:mod:`.bench_report`); each checkpoint's numbers are also
+4. writes ``bench.json``, PNG figures and ``bench.md`` (:mod:`.report`); each checkpoint's numbers are also
    appended to ``checkpoints.jsonl`` as soon as they exist, so an interrupted run keeps them.
 
-Modules: the recipe (:mod:`.bench_recipe`), the probed captions (:mod:`.bench_probe_set`), the per-checkpoint
-callback (:mod:`.bench_checkpoint`), model-side measurements (:mod:`.bench_probes`, :mod:`.bench_signals`), the
-end-of-training analyses (:mod:`.bench_final`) and the report (:mod:`.bench_report`).
+Modules: the recipe (:mod:`.recipe`), the probed captions (:mod:`.caption_probes`), the per-checkpoint
+callback (:mod:`.checkpoint`), model-side measurements (:mod:`.probes`, :mod:`.signals`), the
+end-of-training analyses (:mod:`.final`) and the report (:mod:`.report`).
 """
 
 from __future__ import annotations
@@ -29,21 +29,21 @@ from typing import Any
 
 import torch
 
-from .bench_checkpoint import BenchCallback
-from .bench_config import BenchConfig, load_bench_config
-from .bench_probe_set import ProbeSet
-from .bench_probes import template_threshold, template_verbatim_rate
-from .bench_recipe import bench_recipe
-from .bench_report import MARKDOWN_FILE, RESULTS_FILE, write_report
-from .build import build_testbed
-from .ground_truth import GroundTruth
+from ..testbed.build import build_testbed
+from ..testbed.ground_truth import GroundTruth
+from .caption_probes import CaptionProbes
+from .checkpoint import BenchCallback
+from .config import BenchConfig, load_bench_config
+from .probes import template_threshold, template_verbatim_rate
+from .recipe import bench_recipe
+from .report import MARKDOWN_FILE, RESULTS_FILE, write_report
 
 __all__ = [
     "MARKDOWN_FILE",
     "RESULTS_FILE",
     "BenchCallback",
     "BenchConfig",
-    "ProbeSet",
+    "CaptionProbes",
     "load_bench_config",
     "run_bench",
     "template_threshold",

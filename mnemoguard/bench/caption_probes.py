@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from .bench_config import BenchConfig
-from .ground_truth import GroundTruth
+from ..testbed.ground_truth import GroundTruth
+from .config import BenchConfig
 
-__all__ = ["ProbeSet"]
+__all__ = ["CaptionProbes"]
 
 
 @dataclasses.dataclass
-class ProbeSet:
+class CaptionProbes:
     """The probed captions, their groups, per-row seeds and their own training images.
 
     Rows are generation-major: row ``j * P + p`` is generation ``j`` of caption ``p``; negatives get fewer
@@ -26,7 +26,7 @@ class ProbeSet:
     seeds: list[int]
 
     @classmethod
-    def build(cls, gt: GroundTruth, cfg: BenchConfig, train_captions: tuple[str, ...]) -> ProbeSet:
+    def build(cls, gt: GroundTruth, cfg: BenchConfig, train_captions: tuple[str, ...]) -> CaptionProbes:
         p = cfg.probes
         pos = gt.captions("global")[: p.num_positive]
         groups = {"planted": pos, "unseen": gt.captions("unseen", "global")[: p.num_unseen],

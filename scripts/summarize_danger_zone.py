@@ -1,0 +1,55 @@
+"""The command behind :mod:`mnemoguard.bench.danger_zone_summary`: its tables, from ``mnemoguard bench`` runs.
+
+The danger-zone tables (issue 13) from ``mnemoguard bench`` runs with the tracker on.
+
+    python scripts/summarize_danger_zone.py outputs/dz/digits/*_s? --out docs/bench --name digits
+
+* **Where**: per run, the data prior's band, the tracker's live band at its last measurement, the σ up to which the
+  at-risk probes still came back, beside the bench's own end-of-training per-noise-level memorization (planted
+  images noised and denoised back, an independent implementation of the same protocol).
+* **When**: the default stop rule (``guard.default_stop``: ``mem/danger_zone/copy_rate`` above 0.05, rollback to
+  the last check before) replayed with the real :class:`~mnemoguard.callbacks.early_stopping.EarlyStopping` on
+  each unmitigated run's tracker curve, beside the oracle (first checkpoint with ≥ 5 % of the planted captions'
+  generations copying at w = 1) and the step where the ground truth passes 10 %.
+* **False alarms**: on runs without duplicated images (``testbed.duplicated.copies=1``): whether the live band
+  turned on, whether the default stop fired, whether the default policy's rule would have fired (replayed).
+* **Cost**: the tracker's seconds (inside its hooks) as a share of the training time of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mnemoguard.bench.danger_zone_summary import cost_markdown, false_alarm_markdown, stop_markdown, where_markdown
+from mnemoguard.bench.summary import load_runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python scripts/summarize_danger_zone.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dirs", nargs="+", help="bench run directories (each with bench.json, tracker on)")
+    p.add_argument("--clean", action="store_true", help="runs without duplicated images: the false-alarm table")
+    p.add_argument("--out", help="write danger_zone_<name>.md here (default: print only)")
+    p.add_argument("--name", default="runs")
+    p.add_argument("--thresholds", default=None, help="copy-rate levels to replay the stop at (default: the rule's)")
+    a = p.parse_args(argv)
+    levels = [float(t) for t in a.thresholds.split(",")] if a.thresholds else None
+    runs = sorted(load_runs(a.dirs), key=lambda r: (r["config"]["train"].get("mitigation", "none"), r["seed"]))
+    none = [r for r in runs if r["config"]["train"].get("mitigation", "none") == "none"]
+    parts = [f"## Where\n\n{where_markdown(runs)}"]
+    if a.clean:
+        parts.append(f"## False alarms (no duplicated images)\n\n{false_alarm_markdown(none)}")
+    elif none:
+        parts.append(f"## When: the default stop vs the oracle\n\n{stop_markdown(none, levels)}")
+    parts.append(f"## Cost\n\n{cost_markdown(runs)}")
+    text = "\n\n".join(parts) + "\n"
+    print(text)
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / f"danger_zone_{a.name}.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
