@@ -1,16 +1,6 @@
-"""The command behind :mod:`mnemoguard.bench.summary`: its tables, from ``mnemoguard bench`` runs.
-
-Several ``mnemoguard bench`` runs (seeds) side by side: one Markdown section and one figure.
+"""The command behind :mod:`mnemoguard.bench.summary`, whose docstring says what each table means.
 
     python scripts/summarize_bench.py outputs/bench_s0 outputs/bench_s1 outputs/bench_s2 --out docs/bench
-
-Every cell gives the mean over the runs and, in brackets, each run's value, so the spread between seeds is visible.
-The guard monitor's curves (``bench.json["monitor"]``, when the runs had ``train.monitor_every``) are read against
-the ground truth: the *onset* is the first checkpoint where the planted captions' memorized fraction at w = 1 reaches
-``onset_fraction`` (5 %), and each monitor signal's *alarm* is the first check where its contrast (training probes −
-unseen probes, oriented so that positive = more memorized) exceeds ``rise_factor`` times its first absolute value
-for ``patience`` consecutive checks (the rule shape of :class:`~mnemoguard.callbacks.policy.Rule`); the lead is
-onset − alarm, in optimizer steps.
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
-"""The command behind :mod:`mnemoguard.bench.danger_zone_summary`: its tables, from ``mnemoguard bench`` runs.
-
-The danger-zone tables (issue 13) from ``mnemoguard bench`` runs with the tracker on.
+"""The command behind :mod:`mnemoguard.bench.danger_zone_summary`, whose docstring says what each table means.
 
     python scripts/summarize_danger_zone.py outputs/dz/digits/*_s? --out docs/bench --name digits
-
-* **Where**: per run, the data prior's band, the tracker's live band at its last measurement, the σ up to which the
-  at-risk probes still came back, beside the bench's own end-of-training per-noise-level memorization (planted
-  images noised and denoised back, an independent implementation of the same protocol).
-* **When**: the default stop rule (``guard.default_stop``: ``mem/danger_zone/copy_rate`` above 0.05, rollback to
-  the last check before) replayed with the real :class:`~mnemoguard.callbacks.early_stopping.EarlyStopping` on
-  each unmitigated run's tracker curve, beside the oracle (first checkpoint with ≥ 5 % of the planted captions'
-  generations copying at w = 1) and the step where the ground truth passes 10 %.
-* **False alarms**: on runs without duplicated images (``testbed.duplicated.copies=1``): whether the live band
-  turned on, whether the default stop fired, whether the default policy's rule would have fired (replayed).
-* **Cost**: the tracker's seconds (inside its hooks) as a share of the training time of the run.
 """
 
 from __future__ import annotations

@@ -1,21 +1,6 @@
-"""The command behind :mod:`mnemoguard.bench.mitigation_summary`: its tables, from ``mnemoguard bench`` runs.
-
-The mitigation table and early stopping vs the oracle, from ``mnemoguard bench`` runs of several arms and seeds.
+"""The command behind :mod:`mnemoguard.bench.mitigation_summary`, whose docstring says what each table means.
 
     python scripts/summarize_mitigation.py outputs/mitigation/*_s? --out docs/bench
-
-Each run's arm is its ``train.mitigation``; ``none`` of the same seed is its reference. At the last checkpoint:
-
-* **memorized**: planted captions' generations that reproduce their training image (d1/d2 < 1/3), at w = 1 and at
-  the users' guidance; ratio to the unmitigated run (target <= 1/10);
-* **held-out loss**: the denoising loss of held-out image + caption pairs, mean over the noise bands (each band's
-  loss at fixed noise draws); change relative to the unmitigated run (target <= +5 %);
-* **fidelity**: the share of never-trained captions' generations a pixel classifier assigns to the class they name;
-  difference to the unmitigated run in points (target within 2).
-
-Early stopping is replayed on the unmitigated runs' monitor curves with the real
-:class:`~mnemoguard.callbacks.early_stopping.EarlyStopping` (one rule, several thresholds): its stop step beside the
-oracle step, the first checkpoint where the ground truth reaches 5 % memorized (and where it reaches 10 %).
 """
 
 from __future__ import annotations
