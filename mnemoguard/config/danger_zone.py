@@ -35,7 +35,11 @@ class DangerZoneConfig:
     # (the multi-step return); k >= 1: k steps, ending on the last one's clean-sample estimate (1: the one-step
     # return, one network row per probe, draw and σ)
     copy_draws: int = 0  # generations per at-risk probe for the copy rate (0: draws), each num_inference_steps rows
-    copy_confidence: float = 0.95  # the copy rate's one-sided Wilson lower bound (mem/danger_zone/copy_rate_lower)
+    copy_draws_max: int = 0  # sequential: while copies were seen but the lower bound below is not above copy_level,
+    # one more generation per probe, up to this many (0 or <= copy_draws: never more)
+    copy_level: float = 0.05  # the copy rate the sequential rounds decide against (the default stop's level)
+    copy_confidence: float = 0.95  # of the copy rate's exact one-sided lower bound (Clopper-Pearson;
+    # mem/danger_zone/copy_rate_lower)
     guidance_scale: float = 1.0  # guidance of the denoising (1: the conditional model, where copies show best)
     copy_ratio: float = 1.0 / 3.0  # Gu et al.: d1/d2 below this = the same image
     on_level: float = 0.5  # the band turns on when the at-risk probes return this much more often than held-out
@@ -59,7 +63,7 @@ class DangerZoneConfig:
                      "prior_rows", "prior_probes", "prior_sigmas"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{w}.{name} must be >= 1, found {getattr(self, name)}")
-        for name in ("curvature_probes", "return_steps", "copy_draws"):
+        for name in ("curvature_probes", "return_steps", "copy_draws", "copy_draws_max"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{w}.{name} must be >= 0, found {getattr(self, name)}")
         if not 0.5 <= self.copy_confidence < 1:
@@ -69,7 +73,7 @@ class DangerZoneConfig:
         if not 0 <= self.release_level <= self.on_level <= 1:
             raise ConfigError(f"{w}: expected 0 <= release_level <= on_level <= 1 (differences of rates), found "
                               f"release_level={self.release_level}, on_level={self.on_level}")
-        for name in ("copy_ratio", "max_strength", "weight_threshold", "coverage_threshold"):
+        for name in ("copy_ratio", "copy_level", "max_strength", "weight_threshold", "coverage_threshold"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{w}.{name} must be in (0, 1], found {getattr(self, name)}")
         if self.guidance_scale < 1:

@@ -11,7 +11,7 @@
 See ``docs/evaluation.md`` for definitions, sources and conventions.
 """
 
-from .bootstrap import BootstrapEstimate, bootstrap_mean, memorized_fraction, wilson_lower_bound
+from .bootstrap import BootstrapEstimate, binomial_lower_bound, bootstrap_mean, memorized_fraction
 from .detection import (
     RocCurve,
     TprConvention,
@@ -52,7 +52,7 @@ __all__ = [
     # bootstrap
     "BootstrapEstimate",
     "bootstrap_mean",
-    "wilson_lower_bound",
+    "binomial_lower_bound",
     "memorized_fraction",
     # template_verbatim
     "KIM_LEE_TV_THRESHOLD",

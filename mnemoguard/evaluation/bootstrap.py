@@ -14,7 +14,7 @@ import numpy as np
 from ._checks import ArrayLike, as_numpy_1d, check_positive_int, check_probability
 from .nearest_neighbour import GU_RATIO_THRESHOLD, NearestNeighbourRatio, is_memorized
 
-__all__ = ["BootstrapEstimate", "bootstrap_mean", "memorized_fraction", "wilson_lower_bound"]
+__all__ = ["BootstrapEstimate", "bootstrap_mean", "memorized_fraction", "binomial_lower_bound"]
 
 
 @dataclass(frozen=True)
@@ -108,29 +108,35 @@ def memorized_fraction(
     return bootstrap_mean(flags.cpu().numpy().astype(np.float64), n_resamples=n_resamples, level=level, seed=seed)
 
 
-def wilson_lower_bound(successes: int, trials: int, confidence: float = 0.95) -> float:
-    r"""One-sided lower confidence bound of a binomial proportion (Wilson's score bound, Wilson 1927).
+def binomial_lower_bound(successes: int, trials: int, confidence: float = 0.95) -> float:
+    r"""Exact one-sided lower confidence bound of a binomial proportion (Clopper & Pearson, Biometrika 1934).
 
-    With :math:`\hat p = k/n` and :math:`z = \Phi^{-1}(\text{confidence})`,
+    For ``k`` successes in ``n`` trials, the bound :math:`L` solves
 
-    .. math:: L = \frac{\hat p + \frac{z^2}{2n} - z\sqrt{\frac{\hat p(1-\hat p)}{n} + \frac{z^2}{4n^2}}}
-                         {1 + \frac{z^2}{n}} ,
+    .. math:: P(X \ge k \mid n, L) = \sum_{i=k}^{n} \binom{n}{i} L^i (1-L)^{n-i} = 1 - \text{confidence}
 
-    so :math:`P(p < L) \approx 1 - \text{confidence}`. Unlike the normal bound it stays in [0, 1] and is sensible at
-    :math:`k = 0` (:math:`L = 0`) and for the few dozen trials a live measurement has: with n = 32 at 95 %, 2
-    copies give L = 0.021 and 4 give L = 0.057. NaN for ``trials = 0``.
+    (:math:`L = 0` for :math:`k = 0`), so :math:`P(p < L) \le 1 - \text{confidence}` for every true :math:`p`:
+    exact, never anti-conservative at the few dozen trials of a live measurement (Wilson's score bound is: with 4
+    trials at p = 5 % it passes 5 % in 18 % of draws). At 95 %: 2 of 32 give 0.011, 4 of 32 0.044, 5 of 32 0.064;
+    3 of 16 give 0.053. Found by bisection on the binomial tail (monotone in :math:`L`). NaN for ``trials = 0``.
     """
     import math
-    from statistics import NormalDist
 
     k, n = int(successes), int(trials)
     if not 0 <= k <= max(n, 0):
-        raise ValueError(f"wilson_lower_bound: expected 0 <= successes <= trials, found {k} of {n}")
+        raise ValueError(f"binomial_lower_bound: expected 0 <= successes <= trials, found {k} of {n}")
     check_probability(float(confidence), "confidence", open_high=True)
     if n == 0:
         return float("nan")
-    z = NormalDist().inv_cdf(float(confidence))
-    p = k / n
-    centre = p + z * z / (2 * n)
-    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - spread) / (1 + z * z / n))
+    if k == 0:
+        return 0.0
+    alpha = 1.0 - float(confidence)
+
+    def tail(p: float) -> float:  # P(X >= k | n, p)
+        return 1.0 - sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k))
+
+    lo, hi = 0.0, k / n  # tail(k / n) >= 1/2 > alpha
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tail(mid) < alpha else (lo, mid)
+    return lo

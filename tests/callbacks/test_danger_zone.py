@@ -319,3 +319,24 @@ def test_the_alarm_ignores_noise_levels_the_sampler_does_not_visit_but_the_band_
     entry = tracker.decide(20, high, 1000)
     # Decided at the covered σ (0.9 at σ = 2); the band then reaches down as far as the excess holds (σ = 0.5).
     assert tracker.active and entry["excess"] == pytest.approx(0.9) and entry["band"]["sigma_lo"] == 0.5
+
+
+@pytest.mark.parametrize("flags,rounds", [
+    ([[0, 0, 0, 0]], 1),  # no copy: decided at once, no more rows
+    ([[1, 1, 1, 1]], 1),  # 4 of 4: the lower bound is far above 5 %
+    ([[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]], 4),  # a close call: up to the most rounds
+    ([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]], 2),  # 3 of 8: the bound (0.097) passes 5 % after round 2
+])
+def test_the_copy_rate_draws_more_generations_only_while_the_call_is_close(flags, rounds):
+    from mnemoguard.callbacks.danger_zone import sequential_copies
+    from mnemoguard.evaluation import binomial_lower_bound
+
+    calls = []
+
+    def draw(start, count):
+        calls.append((start, count))
+        return torch.tensor([f for r in flags[start:start + count] for f in r], dtype=torch.bool)
+
+    copies = sequential_copies(draw, 1, 4, 0.05, 0.95)
+    assert copies.numel() == 4 * rounds and calls[0] == (0, 1) and all(c == 1 for _, c in calls[1:])
+    assert (binomial_lower_bound(int(copies.sum()), copies.numel()) > 0.05) == (rounds < 4 and copies.any())

@@ -1,25 +1,24 @@
-"""The copy rate's confidence bound: Wilson's score bound for a binomial proportion."""
+"""The copy rate's confidence bound: the exact (Clopper–Pearson) lower bound of a binomial proportion."""
 
 import math
 
 import pytest
 
 
-@pytest.mark.parametrize("k,n", [(1, 16), (2, 32), (4, 32), (16, 16), (7, 100)])
-def test_the_wilson_lower_bound_solves_the_score_equation_below_the_estimate(k, n):
-    from statistics import NormalDist
+@pytest.mark.parametrize("k,n", [(1, 4), (2, 32), (5, 32), (3, 16), (16, 16), (7, 100)])
+def test_the_lower_bound_is_where_k_or_more_successes_become_as_unlikely_as_the_confidence_allows(k, n):
+    from mnemoguard.evaluation import binomial_lower_bound
 
-    from mnemoguard.evaluation import wilson_lower_bound
-
-    low, z, p = wilson_lower_bound(k, n, 0.95), NormalDist().inv_cdf(0.95), k / n
-    # Wilson's bound is the root below p̂ of (p̂ − L)² = z² L (1 − L) / n: the score test's acceptance edge.
-    assert 0 < low < p and (p - low) ** 2 == pytest.approx(z * z * low * (1 - low) / n, rel=1e-9)
+    low = binomial_lower_bound(k, n, 0.95)
+    tail = 1 - sum(math.comb(n, i) * low**i * (1 - low) ** (n - i) for i in range(k))  # P(X >= k | n, low)
+    assert 0 < low < k / n and tail == pytest.approx(0.05, rel=1e-6)
 
 
-def test_the_wilson_lower_bound_is_zero_without_successes_and_separates_two_copies_from_four():
-    from mnemoguard.evaluation import wilson_lower_bound
+def test_the_lower_bound_is_zero_without_successes_and_separates_two_copies_of_32_from_five():
+    from mnemoguard.evaluation import binomial_lower_bound
 
-    assert wilson_lower_bound(0, 32) == 0.0 and math.isnan(wilson_lower_bound(0, 0))
-    assert wilson_lower_bound(2, 32) < 0.05 < wilson_lower_bound(4, 32)  # 2 of 32 is no evidence of 5 %, 4 is
+    assert binomial_lower_bound(0, 32) == 0.0 and math.isnan(binomial_lower_bound(0, 0))
+    assert binomial_lower_bound(2, 32) < binomial_lower_bound(4, 32) < 0.05 < binomial_lower_bound(5, 32)
+    assert binomial_lower_bound(1, 4) == pytest.approx(1 - 0.95 ** 0.25, rel=1e-6)  # k = 1: 1 - (1 - L)^n = α
     with pytest.raises(ValueError, match="successes <= trials"):
-        wilson_lower_bound(5, 4)
+        binomial_lower_bound(5, 4)

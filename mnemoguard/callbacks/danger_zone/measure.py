@@ -20,13 +20,15 @@ plain images are memorized as well), and stands in for held-out images when ther
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["ReturnProfile", "band_from_excess", "band_timesteps", "return_flags", "return_profile"]
+__all__ = ["ReturnProfile", "band_from_excess", "band_timesteps", "return_flags", "return_profile",
+           "sequential_copies"]
 
 
 @dataclass
@@ -116,3 +118,20 @@ def band_timesteps(timesteps: list[int], lo: int, hi: int, num_train_timesteps: 
     begin = max(0, (below + ts[lo] + 1) // 2)
     end = min(num_train_timesteps, (ts[hi] + above + 1) // 2)
     return int(begin), int(max(end, begin + 1))
+
+
+def sequential_copies(draw: Callable[[int, int], torch.Tensor], first: int, most: int, level: float,
+                      confidence: float) -> torch.Tensor:
+    """Copy flags drawn in rounds (a round: one generation per probe): ``draw(start, count)`` returns the flags of
+    rounds ``start .. start + count − 1``. The first ``first`` rounds are always drawn (one call); then, while copies
+    were seen but the one-sided exact (Clopper–Pearson) lower bound of the copy rate at ``confidence``
+    (:func:`mnemoguard.evaluation.binomial_lower_bound`) is not above ``level``, one round more, up to ``most`` rounds:
+    no copy is decided at once (no more rows on a clean model), a clear excess stops drawing, a close call draws more.
+    Returns the flags of every round drawn, concatenated."""
+    from ...evaluation import binomial_lower_bound
+
+    copies, done = draw(0, first), first
+    while done < most and copies.any() and binomial_lower_bound(int(copies.sum()), copies.numel(),
+                                                               confidence) <= level:
+        copies, done = torch.cat([copies, draw(done, 1)]), done + 1
+    return copies

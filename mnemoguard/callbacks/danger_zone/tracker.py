@@ -12,7 +12,7 @@
   training probes' return stands in, :meth:`.measure.ReturnProfile.excess`); the *copy rate*: the share of
   generations from the at-risk probes' captions (DDIM from fixed pure noise, the same steps and guidance,
   ``copy_draws`` per probe) that copy their own training image — the ground truth's criterion on fewer samples and
-  steps — and its one-sided Wilson lower bound at ``copy_confidence``; beside it, per σ, Kim &
+  steps — and its one-sided exact (Clopper–Pearson) lower bound at ``copy_confidence``; beside it, per σ, Kim &
   Lee's curvature difference (live vs the monitor's baseline) at the at-risk probes' noisy inputs, to see whether it
   marks the same band.
 * **The live band**, with hysteresis, decided at the σ the data prior says the sampler visits (``C_σ`` ≥
@@ -42,14 +42,21 @@ from typing import Any
 import torch
 
 from ...config.danger_zone import DangerZoneConfig
-from ...evaluation import wilson_lower_bound
+from ...evaluation import binomial_lower_bound
 from ...isolation import eval_mode, preserved_rng_state
 from ...serialization import check_keys
 from ..bands import NoiseBand
 from ..base import Callback, TrainerControl, TrainerState
 from ..copies import from_rank_zero, own_copies
 from ..monitor.tensors import AT_RISK_KINDS, ProbeSet
-from .measure import ReturnProfile, band_from_excess, band_timesteps, return_flags, return_profile
+from .measure import (
+    ReturnProfile,
+    band_from_excess,
+    band_timesteps,
+    return_flags,
+    return_profile,
+    sequential_copies,
+)
 from .prior import data_prior
 
 logger = logging.getLogger("mnemoguard")
@@ -118,17 +125,34 @@ class DangerZoneTracker(Callback):
         rep = torch.arange(Q).repeat_interleave(D)
         kind = [probes.kinds[i] for i in rep.tolist()]
         held = probes.heldout_pixels.shape[0] > 0
+        # The copy rate's generations, round-major (round r: one per copy probe: the at-risk ones, else every training
+        # probe); rounds below `draws` use gen_noise's draws, further sequential rounds more noise from the same seed.
+        copy_probes = [q for q, k in enumerate(probes.kinds) if k in AT_RISK_KINDS] or \
+            [q for q, k in enumerate(probes.kinds) if k != "heldout"]
+        rounds = self._copy_rounds()[1]
+        extra = torch.randn((len(copy_probes) * max(0, rounds - D), *context.denoiser.adapter.sample_shape),
+                            generator=g)
+        copy_noise = [gen_noise[q * D + r] if r < D else extra[(r - D) * len(copy_probes) + i]
+                      for r in range(rounds) for i, q in enumerate(copy_probes)]
+        copy_probe = torch.tensor([q for _ in range(rounds) for q in copy_probes], dtype=torch.long)
         return {
             "x0": probes.x0[rep.to(probes.x0.device)], "cond": probes.cond[rep], "noise": noise,
-            "gen_noise": gen_noise, "own": probes.own[rep], "reference": probes.reference,
-            "is_training": probes.is_training,
+            "own": probes.own[rep], "reference": probes.reference, "is_training": probes.is_training,
             "groups": {"at_risk": torch.tensor([k in AT_RISK_KINDS for k in kind]),
                        "random": torch.tensor([k == "random" for k in kind]),
                        "train": torch.tensor([k != "heldout" for k in kind]),
                        "heldout": torch.tensor([k == "heldout" for k in kind])},
             "uncond": probes.uncond,
             "heldout_x0": probes.x0[probes.num_train_probes:].detach().cpu() if held else None,
+            "copy_probes": len(copy_probes), "copy_cond": probes.cond[copy_probe], "copy_own": probes.own[copy_probe],
+            "copy_noise": torch.stack(copy_noise) if copy_noise else torch.zeros((0, *gen_noise.shape[1:])),
         }
+
+    def _copy_rounds(self) -> tuple[int, int]:
+        """``(first, most)``: generations per copy probe always drawn, and at most (sequential rounds)."""
+        c = self.config
+        first = c.copy_draws or c.draws
+        return first, max(first, c.copy_draws_max)
 
     # ------------------------------------------------------------------------------------------------ per step
     def on_step_end(self, state: TrainerState, control: TrainerControl, context: Any = None,
@@ -185,13 +209,12 @@ class DangerZoneTracker(Callback):
                                   c.guidance_scale, c.num_inference_steps, decode=context.decode,
                                   batch_size=self.monitor.config.batch_size * 4, num_steps=c.return_steps or None)
             returns, lands = return_flags(images, inp["reference"], inp["own"], inp["is_training"], c.copy_ratio)
-            copies = self._generation_copies()
-            returns, lands, copies = from_rank_zero(context, returns, lands, copies)
+            (returns, lands), copies = from_rank_zero(context, returns, lands), self._generation_copies()
             curvature = _ascending(self._curvature(timesteps), levels) if c.curvature_probes else None
         profile = return_profile(levels, sigmas, returns, lands, inp["groups"])
         entry = self.decide(step, profile, context.num_train_timesteps, curvature)
         entry["copy_rate"] = float(copies.float().mean()) if copies.numel() else float("nan")
-        entry["copy_rate_lower"] = wilson_lower_bound(int(copies.sum()), copies.numel(), c.copy_confidence)
+        entry["copy_rate_lower"] = binomial_lower_bound(int(copies.sum()), copies.numel(), c.copy_confidence)
         entry["rows"] = int(adapter.rows - rows_before)
         self.history.append(entry)
         self.seconds["measure"] += time.perf_counter() - start
@@ -208,20 +231,26 @@ class DangerZoneTracker(Callback):
         return {k: float(v) for k, v in values.items()}
 
     def _generation_copies(self) -> torch.Tensor:
-        """Per at-risk probe and draw (all training probes without at-risk ones): does a generation from its caption
-        (DDIM from fixed pure noise, the tracker's steps and guidance) copy its own training image (the nearest
-        reference is its own, d1/d2 < ``copy_ratio``)? The ground truth's criterion, on fewer samples and steps."""
+        """Per generation from a copy probe's caption (DDIM from fixed pure noise, the tracker's steps and guidance):
+        does it copy its own training image (the nearest reference is its own, d1/d2 < ``copy_ratio``)? The ground
+        truth's criterion, on fewer samples and steps. ``copy_draws`` rounds of one generation per probe, then, while
+        copies were seen but the copy rate's lower bound is not above ``copy_level``, one round more, up to
+        ``copy_draws_max`` (every rank takes rank 0's flags, so all make the same calls)."""
         from ...sampling import generate
 
         c, context, inp = self.config, self._context, self._inputs
-        mask = inp["groups"]["at_risk"] if bool(inp["groups"]["at_risk"].any()) else inp["groups"]["train"]
-        draw = torch.arange(mask.numel()) % c.draws  # rows are probe-major: probe q, draw d at q * draws + d
-        rows = torch.nonzero(mask & (draw < (c.copy_draws or c.draws))).reshape(-1)
-        if rows.numel() == 0:
+        A = inp["copy_probes"]
+
+        def draw(start: int, count: int) -> torch.Tensor:
+            rows = slice(start * A, (start + count) * A)
+            images = generate(context.denoiser, inp["copy_cond"][rows], inp["uncond"], c.guidance_scale,
+                              c.num_inference_steps, latents=inp["copy_noise"][rows], decode=context.decode)
+            return from_rank_zero(context, own_copies(images, inp["reference"], inp["copy_own"][rows],
+                                                      c.copy_ratio).copies)[0]
+
+        if A == 0:
             return torch.zeros(0, dtype=torch.bool)
-        images = generate(context.denoiser, inp["cond"][rows], inp["uncond"], c.guidance_scale,
-                          c.num_inference_steps, latents=inp["gen_noise"][rows], decode=context.decode)
-        return own_copies(images, inp["reference"], inp["own"][rows], c.copy_ratio).copies
+        return sequential_copies(draw, *self._copy_rounds(), c.copy_level, c.copy_confidence)
 
     def _curvature(self, timesteps: list[float | int]) -> list[float]:
         """Per grid t (in the sampler's order of ``timesteps``): mean Kim & Lee Δh of the at-risk probes (first draw
