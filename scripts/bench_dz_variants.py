@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+")
     p.add_argument("--variant", action="append", required=True, help="NAME:KEY=VALUE,KEY=VALUE (empty: the base)")
     p.add_argument("--out", default="outputs/dz_variants.json")
+    p.add_argument("--on-levels", default="0.5,0.35", help="band-on steps at these on-levels too (the first "
+                   "checkpoint whose excess reaches it: the band's first turn-on does not depend on the release)")
+    p.add_argument("--rescore", action="store_true", help="print the tables of --out again, measuring nothing")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -77,17 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.variant:
         name, _, rest = spec.partition(":")
         variants.append((name, [kv for kv in rest.split(",") if kv]))
-    results = [score(Path(run), name, overrides) for run in args.runs for name, overrides in variants]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1, default=float))
-    print("| run | variant | rows | oracle | band on | stop: rate > 5 % (GT) | stop: bound > 5 % (GT) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    if args.rescore:
+        results = json.loads(Path(args.out).read_text())
+    else:
+        results = [score(Path(run), name, overrides) for run in args.runs for name, overrides in variants]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1, default=float))
+    levels = [float(x) for x in args.on_levels.split(",") if x]
+    print("| run | variant | rows | oracle | " + " | ".join(f"band on, excess ≥ {x:g}" for x in levels)
+          + " | stop: rate > 5 % (GT) | stop: bound > 5 % (GT) |")
+    print("|---|---|---:|---:|" + "---:|" * len(levels) + "---:|---:|")
     for r in results:
         def at(step, gt):
             return "none" if step is None else f"{step} ({100 * gt:.1f} %)"
+        on = [_first(r["per_checkpoint"], lambda c, x=x: c["excess"] >= x) for x in levels]
         print(f"| {Path(r['run']).name} | {r['variant']} | {'/'.join(map(str, r['rows']))} | {r['oracle']} | "
-              f"{r['band_on']} | {at(r['stop_level'], r['gt_at_stop_level'])} | "
-              f"{at(r['stop_bound'], r['gt_at_stop_bound'])} |")
+              + " | ".join("none" if s is None else str(s) for s in on)
+              + f" | {at(r['stop_level'], r['gt_at_stop_level'])} | {at(r['stop_bound'], r['gt_at_stop_bound'])} |")
     return 0
 
 
