@@ -170,7 +170,7 @@ class LowLossFlags(Callback):
                 "num_train_timesteps": self.num_train_timesteps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from ..serialization import check_keys
+        from ...serialization import check_keys
 
         check_keys(state, {"table": (Tensor, type(None)), "row_counts": (Tensor, type(None)),
                            "num_train_timesteps": int}, "loss_flags")
