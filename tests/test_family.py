@@ -180,6 +180,15 @@ def test_generation_is_diffusers_ddim_for_ddpm_models(prediction_type):
     assert [t for t, _ in sampling_steps(den, 7)] == [int(t) for t in ddim.timesteps]
 
 
+def test_the_adapter_counts_the_rows_of_every_weights_it_runs():
+    unet, other = _Unet().eval(), _Unet().eval()
+    den = Denoiser(unet, DDPMScheduler())
+    generate(den, torch.randn(3, 2, 4, generator=gen(1)), num_inference_steps=5)  # 3 rows x 5 steps
+    ema = den.with_model(other)  # another set of weights of the same model, as an EMA baseline runs it
+    ema.eps(torch.randn(2, 2, 4, 4, generator=gen(2)), 10, torch.randn(2, 2, 4, generator=gen(3)))
+    assert den.adapter.rows == ema.adapter.rows == 3 * 5 + 2  # one count: a measurement's cost includes baselines
+
+
 def test_the_flow_sampler_step_is_the_euler_step_of_the_linear_interpolant():
     torch.manual_seed(0)
     net = _Unet().eval()

@@ -78,9 +78,16 @@ class ModelAdapter:
                             f"{type(module).__name__}")
         self.module = module
         self._sample_size = sample_size
-        self.rows = 0  # batch rows sent through the network so far (a measurement's cost: the difference)
+        self._rows = [0]  # batch rows sent through the network so far, shared with every with_module() clone
 
     # ------------------------------------------------------------------ description
+    @property
+    def rows(self) -> int:
+        """Batch rows sent through the network by this adapter and every :meth:`with_module` clone of it (other
+        weights of the same model: an EMA baseline, a functional view), so the cost of a measurement that calls a
+        baseline too is the difference of this count around it."""
+        return self._rows[0]
+
     @property
     def inner(self) -> nn.Module:
         """The network without DDP / DeepSpeed / compile wrappers."""
@@ -142,7 +149,7 @@ class ModelAdapter:
         dtype = self.dtype
         cond = None if cond is None else as_conditioning(cond).to(device=x.device, dtype=dtype)
         x_in = x.to(dtype) if dtype.is_floating_point else x
-        self.rows += int(x.shape[0])
+        self._rows[0] += int(x.shape[0])
         out = _first_output(self.forward(x_in, t, cond, **kwargs))
         C = x.shape[1]
         if out.ndim == 4 and out.shape[1] == 2 * C:  # learned-variance heads: [prediction, variance]
