@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 
 from mnemoguard.audit import AuditSettings, run_audit
+from mnemoguard.config.danger_zone import COPY_LEVEL
 
 GUARD = ["monitor.num_duplicate_probes=4", "monitor.nearest_pool_size=64", "danger_zone.num_inference_steps=10"]
-LIMIT = 0.05  # the default stop's level
+LIMIT = COPY_LEVEL  # the default stop's level
 
 
 def _gt(run: Path) -> dict[int, float]:

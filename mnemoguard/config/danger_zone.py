@@ -13,7 +13,10 @@ from typing import Any
 
 from .schema import ConfigError
 
-__all__ = ["DANGER_ZONE_TAGS", "DangerZoneConfig", "default_stop"]
+__all__ = ["COPY_LEVEL", "DANGER_ZONE_TAGS", "DangerZoneConfig", "default_stop"]
+
+#: the copy rate above which the default stop fires, and which the tracker's sequential rounds decide against
+COPY_LEVEL = 0.05
 
 #: the scalars the tracker writes (``mem/danger_zone/<name>``); the band edges only while a band is on
 DANGER_ZONE_TAGS = ("excess", "copy_rate", "copy_rate_lower", "heldout_copy_rate", "active", "strength", "rows",
@@ -37,7 +40,7 @@ class DangerZoneConfig:
     copy_draws: int = 0  # generations per at-risk probe for the copy rate (0: draws), each num_inference_steps rows
     copy_draws_max: int = 0  # sequential: while copies were seen but the lower bound below is not above copy_level,
     # one more generation per probe, up to this many (0 or <= copy_draws: never more)
-    copy_level: float = 0.05  # the copy rate the sequential rounds decide against (the default stop's level)
+    copy_level: float = COPY_LEVEL  # the copy rate the sequential rounds decide against (the default stop's level)
     copy_confidence: float = 0.95  # of the copy rate's exact one-sided lower bound (Clopper-Pearson;
     # mem/danger_zone/copy_rate_lower)
     guidance_scale: float = 1.0  # guidance of the denoising (1: the conditional model, where copies show best)
@@ -86,4 +89,4 @@ def default_stop() -> dict[str, Any]:
     the ground truth's criterion on the tracker's few samples), and roll back to the last check before
     (``rollback: last_good``; export it with ``training.export: best``)."""
     return {"enabled": True, "monitor": "mem/danger_zone/copy_rate", "mode": "min", "patience": None,
-            "divergence_threshold": 0.05, "divergence_patience": 1, "rollback": "last_good"}
+            "divergence_threshold": COPY_LEVEL, "divergence_patience": 1, "rollback": "last_good"}
