@@ -27,7 +27,7 @@ AT_RISK_KINDS = ("image_duplicate", "duplicate")
 
 @dataclass(frozen=True)
 class ProbeSet:
-    """The monitor's probes, one entry per probe, as the danger-zone tracker and the audit read them: the ``P``
+    """The monitor's probes, one entry per probe, as the danger-zone tracker and the visual check read them: the ``P``
     training probes first, then the held-out samples with images (held-out *captions* have no image of their own and
     are not in it)."""
 
@@ -70,9 +70,7 @@ class ProbeTensors:
     uncond: Conditioning  # [1] the empty caption's (device)
     captions: list[str]  # [N]
     num_train_probes: int  # P
-    pool: Tensor | None  # [K, C, H, W] nearest-neighbour pool in [0, 1] (CPU), exact duplicates removed
-    pool_rows: list[int]  # dataset row of each pool image
-    train_px: list[Tensor]  # the training probes' images in [0, 1] (CPU)
+    pool_rows: list[int]  # dataset row of each image of probe_set.pool (the nearest-neighbour pool)
     gen_latents: Tensor  # [G, C, h, w] initial noise of the probe generations (CPU)
     gen_cond: Conditioning | None  # [G] their caption conditioning (device)
     curv_noise: Tensor  # [G, C, h, w] noise that re-noises a generation for its curvature map (CPU)
@@ -158,22 +156,21 @@ def build_probe_tensors(spec: dict[str, Any], context: Any, heldout: Any, curvat
     encoded = prompts(unique)
     row = {cap: i for i, cap in enumerate(unique)}
     level = t.to(device)
-    pool = torch.stack(pool_px) if pool_px else None
+    pool = torch.stack(pool_px) if pool_px else torch.zeros((0, channels, res, res))
     held = len(own_px) - P  # held-out samples with images (0 for held-out captions)
     heldout_px = torch.stack([(p + 1) / 2 for p in own_px[P:]]) if held else torch.zeros((0, channels, res, res))
-    K = pool.shape[0] if pool is not None else 0
+    K = pool.shape[0]
     probe_set = ProbeSet(
         x0=x0_own, cond=encoded[[row[cap] for cap in spec["train_captions"]]
                                 + [row[cap] for cap in spec["heldout_captions"][:held]]],
         uncond=encoded[[row[""]]], kinds=[*spec["train_kinds"], *(["heldout"] * held)],
         captions=[*spec["train_captions"], *spec["heldout_captions"][:held]],
-        pool=pool if pool is not None else torch.zeros((0, channels, res, res)), heldout_pixels=heldout_px,
+        pool=pool, heldout_pixels=heldout_px,
         own=torch.tensor([*own, *range(K, K + held)], dtype=torch.long), seed=int(spec["seed"]))
     return ProbeTensors(
         x0=x0.to(device), noise=noise.to(device), level=level, t=context.schedule.timesteps_at(level), band=band,
         probe=probe, cond=encoded[[row[cap] for cap in captions]], uncond=encoded[[row[""]]], captions=captions,
-        num_train_probes=P, pool=pool, pool_rows=pool_rows,
-        train_px=[(p + 1) / 2 for p in train_px], gen_latents=gen_latents,
+        num_train_probes=P, pool_rows=pool_rows, gen_latents=gen_latents,
         gen_cond=encoded[[row[cap] for cap in spec["train_captions"][:G]]] if G else None,
         curv_noise=curv_noise, probe_set=probe_set,
     )

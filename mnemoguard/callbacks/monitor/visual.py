@@ -51,8 +51,8 @@ def visual_check(context: Any, den: Any, baseline: Any, tz: Any, config: Any) ->
         "maps": maps, "curvature": [float(m.mean()) for m in maps], "nn_ratio": [], "nearest_is_own": [],
         "nearest": None, "nearest_rows": [],
     }
-    pool = tz.pool
-    if pool is not None and pool.shape[0] >= 2 and pool.shape[1:] == images.shape[1:]:
+    pool = tz.probe_set.pool
+    if pool.shape[0] >= 2 and pool.shape[1:] == images.shape[1:]:
         check = own_copies(images, pool, tz.probe_set.own[:G], copy_ratio=1.0)
         idx = check.nearest.tolist()
         out["nearest"] = pool[idx]
