@@ -35,19 +35,18 @@ def guard_tags(cfg: GuardConfig, heldout_given: bool = False) -> set[str]:
     """Every tag the guard of ``cfg`` writes (``heldout_given``: held-out samples passed in code,
     ``Guard(heldout=)``)."""
     tags = {"train/loss", "train/lr", "train/skipped_steps", "data/skipped_samples"}
-    if not cfg.enabled:
-        return tags
+    plan = plan_components(cfg)
     bands = band_names(cfg.monitor)
-    tags |= {f"mem/agc/flag_rate/band={b}" for b in bands} | {"mem/agc/flagged_samples"}
+    if plan.loss_flags:
+        tags |= {f"mem/agc/flag_rate/band={b}" for b in bands} | {"mem/agc/flagged_samples"}
     m = cfg.monitor
-    if m.enabled:
+    if plan.monitor:
         splits = _splits(cfg)
         if heldout_given and m.num_heldout_probes > 0 and "heldout" not in splits:
             splits = [*splits, "heldout", "contrast", "heldout_std"]
         tags |= {f"mem/{s}/band={b}/{p}" for s in _signal_names(cfg) for b in bands for p in splits}
         if m.curvature_every_k_checks and m.curvature_num_probes:
             tags |= {"mem/nn_ratio/train", f"mem/curvature_diff/t={m.curvature_timestep}/train"}
-    plan = plan_components(cfg)
     if plan.noise_gap:
         tags |= {f"mem/noise_gap/{k}" for k in _NOISE_GAP}
     if plan.rules:

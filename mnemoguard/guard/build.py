@@ -97,9 +97,8 @@ def build_components(cfg: GuardConfig, callbacks: Sequence[Callback] = (), heldo
     ``monitor.heldout_data``)."""
     out = Components(user=list(callbacks))
     plan = plan_components(cfg)
-    if not cfg.enabled:
-        return out
-    out.loss_flags = LowLossFlags(cfg.loss_flags)
+    if plan.loss_flags:
+        out.loss_flags = LowLossFlags(cfg.loss_flags)
     if plan.monitor:
         out.monitor = MemorizationMonitor(cfg.monitor, heldout=heldout)
     if plan.danger_zone:
