@@ -20,13 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--monitor", default="mem/probe_loss/band=low/contrast", help="early-stopping metric")
     p.add_argument("--thresholds", default="0.06,0.08,0.1,0.12", help="divergence thresholds to replay")
     p.add_argument("--rollback", default="best", choices=("best", "last_good"), help="early stopping's rollback")
-    p.add_argument("--stopped-arm", action="store_true",
-                   help="add each arm stopped at the first threshold and rolled back (its checkpoint there)")
     a = p.parse_args(argv)
     runs = load_runs(a.dirs)
     thresholds = [float(t) for t in a.thresholds.split(",")]
-    stop = (a.monitor, thresholds[0], a.rollback) if a.stopped_arm else None
-    text = f"{mitigation_markdown(runs, stop)}\n\n{stopping_markdown(runs, a.monitor, thresholds, a.rollback)}\n"
+    text = f"{mitigation_markdown(runs)}\n\n{stopping_markdown(runs, a.monitor, thresholds, a.rollback)}\n"
     print(text)
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """The benchmark's per-checkpoint evaluation: a trainer callback that measures the live model at every ``on_save``
-(ground truth, prompt fidelity, every detection signal, the loss gap per noise band) and runs the end-of-training
-analyses (:mod:`.final`) at ``on_train_end``."""
+(ground truth, prompt fidelity, every detection signal, the loss gap per noise band), and at ``on_train_end`` the
+weights the run exports (after a stop and rollback, the rollback checkpoint's) and the end-of-training analyses
+(:mod:`.final`)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def _tqdm(cfg: BenchConfig, total: int, desc: str) -> Any:
 
 
 class BenchCallback(Callback):
-    """Evaluates the live model at every checkpoint (``on_save``) and runs the final analyses at ``on_train_end``.
+    """Evaluates the live model at every checkpoint (``on_save``), the exported weights and the final analyses at
+    ``on_train_end`` (the guard calls it while the model holds the weights the run exports).
 
     Evaluation runs with the model in eval mode and the global RNG state preserved (:mod:`mnemoguard.isolation`):
     training continues exactly as it would without the benchmark.
@@ -54,19 +56,28 @@ class BenchCallback(Callback):
         self.classifier = PromptFidelityClassifier().fit(self.train.images.flatten(1), self.train.labels)
         self.checkpoints: list[dict[str, Any]] = []
         self.final: dict[str, Any] = {}
+        self.exported: dict[str, Any] = {}  # {"source", "step", ...evaluate()} of the exported weights
         self.eval_seconds = 0.0
         self._prompts: Any = None
 
     # ------------------------------------------------------------------------------------------------ hooks
     def on_save(self, state: TrainerState, control: TrainerControl, context: Any = None, **kwargs: Any) -> None:
-        self._run(state.global_step, context, final=False)
+        self._run(state.global_step, context, "checkpoint")
 
     def on_train_end(self, state: TrainerState, control: TrainerControl, context: Any = None, **kwargs: Any) -> None:
-        if not self.checkpoints or self.checkpoints[-1]["step"] != state.global_step:
-            self._run(state.global_step, context, final=False)
-        self._run(state.global_step, context, final=True)
+        exported = context.exported or {"source": "last", "step": state.global_step}
+        if exported["source"] == "last":  # the live weights: the last point of the curve
+            if not self.checkpoints or self.checkpoints[-1]["step"] != state.global_step:
+                self._run(state.global_step, context, "checkpoint")
+            self.exported = {**self.checkpoints[-1], "source": "last"}
+        else:  # a rollback's checkpoint or the EMA: evaluated as they are, labelled by what they are
+            self._run(int(exported["step"]), context, "exported")
+            self.exported["source"] = exported["source"]
+        self._run(state.global_step, context, "final")
 
-    def _run(self, step: int, context: Any, final: bool) -> None:
+    def _run(self, step: int, context: Any, what: str) -> None:
+        """Evaluate the model as it is now: a ``checkpoint`` of the curve, the ``exported`` weights, or the
+        ``final`` analyses."""
         from ..baselines import ema_baseline
         from ..isolation import eval_mode, preserved_rng_state
         from ..prompts import PromptEncoder
@@ -80,8 +91,10 @@ class BenchCallback(Callback):
             if self._prompts is None:  # the bench's own encoder: the training loop's cache is never touched
                 self._prompts = PromptEncoder(context.prompts.encode, device=context.device)
             model = ProbeModel(den, ema, self._prompts, self._prompts([""]))
-            if final:
+            if what == "final":
                 self.final = final_analyses(self.cfg, self.gt, self.train, model, context.tokenizer)
+            elif what == "exported":
+                self.exported = self.evaluate(model, step)
             else:
                 self.checkpoints.append(self.evaluate(model, step))
                 self._log(self.checkpoints[-1])

@@ -99,6 +99,8 @@ class BenchTrainConfig:
     danger_zone: bool = False  # run the guard's danger-zone tracker alongside the monitor (its curves go into
     # bench.json with the monitor's; the default stop rule is replayed on them)
     danger_zone_every: int = 2  # a tracker measurement at every k-th monitor check
+    stop: bool = False  # the guard's default stop rule live (guard.default_stop; needs danger_zone), exporting its
+    # rollback checkpoint (training.export=best): bench.json's "exported" is then the model a user would ship
     recipe_overrides: list[str] = field(default_factory=list)  # e.g. ["ema.lag=500"], applied last
 
     def __post_init__(self) -> None:
@@ -111,6 +113,9 @@ class BenchTrainConfig:
                "found 0")
         _check(not self.danger_zone or self.monitor_every > 0,
                "train.danger_zone: the tracker measures the monitor's probes; set train.monitor_every > 0, found 0")
+        _check(not self.stop or self.danger_zone,
+               "train.stop: the default stop rule reads the danger-zone tracker; set train.danger_zone=true, found "
+               "false")
         _check(self.max_train_steps >= 1, f"train.max_train_steps: expected >= 1, found {self.max_train_steps}")
         _check(self.eval_every >= 1, f"train.eval_every: expected >= 1, found {self.eval_every}")
         _check(self.monitor_every >= 0, f"train.monitor_every: expected >= 0, found {self.monitor_every}")

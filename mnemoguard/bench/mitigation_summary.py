@@ -2,7 +2,8 @@
 
     python scripts/summarize_mitigation.py outputs/mitigation/*_s? --out docs/bench
 
-Each run's arm is its ``train.mitigation``; ``none`` of the same seed is its reference. At the last checkpoint:
+Each run's arm is its ``train.mitigation`` (``+ stop`` with ``train.stop``: the guard's stop rule live); ``none``
+of the same seed is its reference. Of the weights each run exports (a stopped run: its rollback checkpoint's):
 
 * **memorized**: planted captions' generations that reproduce their training image (d1/d2 < 1/3), at w = 1 and at
   the users' guidance; ratio to the unmitigated run (target <= 1/10);
@@ -23,19 +24,15 @@ from typing import Any
 
 from .summary import _cell, onset_step
 
-__all__ = ["STOPPED", "arm_metrics", "early_stop_step", "mitigation_markdown", "stopping_markdown"]
+__all__ = ["STOPPED", "arm_metrics", "arm_name", "early_stop_step", "mitigation_markdown", "stopping_markdown"]
 
 TARGETS = {"ratio": 0.1, "heldout_change": 0.05, "fidelity_points": 2.0}
 
 
-def arm_metrics(run: dict[str, Any], step: int | None = None) -> dict[str, float]:
-    """Memorized fractions, held-out loss and fidelity of a run's last checkpoint, or its last one at or before
-    ``step`` (evaluated checkpoints may be sparser than the checks a stop rolls back to)."""
-    cps = run["checkpoints"]
-    cp = cps[-1] if step is None else max((c for c in cps if c["step"] <= step), key=lambda c: c["step"], default=None)
-    if cp is None:
-        raise ValueError(f"expected a checkpoint at or before step {step} in seed {run['seed']}, found steps "
-                         f"{[c['step'] for c in cps]}")
+def arm_metrics(run: dict[str, Any]) -> dict[str, float]:
+    """Memorized fractions, held-out loss and fidelity of the weights a run exports (``exported``: after a stop and
+    rollback, the rollback checkpoint's; bench.json files written before it existed: the last checkpoint)."""
+    cp = run.get("exported") or run["checkpoints"][-1]
     ws = sorted(cp["ground_truth"], key=lambda w: float(w.split("=")[1]))
     guided = ws[-1]
     fid = cp.get("fidelity", {})
@@ -51,27 +48,22 @@ def arm_metrics(run: dict[str, Any], step: int | None = None) -> dict[str, float
     }
 
 
-STOPPED = ", stopped + rolled back"  # suffix of an arm replayed with a stop rule
+STOPPED = " + stop"  # suffix of an arm run with the guard's stop rule live (train.stop: true)
 
 
-def _arms(runs: list[dict[str, Any]], stop: tuple[str, float, str] | None = None
-          ) -> tuple[dict[str, dict[int, dict[str, float]]], dict[str, dict[int, int]]]:
-    """Each arm's metrics by seed; with ``stop = (monitor, threshold, rollback)`` also ``<arm>`` + :data:`STOPPED`:
-    each run's last evaluated checkpoint at or before the rollback step of that early-stopping rule replayed on its
-    curve (the weights a user who stopped there would export; the last checkpoint where the rule never stops).
-    Second: per stopped arm, the seeds left out because no checkpoint was evaluated by their rollback step."""
+def arm_name(run: dict[str, Any]) -> str:
+    """``train.mitigation``, with :data:`STOPPED` when the run had the stop rule on."""
+    train = run["config"]["train"]
+    return train.get("mitigation", "none") + (STOPPED if train.get("stop") else "")
+
+
+def _arms(runs: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
+    """Each arm's exported metrics by seed, with the step its run ended at (``stopped_at``: the stop, for a run
+    that stopped)."""
     out: dict[str, dict[int, dict[str, float]]] = {}
-    missing: dict[str, dict[int, int]] = {}
     for run in runs:
-        arm = run["config"]["train"].get("mitigation", "none")
-        out.setdefault(arm, {})[run["seed"]] = arm_metrics(run)
-        if stop is not None:
-            _, back = early_stop_step(run["monitor"], stop[0], stop[1], rollback=stop[2])
-            if back is not None and all(c["step"] > back for c in run["checkpoints"]):
-                missing.setdefault(arm + STOPPED, {})[run["seed"]] = back
-                continue
-            out.setdefault(arm + STOPPED, {})[run["seed"]] = {**arm_metrics(run, back), "rollback": back}
-    return out, missing
+        out.setdefault(arm_name(run), {})[run["seed"]] = {**arm_metrics(run), "stopped_at": run.get("steps")}
+    return out
 
 
 def _vs(pairs: list[tuple[dict[str, float], dict[str, float] | None]], key: str, mode: str) -> list[float | None]:
@@ -89,15 +81,16 @@ def _vs(pairs: list[tuple[dict[str, float], dict[str, float] | None]], key: str,
     return out
 
 
-def mitigation_markdown(runs: list[dict[str, Any]], stop: tuple[str, float, str] | None = None) -> str:
-    """The table: each arm's metrics (mean over seeds, then each seed) and its change vs ``none`` of the same seed
-    (``stop``: add the unmitigated runs stopped and rolled back by that rule, see :func:`_arms`)."""
-    arms, missing = _arms(runs, stop)
+def mitigation_markdown(runs: list[dict[str, Any]]) -> str:
+    """The table: each arm's metrics (mean over seeds, then each seed) and its change vs ``none`` of the same seed;
+    an arm run with the stop rule (``<arm> + stop``) is read at the weights it exported (the stop and the rollback
+    step in its first cell)."""
+    arms = _arms(runs)
     if "none" not in arms:
         raise ValueError(f"expected unmitigated runs (train.mitigation=none) among the arms, found {sorted(arms)}")
     ref = arms["none"]
     plain = ["none", *sorted(a for a in arms if a != "none" and not a.endswith(STOPPED))]
-    order = [*plain, *(a + STOPPED for a in plain if a + STOPPED in arms or a + STOPPED in missing)]
+    order = [*plain, *sorted(a for a in arms if a.endswith(STOPPED))]
     g = next(iter(ref.values()))["guided"]
     lines = [
         f"| arm | seeds | memorized w=1 | memorized w={g:g} | ratio to none (w=1, w={g:g}) | held-out loss | "
@@ -105,19 +98,13 @@ def mitigation_markdown(runs: list[dict[str, Any]], stop: tuple[str, float, str]
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in order:
-        left_out = "".join(f"; seed {seed} left out: rollback to {back} precedes the first evaluated checkpoint"
-                           for seed, back in sorted(missing.get(arm, {}).items()))
-        if arm not in arms:
-            lines.append(f"| {arm} ({left_out.removeprefix('; ')}) |" + " - |" * 9)
-            continue
         seeds = sorted(arms[arm])
         m = [arms[arm][s] for s in seeds]
         pairs = [(arms[arm][s], ref.get(s)) for s in seeds]
         dash = arm == "none"
         ratio = f"{_cell(_vs(pairs, 'mem_w1', 'ratio'))}; {_cell(_vs(pairs, 'mem_guided', 'ratio'))}"
-        read = ", ".join(f"{x['rollback'] if x['rollback'] is not None else 'no stop'} → {int(x['step'])}"
-                         for x in m) if arm.endswith(STOPPED) else ""
-        steps = f" (rollback → checkpoint read: {read}{left_out})" if arm.endswith(STOPPED) else ""
+        read = ", ".join(f"{x['stopped_at']} → {int(x['step'])}" for x in m)
+        steps = f" (ended at → exported: {read})" if arm.endswith(STOPPED) else ""
         lines.append(
             f"| {arm}{steps} | {','.join(map(str, seeds))} | {_cell([x['mem_w1'] for x in m], 100, 1)} % | "
             f"{_cell([x['mem_guided'] for x in m], 100, 1)} % | {'1' if dash else ratio} | "
@@ -154,8 +141,7 @@ def early_stop_step(history: list[dict[str, Any]], monitor: str, threshold: floa
 def stopping_markdown(runs: list[dict[str, Any]], monitor: str, thresholds: list[float], rollback: str = "best"
                       ) -> str:
     """Oracle steps (5 % and 10 % memorized at w = 1) and the replayed stop step per threshold, per seed."""
-    ref = sorted((r for r in runs if r["config"]["train"].get("mitigation", "none") == "none"),
-                 key=lambda r: r["seed"])
+    ref = sorted((r for r in runs if arm_name(r) == "none"), key=lambda r: r["seed"])
     head = "| seed | checkpoints every | oracle (5 %) | passes 10 % | " + " | ".join(
         f"stop at {monitor.removeprefix('mem/')} >= {t:g}" for t in thresholds) + " |"
     lines = [head, "|" + "---|" * (4 + len(thresholds))]

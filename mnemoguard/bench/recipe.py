@@ -36,6 +36,7 @@ def bench_recipe(cfg: BenchConfig, gt: GroundTruth, out: Path):
         f"logging.progress_bar={str(cfg.progress).lower()}",
         *monitor_overrides(t),
         *(["guard.danger_zone.enabled=true"] if t.danger_zone else []),
+        *(["guard.default_stop=true", "training.export=best"] if t.stop else []),
         *([f"guard.danger_zone.every_n_checks={t.danger_zone_every}"] if t.monitor_every else []),
         *([f"model.tiny.base={t.base}"] if t.base else []),
         *(["model.lora.enabled=true"] if t.lora else []),

@@ -8,8 +8,9 @@
    would be without the benchmark): generations of planted vs unseen / held-out captions at w = 1 and at the
    users' guidance, nearest-neighbour ground truth with bootstrap intervals, every prompt-level signal with AUC,
    TPR@1%FPR, cost and wall time, and the training-loss gap per noise band;
-3. after training: Kim & Lee's localisation maps on template captions, the danger-zone curves of the training data
-   beside the per-noise-level memorization rate;
+3. after training: the exported weights evaluated the same way (``exported``: after the guard's stop and rollback,
+   the rollback checkpoint's, the model a user would ship), Kim & Lee's localisation maps on template captions,
+   the danger-zone curves of the training data beside the per-noise-level memorization rate;
 4. writes ``bench.json``, PNG figures and ``bench.md`` (:mod:`.report`); each checkpoint's numbers are also
    appended to ``checkpoints.jsonl`` as soon as they exist, so an interrupted run keeps them.
 
@@ -114,6 +115,7 @@ def run_bench(
         "monitor": [{k: v for k, v in h.items() if k == "step" or k.startswith("mem/")}
                     for h in state.log_history if any(k.startswith("mem/") for k in h)],
         "checkpoints": callback.checkpoints,
+        "exported": callback.exported,
         "danger_zone_tracker": None if tracker is None else {"prior": tracker.prior, "history": tracker.history},
         **callback.final,
         "timing": timing,

@@ -231,3 +231,27 @@ def test_a_flow_family_bench_refuses_the_unet_only_parts():
     with pytest.raises(ConfigError, match="train.base is a UNet's weights"):
         load_bench_config(None, ["train.family=flux", "train.base=builtin:digits16",
                                  "localization.cross_attention=false", "testbed.source.exclude_base=true"])
+
+
+def test_a_stopped_run_evaluates_the_weights_it_exports(tmp_path):
+    """A stop rolls back: bench.json's ``exported`` is the rollback checkpoint's evaluation (its ground truth equal
+    to that checkpoint's on the curve: the same weights, the same fixed noise), not the stop step's."""
+    rule = ["guard.early_stopping.enabled=true", "guard.early_stopping.monitor=mem/danger_zone/rows",
+            "guard.early_stopping.mode=max", "guard.early_stopping.patience=1", "guard.early_stopping.min_delta=1",
+            "training.export=best"]  # the same rows twice: no improvement, the 2nd check (step 4) stops, best = 2
+    data = run_bench(None, tmp_path / "run", overrides=[
+        *TINY, "train.max_train_steps=8", "train.danger_zone=true", "train.danger_zone_every=1",
+        "signals.enabled=false", "localization.enabled=false", "danger_zone.enabled=false",
+        f"train.recipe_overrides={json.dumps(rule)}"])
+    assert data["steps"] == 4
+    exported = data["exported"]
+    assert (exported["source"], exported["step"]) == ("best", 2)
+    at_two = next(c for c in data["checkpoints"] if c["step"] == 2)
+    assert exported["ground_truth"] == at_two["ground_truth"]
+    assert exported["loss_by_band"] == at_two["loss_by_band"]
+    assert json.loads((tmp_path / "run" / "bench.json").read_text())["exported"]["step"] == 2
+
+
+def test_the_bench_stop_needs_the_tracker():
+    with pytest.raises(ConfigError, match="train.stop: the default stop rule reads the danger-zone tracker"):
+        load_bench_config(None, ["train.stop=true", "train.monitor_every=10"])

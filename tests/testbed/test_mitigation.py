@@ -118,12 +118,13 @@ def test_unknown_arm_and_policy_without_monitor_are_config_errors():
 
 
 # ---------------------------------------------------------------------------------------------------- summary
-def _run(arm, seed, mem, held, fid, monitor=(), checkpoints=None):
-    """A bench.json with one last checkpoint (or ``checkpoints``: [(step, memorized at w=1)])."""
+def _run(arm, seed, mem, held, fid, monitor=(), checkpoints=None, stop=False):
+    """A bench.json with one last checkpoint (or ``checkpoints``: [(step, memorized at w=1)]), no ``exported``
+    (as written before it existed: the last checkpoint is read)."""
     cps = [(1000, mem)] if checkpoints is None else checkpoints
     return {
         "seed": seed,
-        "config": {"train": {"mitigation": arm, "eval_every": 100}},
+        "config": {"train": {"mitigation": arm, "eval_every": 100, "stop": stop}},
         "monitor": [{"step": s, "mem/x": v} for s, v in monitor],
         "checkpoints": [{
             "step": step,
@@ -149,22 +150,18 @@ def test_mitigation_table_compares_each_arm_with_none_of_the_same_seed():
         mitigation_markdown(runs[2:])
 
 
-def test_stopped_arm_reads_the_checkpoint_the_stop_rolls_back_to():
-    stops = _run("none", 0, 0, 0.1, 0.9, monitor=[(300, 0.0), (400, 0.02), (500, 0.12)],
-                 checkpoints=[(300, 0.0), (400, 0.01), (500, 0.06), (1000, 0.5)])
-    never = _run("none", 1, 0, 0.1, 0.9, monitor=[(300, 0.0)], checkpoints=[(300, 0.0), (1000, 0.4)])
-    table = mitigation_markdown([stops, never], stop=("mem/x", 0.05, "last_good"))
+def test_stopped_arm_reads_the_weights_its_run_exported():
+    stops = _run("none", 0, 0.5, 0.1, 0.9, checkpoints=[(300, 0.0), (400, 0.01), (500, 0.06)], stop=True)
+    stops.update(steps=500, exported={**stops["checkpoints"][1], "source": "best"})  # rolled back to 400
+    never = _run("none", 1, 0.4, 0.1, 0.9, stop=True)
+    never.update(steps=1000, exported={**never["checkpoints"][-1], "source": "last"})
+    table = mitigation_markdown([_run("none", 0, 0.5, 0.1, 0.9), _run("none", 1, 0.4, 0.1, 0.9), stops, never])
     row = next(line for line in table.splitlines() if line.startswith(f"| none{STOPPED}"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
-    assert cells[0].endswith("(rollback → checkpoint read: 400 → 400, no stop → 1000)")  # no stop: the last
-    assert cells[2] == "20.5 (1.0, 40.0) %"
-    assert cells[4].startswith("0.51 (0.02, 1.00)")
-    sparse = _run("none", 0, 0, 0.1, 0.9, monitor=[(400, 0.0), (500, 0.2)], checkpoints=[(200, 0.0), (1000, 0.5)])
-    row = mitigation_markdown([sparse], stop=("mem/x", 0.05, "last_good")).splitlines()[-1]
-    assert "400 → 200)" in row  # the last evaluated checkpoint at or before the rollback step
-    early = _run("wen_filter", 0, 0, 0.1, 0.9, monitor=[(400, 0.0), (500, 0.2)], checkpoints=[(1000, 0.5)])
-    table = mitigation_markdown([stops, early], stop=("mem/x", 0.05, "last_good"))
-    assert "seed 0 left out: rollback to 400 precedes the first evaluated checkpoint" in table
+    assert cells[0].endswith("(ended at → exported: 500 → 400, 1000 → 1000)")
+    assert cells[2] == "20.5 (1.0, 40.0) %"  # the rollback checkpoint's 1 %, not the stop step's 6 %
+    assert cells[4].startswith("0.51 (0.02, 1.00)")  # against the unstopped runs of the same seeds
+    assert stopping_markdown([stops, never], "mem/x", [0.05]).count("\n") == 1  # stopped runs are no reference
 
 
 def test_early_stop_replay_uses_lightning_divergence_semantics():
