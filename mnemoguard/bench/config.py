@@ -95,7 +95,7 @@ class BenchTrainConfig:
     # unseen captions on the planted images' inputs (confounded by class here: BENCHMARKS.md, 3-seed run)
     mitigation: str = "none"  # an arm of bench/mitigation.py: none | noise_gap_low | noise_gap_mid |
     # noise_gap_low_half | adaptive_gap | wen_filter | iet_agc | caption_replacement | embedding_noise |
-    # caption_dropout | preservation | policy
+    # caption_dropout | preservation | policy | duplicate_weight | danger_zone_duplicate | danger_zone_policy
     danger_zone: bool = False  # run the guard's danger-zone tracker alongside the monitor (its curves go into
     # bench.json with the monitor's; the default stop rule is replayed on them)
     danger_zone_every: int = 2  # a tracker measurement at every k-th monitor check
@@ -104,11 +104,11 @@ class BenchTrainConfig:
     recipe_overrides: list[str] = field(default_factory=list)  # e.g. ["ema.lag=500"], applied last
 
     def __post_init__(self) -> None:
-        from .mitigation import MITIGATIONS
+        from .mitigation import MITIGATIONS, READS_MONITOR
 
         _check(self.mitigation in MITIGATIONS,
                f"train.mitigation: expected one of {sorted(MITIGATIONS)}, found {self.mitigation!r}")
-        _check(self.mitigation not in ("policy", "adaptive_gap") or self.monitor_every > 0,
+        _check(self.mitigation not in READS_MONITOR or self.monitor_every > 0,
                f"train.mitigation={self.mitigation}: it reads the monitor's signals; set train.monitor_every > 0, "
                "found 0")
         _check(not self.danger_zone or self.monitor_every > 0,

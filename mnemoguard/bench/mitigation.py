@@ -26,6 +26,10 @@ arm's settings are the action's published default where one exists, scaled to th
 * ``preservation``: MSE to the EMA's prediction on every training sample (weight 1, ai-toolkit's default).
 * ``policy``: ``guard.default_policy: true``, the rule of :func:`mnemoguard.config.default_policy` on the
   monitor's held-out image probes.
+* ``duplicate_weight``: the loss of each sample divided by its image's copies in the data set (the monitor's
+  duplicate scan; deduplication in expectation, Carlini et al. 2023, Somepalli et al. 2023), from step 0;
+  ``danger_zone_duplicate``: the same switched on when the tracker's excess reaches the band's on-level (0.5), off
+  after 2 measurements below its release level (0.25).
 * ``danger_zone_policy``: a scale-free rule in its place: the danger-zone tracker on, IET-AGC's gating switched on
   when the excess reaches the band's on-level (0.5) and off after 2 measurements below its release level (0.25).
 """
@@ -36,7 +40,7 @@ from typing import Any
 
 from ..config import ConfigError, Rule
 
-__all__ = ["MITIGATIONS", "WEN_TAU_TESTBED", "apply_mitigation"]
+__all__ = ["MITIGATIONS", "READS_MONITOR", "WEN_TAU_TESTBED", "apply_mitigation"]
 
 WEN_TAU_TESTBED = 2.0  # ||eps_c - eps_0||_2 over 256 values (1 x 16 x 16); see the module docstring
 
@@ -60,20 +64,32 @@ MITIGATIONS: dict[str, dict[str, Any]] = {
     "caption_dropout": {"regularizers": {"caption_dropout": {"prob": 0.1}}},
     "preservation": {"regularizers": {"baseline_preservation": {"weight": 1.0}}},
     "policy": {"policy": "default"},
+    "duplicate_weight": {"regularizers": {"duplicate_weight": {}}},
+    "danger_zone_duplicate": {"danger_zone": True, "regularizers": {"duplicate_weight": {"enabled": False}},
+                              "rules": [{"signal": "mem/danger_zone/excess", "action": "duplicate_weight",
+                                         "threshold": 0.5, "release": 0.25, "release_patience": 2}]},
     "danger_zone_policy": {"danger_zone": True, "regularizers": {"iet_agc": {"enabled": False}},
                            "rules": [{"signal": "mem/danger_zone/excess", "action": "iet_agc", "threshold": 0.5,
                                       "release": 0.25, "release_patience": 2}]},
 }
 
 
+#: the arms that read the monitor (its signals, its probes for the tracker, or its duplicate scan)
+READS_MONITOR = frozenset({"policy", "adaptive_gap", "danger_zone_policy", "duplicate_weight",
+                           "danger_zone_duplicate"})
+
+
 def apply_mitigation(guard: Any, name: str, monitor_on: bool) -> None:
     """Turn on arm ``name`` in a recipe's ``guard`` section (a :class:`~mnemoguard.config.GuardConfig`).
 
     Raises:
-        ConfigError: an unknown arm, or the policy arm without the monitor that feeds it.
+        ConfigError: an unknown arm, or an arm of :data:`READS_MONITOR` without the monitor.
     """
     if name not in MITIGATIONS:
         raise ConfigError(f"train.mitigation: expected one of {sorted(MITIGATIONS)}, found {name!r}")
+    if name in READS_MONITOR and not monitor_on:
+        raise ConfigError(f"train.mitigation={name}: it reads the monitor's signals; set train.monitor_every > 0, "
+                          "found 0")
     arm = MITIGATIONS[name]
     if not arm:
         return
@@ -85,14 +101,8 @@ def apply_mitigation(guard: Any, name: str, monitor_on: bool) -> None:
     for reg, settings in arm.get("regularizers", {}).items():
         guard.regularizers[reg] = {**guard.regularizers.get(reg, {}), **settings}
     if arm.get("danger_zone"):
-        if not monitor_on:
-            raise ConfigError(f"train.mitigation={name}: the tracker reads the monitor's probes; set "
-                              "train.monitor_every > 0, found 0")
         guard.danger_zone.enabled = True
     if arm.get("rules"):
         guard.policy = [*guard.policy, *(Rule(**rule) for rule in arm["rules"])]
     if arm.get("policy") == "default":
-        if not monitor_on:
-            raise ConfigError("train.mitigation=policy: the policy reads the monitor's signals; set "
-                              "train.monitor_every > 0, found 0")
         guard.default_policy = True

@@ -125,6 +125,9 @@ def check_guard_config(cfg: GuardConfig, where: str = "guard", heldout_given: bo
                           f"{where}.monitor.enabled and monitor.heldout_data or monitor.num_random_probes > 0, "
                           f"found enabled={cfg.monitor.enabled}, heldout_data={cfg.monitor.heldout_data!r}, "
                           f"num_random_probes={cfg.monitor.num_random_probes}")
+    if "duplicate_weight" in plan.regularizers and not cfg.monitor.enabled:
+        raise ConfigError(f"{where}.regularizers.duplicate_weight reads the copies of each image from the monitor's "
+                          f"duplicate scan: it needs {where}.monitor.enabled, found false")
     if cfg.early_stopping.enabled and not cfg.early_stopping.monitor:
         raise ConfigError(f"{where}.early_stopping.enabled needs {where}.early_stopping.monitor (a metric key)")
     if cfg.default_stop and cfg.early_stopping.enabled:

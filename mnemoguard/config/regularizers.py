@@ -11,9 +11,9 @@ from .schema import ConfigError, from_dict
 
 __all__ = [
     "REGULARIZER_CONFIGS", "AntiGradientControlConfig", "BaselinePreservationConfig", "CaptionDropoutConfig",
-    "CaptionOpConfig", "CaptionWordRepetitionConfig", "GaussianEmbeddingNoiseConfig", "MultipleCaptionsConfig",
-    "RandomCaptionReplacementConfig", "RandomTokenAdditionConfig", "RegularizerConfig", "WenFilterConfig",
-    "check_regularizer_settings",
+    "CaptionOpConfig", "CaptionWordRepetitionConfig", "DuplicateWeightConfig", "GaussianEmbeddingNoiseConfig",
+    "MultipleCaptionsConfig", "RandomCaptionReplacementConfig", "RandomTokenAdditionConfig", "RegularizerConfig",
+    "WenFilterConfig", "check_regularizer_settings",
 ]
 
 
@@ -128,6 +128,15 @@ class BaselinePreservationConfig(RegularizerConfig):
             raise ConfigError(f"weight must be >= 0, found {self.weight}")
 
 
+@dataclass
+class DuplicateWeightConfig(RegularizerConfig):
+    """Duplicate-aware loss weights: a sample's loss times ``m^-strength``, ``m`` the copies of its image in the data
+    set (the monitor's duplicate scan, ``guard.monitor.duplicate_scan_rows``); strength 1 weighs a duplicated image as
+    one image (deduplication in expectation)."""
+
+    metrics: ClassVar[tuple[str, ...]] = ("weighted_fraction", "mean_weight")
+
+
 #: registry name -> config class (the callbacks of the same names are in mnemoguard.callbacks.regularizers)
 REGULARIZER_CONFIGS: dict[str, type[RegularizerConfig]] = {
     "wen_filter": WenFilterConfig,
@@ -139,6 +148,7 @@ REGULARIZER_CONFIGS: dict[str, type[RegularizerConfig]] = {
     "gaussian_embedding_noise": GaussianEmbeddingNoiseConfig,
     "caption_dropout": CaptionDropoutConfig,
     "baseline_preservation": BaselinePreservationConfig,
+    "duplicate_weight": DuplicateWeightConfig,
 }
 
 

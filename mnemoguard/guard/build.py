@@ -105,7 +105,7 @@ def build_components(cfg: GuardConfig, callbacks: Sequence[Callback] = (), heldo
         out.danger_zone = DangerZoneTracker(cfg.danger_zone, monitor=out.monitor)
     if plan.noise_gap:
         out.noise_gap = NoiseGapScheduler(cfg.noise_gap)
-    out.regularizers = build_regularizers(plan.regularizers)
+    out.regularizers = build_regularizers(plan.regularizers, duplicate_weight={"monitor": out.monitor})
     rules = plan.rules
     if out.danger_zone is not None:  # "danger_zone" band / strength -> the tracker's live ones, read at every check
         tracker = out.danger_zone

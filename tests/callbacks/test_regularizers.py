@@ -27,12 +27,14 @@ from mnemoguard.callbacks import (
     build_regularizers,
 )
 from mnemoguard.callbacks.regularizers import (
+    DuplicateWeight,
     TokenVocab,
     agc_keep,
     agc_update,
     caption_dropout,
     caption_word_repetition,
     drop_samples,
+    duplicate_weights,
     gaussian_embedding_noise,
     insert_word,
     multiple_captions,
@@ -456,8 +458,9 @@ def test_registry_builds_every_regularizer_and_states_round_trip(tmp_path):
 
     assert set(REGULARIZERS) == {"wen_filter", "iet_agc", "random_caption_replacement", "random_token_addition",
                                  "caption_word_repetition", "multiple_captions", "gaussian_embedding_noise",
-                                 "caption_dropout", "baseline_preservation"}
-    kwargs = {"multiple_captions": {"alternatives": {0: ["a"]}}, "baseline_preservation": {"flagged": [2, 5]}}
+                                 "caption_dropout", "baseline_preservation", "duplicate_weight"}
+    kwargs = {"multiple_captions": {"alternatives": {0: ["a"]}}, "baseline_preservation": {"flagged": [2, 5]},
+              "duplicate_weight": {"monitor": ScannedCopies({})}}
     regs = build_regularizers({n: {"enabled": False} for n in REGULARIZERS}, **kwargs)
     assert [r.name for r in regs][:2] == ["caption_dropout", "multiple_captions"] and not any(r.active for r in regs)
     for reg in regs:
@@ -484,6 +487,40 @@ def test_registry_builds_every_regularizer_and_states_round_trip(tmp_path):
         WenFilter().activate(1.0, band=(5, 5))
     with pytest.raises(ValueError, match=r"prob must be in \[0, 1\], found 1.5"):
         CaptionDropout(prob=1.5)
+
+
+class ScannedCopies:
+    """What :class:`DuplicateWeight` reads from the monitor: the rows and their images' copies."""
+
+    def __init__(self, copies, num_rows=8):
+        self.copies, self.num_rows = copies, num_rows
+
+    def duplicate_multiplicity(self):
+        return dict(self.copies)
+
+
+def test_duplicate_weights_divide_each_loss_by_its_images_copies():
+    m = torch.tensor([1.0, 2.0, 4.0, 30.0])
+    assert torch.allclose(duplicate_weights(m), torch.tensor([1.0, 0.5, 0.25, 1 / 30]))
+    assert torch.allclose(duplicate_weights(m, 0.5), torch.tensor([1.0, 2**-0.5, 0.5, 30**-0.5]))
+    assert torch.equal(duplicate_weights(m, 0.0), torch.ones(4))
+    with pytest.raises(ValueError, match="must be >= 1, found 0.5"):
+        duplicate_weights(torch.tensor([0.5]))
+
+
+def test_duplicate_weight_hook_weighs_rows_by_copies_in_its_band_only():
+    reg = DuplicateWeight(monitor=ScannedCopies({1: 4.0, 3: 2.0}))
+    inputs = run_loss_hook(reg, batch())  # rows 0..3 at t = 100, 400, 600, 900
+    assert inputs["weights"].tolist() == [1.0, 0.25, 1.0, 0.5]
+    logs = step_logs(reg)
+    assert logs["reg/duplicate_weight/weighted_fraction"] == 0.5
+    assert logs["reg/duplicate_weight/mean_weight"] == pytest.approx((1 + 0.25 + 1 + 0.5) / 4)
+    reg.activate(strength=1.0, band=(0, 500))  # the row at t = 900 is out of the band
+    assert run_loss_hook(reg, batch())["weights"].tolist() == [1.0, 0.25, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"needs the micro-batch's dataset rows: guard.before_forward\(indices="):
+        run_loss_hook(reg, {**batch(), "indices": None})
+    with pytest.raises(ValueError, match="turn the monitor on"):
+        DuplicateWeight()
 
 
 def test_a_policy_switches_a_regularizer_by_its_action_name():
@@ -520,7 +557,7 @@ def test_all_regularizers_in_a_real_run_and_a_step_with_nothing_kept_changes_not
 
     data = digits_dataset().select(range(64))
     data = data.add_column("alternatives", [["a digit", "a handwritten number"]] * len(data))
-    settings = {n: {} for n in REGULARIZERS}
+    settings = {n: {} for n in REGULARIZERS if n != "duplicate_weight"}  # it needs the monitor (its own test)
     settings["multiple_captions"] = {"column": "alternatives"}
     settings["wen_filter"] = {"strength": 1e-6}  # τ = 2e6: keeps everything in the first steps
     script = Script()
@@ -537,7 +574,7 @@ def test_all_regularizers_in_a_real_run_and_a_step_with_nothing_kept_changes_not
     m = state.metrics
     assert m["reg/wen_filter/kept_fraction"] == 0.0 and m["train/skipped_steps"] == 1.0
     assert trainer.guard.totals.skipped_steps == 1
-    assert all(math.isfinite(m[f"reg/{n}/strength"]) for n in REGULARIZERS if n != "baseline_preservation")
+    assert all(math.isfinite(m[f"reg/{n}/strength"]) for n in settings if n != "baseline_preservation")
     assert 0 < m["reg/multiple_captions/changed_fraction"] <= 1
     assert math.isfinite(m["reg/baseline_preservation/mse"]) and m["reg/baseline_preservation/flagged_fraction"] == 1
     step1 = [h for h in state.log_history if h["step"] == 1][0]
@@ -547,3 +584,21 @@ def test_all_regularizers_in_a_real_run_and_a_step_with_nothing_kept_changes_not
     assert steps2 == steps3 == {2.0}
     assert all(torch.equal(w2[n], w3[n]) for n in w2)
     assert any(not torch.equal(script.after[1][0][n], w2[n]) for n in w2)  # the earlier steps did train
+
+
+def test_duplicate_weight_in_a_real_run_reads_the_monitors_duplicate_scan(tmp_path):
+    from mnemoguard.data import digits_dataset
+
+    data = digits_dataset().select([0] * 8 + list(range(8, 40)))  # row 0's image 8 times, then 32 distinct ones
+    cfg = tiny_recipe(tmp_path, "training.max_train_steps=2", "training.checkpointing_steps=100",
+                      "guard.enabled=true", "guard.monitor.every_n_steps=100", "guard.monitor.num_heldout_probes=0",
+                      "guard.regularizers={duplicate_weight: {}}")
+    trainer = Trainer(cfg, dataset=data)
+    state = trainer.train()
+    copies = trainer.guard.monitor.duplicate_multiplicity()
+    assert copies == dict.fromkeys(range(8), 8.0)  # every row scanned: the exact count
+    m = state.metrics
+    assert 0 < m["reg/duplicate_weight/weighted_fraction"] < 1 and m["reg/duplicate_weight/mean_weight"] < 1
+    with pytest.raises(ConfigError, match="duplicate_weight reads the copies .* needs guard.monitor.enabled"):
+        tiny_recipe(tmp_path, "guard.enabled=true", "guard.monitor.enabled=false",
+                    "guard.regularizers={duplicate_weight: {}}")

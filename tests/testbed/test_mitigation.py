@@ -5,7 +5,7 @@ import contextlib
 import pytest
 
 from mnemoguard.bench.config import load_bench_config
-from mnemoguard.bench.mitigation import MITIGATIONS, WEN_TAU_TESTBED, apply_mitigation
+from mnemoguard.bench.mitigation import MITIGATIONS, READS_MONITOR, WEN_TAU_TESTBED, apply_mitigation
 from mnemoguard.bench.mitigation_summary import (
     STOPPED,
     early_stop_step,
@@ -28,7 +28,7 @@ def test_none_leaves_the_guard_off():
 
 @pytest.mark.parametrize("arm", sorted(set(MITIGATIONS) - {"none"}))
 def test_every_arm_turns_the_guard_on_and_builds(arm, tmp_path):
-    reads_monitor = arm in ("policy", "adaptive_gap", "danger_zone_policy")
+    reads_monitor = arm in READS_MONITOR
     guard = _guard(arm, monitor_on=reads_monitor)
     if arm == "policy":
         guard = _with_heldout(guard, tmp_path)
@@ -39,7 +39,8 @@ def test_every_arm_turns_the_guard_on_and_builds(arm, tmp_path):
                 "noise_gap_low_half": "NoiseGapScheduler", "noise_gap_prior": "NoiseGapScheduler",
                 "adaptive_gap": "DangerZoneTracker", "danger_zone_policy": "MitigationPolicy",
                 "policy": "MitigationPolicy", "caption_replacement": "random_caption_replacement",
-                "embedding_noise": "gaussian_embedding_noise", "preservation": "baseline_preservation"}.get(arm, arm)
+                "embedding_noise": "gaussian_embedding_noise", "preservation": "baseline_preservation",
+                "danger_zone_duplicate": "duplicate_weight"}.get(arm, arm)
     assert expected in names  # the arm's action (for the policy: the policy) is among the callbacks
     assert ("MemorizationMonitor" in names) == reads_monitor
     if arm == "adaptive_gap":

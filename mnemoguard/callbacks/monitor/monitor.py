@@ -74,6 +74,7 @@ class MemorizationMonitor(Callback):
         self.heldout = heldout
         self.needs = frozenset({"dataset", "prompts"} | ({"ema"} if c.baseline in ("ema", "snapshot") else set()))
         self.spec: dict[str, Any] | None = None
+        self.num_rows = 0  # training rows (set at on_train_begin)
         self.num_checks = 0
         self.history: list[dict[str, Any]] = []
         self.probe_sets: list[dict[str, Any]] = []
@@ -143,6 +144,17 @@ class MemorizationMonitor(Callback):
             out.append({"id": P + j, "split": "heldout", "kind": s["heldout_source"], "index": r, "caption": c})
         return out
 
+    def duplicate_multiplicity(self) -> dict[int, float]:
+        """``{training row: estimated copies of its image in the data set}`` for the rows of the probe choice's
+        duplicate groups (:mod:`mnemoguard.image_groups`, exact and near): the group's size among the scanned rows
+        x rows / rows scanned (exact when every row was scanned, ``duplicate_scan_rows``); rows in no group are not
+        in it. Empty before ``on_train_begin``."""
+        if self.spec is None:
+            return {}
+        groups = self.spec["image_groups"]
+        scale = self.num_rows / groups["rows_scanned"] if groups["rows_scanned"] else 1.0
+        return {int(r): max(1.0, len(g) * scale) for g in groups["groups"] for r in g}
+
     @property
     def tensors(self) -> Any:
         """The probe set's tensors (:class:`~.tensors.ProbeTensors`), or None before ``on_train_begin``."""
@@ -178,6 +190,7 @@ class MemorizationMonitor(Callback):
                        **kwargs: Any) -> None:
         start = time.perf_counter()
         self._context = context
+        self.num_rows = len(context.dataset)
         self.bands = dict(context.bands)
         T = context.num_train_timesteps
         with preserved_rng_state():

@@ -12,6 +12,7 @@ registry name                  operation                                        
 ``gaussian_embedding_noise``   text embedding + 0.1·N(0, I)                            Somepalli et al., NeurIPS'23
 ``caption_dropout``            extra empty-caption dropout                             classifier-free guidance
 ``baseline_preservation``      + λ·MSE(live, EMA or LoRA base) on flagged samples      ai-toolkit DOP
+``duplicate_weight``           loss × 1/copies of the sample's image                   Carlini et al.; Somepalli et al.
 ============================== ======================================================= ============================
 
 Every class has ``enabled`` / ``strength`` / ``band`` switched at run time by ``activate(strength, band)`` /
@@ -46,6 +47,7 @@ from .captions import (
     random_caption_replacement,
     random_token_addition,
 )
+from .duplicates import DuplicateWeight, duplicate_weights
 from .preservation import BaselinePreservation, preservation_loss
 from .wen import WenFilter, wen_filter_weights, wen_threshold
 
@@ -66,12 +68,13 @@ def register_regularizer(cls: type[Regularizer]) -> type[Regularizer]:
 
 
 for _cls in (WenFilter, AntiGradientControl, RandomCaptionReplacement, RandomTokenAddition, CaptionWordRepetition,
-             MultipleCaptions, GaussianEmbeddingNoise, CaptionDropout, BaselinePreservation):
+             MultipleCaptions, GaussianEmbeddingNoise, CaptionDropout, BaselinePreservation, DuplicateWeight):
     register_regularizer(_cls)
 
 #: the order :func:`build_regularizers` puts them in (caption edits before embedding noise)
 ORDER = ("caption_dropout", "multiple_captions", "random_caption_replacement", "random_token_addition",
-         "caption_word_repetition", "gaussian_embedding_noise", "wen_filter", "iet_agc", "baseline_preservation")
+         "caption_word_repetition", "gaussian_embedding_noise", "wen_filter", "iet_agc", "baseline_preservation",
+         "duplicate_weight")
 
 
 def build_regularizer(name: str, config: dict[str, Any] | RegularizerConfig | None = None,
@@ -95,9 +98,10 @@ def build_regularizers(configs: dict[str, dict[str, Any] | None],
 
 __all__ = [
     "ORDER", "REGULARIZERS", "AntiGradientControl", "BaselinePreservation", "CaptionDropout", "CaptionWordRepetition",
-    "GaussianEmbeddingNoise", "MultipleCaptions", "RandomCaptionReplacement", "RandomTokenAddition", "Regularizer",
-    "RegularizerConfig", "TokenVocab", "WenFilter", "agc_keep", "agc_update", "build_regularizer",
-    "build_regularizers", "caption_dropout", "caption_word_repetition", "drop_samples", "gaussian_embedding_noise",
-    "insert_word", "multiple_captions", "preservation_loss", "random_caption_replacement", "random_token_addition",
-    "register_regularizer", "timestep_buckets", "timestep_mask", "wen_filter_weights", "wen_threshold",
+    "DuplicateWeight", "GaussianEmbeddingNoise", "MultipleCaptions", "RandomCaptionReplacement",
+    "RandomTokenAddition", "Regularizer", "RegularizerConfig", "TokenVocab", "WenFilter", "agc_keep", "agc_update",
+    "build_regularizer", "build_regularizers", "caption_dropout", "caption_word_repetition", "drop_samples",
+    "duplicate_weights", "gaussian_embedding_noise", "insert_word", "multiple_captions", "preservation_loss",
+    "random_caption_replacement", "random_token_addition", "register_regularizer", "timestep_buckets",
+    "timestep_mask", "wen_filter_weights", "wen_threshold",
 ]
