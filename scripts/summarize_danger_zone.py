@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write danger_zone_<name>.md here (default: print only)")
     p.add_argument("--name", default="runs")
     p.add_argument("--thresholds", default=None, help="copy-rate levels to replay the stop at (default: the rule's)")
+    p.add_argument("--statistic", default="mem/danger_zone/copy_rate",
+                   choices=("mem/danger_zone/copy_rate", "mem/danger_zone/copy_rate_lower"),
+                   help="what the replayed stop watches: the copy rate, or its exact lower bound")
     a = p.parse_args(argv)
     levels = [float(t) for t in a.thresholds.split(",")] if a.thresholds else None
     runs = sorted(load_runs(a.dirs), key=lambda r: (r["config"]["train"].get("mitigation", "none"), r["seed"]))
@@ -28,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.clean:
         parts.append(f"## False alarms (no duplicated images)\n\n{false_alarm_markdown(none)}")
     elif none:
-        parts.append(f"## When: the default stop vs the oracle\n\n{stop_markdown(none, levels)}")
+        parts.append(f"## When: the default stop vs the oracle\n\n{stop_markdown(none, levels, a.statistic)}")
     parts.append(f"## Cost\n\n{cost_markdown(runs)}")
     text = "\n\n".join(parts) + "\n"
     print(text)

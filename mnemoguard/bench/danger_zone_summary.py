@@ -93,11 +93,14 @@ def where_markdown(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def stop_markdown(runs: list[dict[str, Any]], thresholds: list[float] | None = None) -> str:
+def stop_markdown(runs: list[dict[str, Any]], thresholds: list[float] | None = None,
+                  statistic: str = COPY_RATE) -> str:
     """Per unmitigated run: the oracle, and the stop (with its rollback) of the default rule at each threshold
-    (default: the rule's own)."""
+    (default: the rule's own) on ``statistic`` (the copy rate, or its lower bound
+    ``mem/danger_zone/copy_rate_lower``)."""
     levels = thresholds or [default_stop()["divergence_threshold"]]
-    head = " | ".join(f"stop at copy rate > {t:g} (rollback): within ±10 % and before 10 %?" for t in levels)
+    name = statistic.removeprefix("mem/danger_zone/").replace("_", " ")
+    head = " | ".join(f"stop at {name} > {t:g} (rollback): within ±10 % and before 10 %?" for t in levels)
     lines = [f"| seed | oracle (5 %) | passes 10 % | band on at (steps before the oracle) | {head} | "
              "copy rate by measurement |", "|" + "---|" * (5 + len(levels))]
     for run in runs:
@@ -107,7 +110,7 @@ def stop_markdown(runs: list[dict[str, Any]], thresholds: list[float] | None = N
         lead = "never" if on is None else f"{on} ({oracle - on})" if oracle is not None else f"{on} (no onset)"
         cells = []
         for level in levels:
-            stop, back = early_stop_step(run["monitor"], COPY_RATE, level, rollback="last_good")
+            stop, back = early_stop_step(run["monitor"], statistic, level, rollback="last_good")
             if stop is None:
                 cells.append("no stop")
             elif oracle is None:
