@@ -113,4 +113,4 @@ def test_the_guard_docs_first_example_loads_and_turns_on_the_defaults(tmp_path):
     guard = load_config(recipe).guard
     plan = plan_components(guard)
     assert guard.default_policy and plan.danger_zone and guard.danger_zone.every_n_checks == 1
-    assert plan.early_stopping.monitor == "mem/danger_zone/copy_rate"
+    assert plan.early_stopping.monitor == "mem/danger_zone/copy_rate_lower"

@@ -33,13 +33,14 @@ class DangerZoneConfig:
     num_inference_steps: int = 10  # DDIM steps (the training scheduler's spacing) of the denoising
     start_stride: int = 2  # the probes start from every k-th of those timesteps, the first (highest) included: the
     # σ grid. A measurement costs probes x draws x the sum over starts of the steps left UNet rows (10 and 2: 30)
-    draws: int = 4  # fixed noise draws per probe and σ
-    return_steps: int = 0  # sampler steps each start runs before its image is compared: 0 all the remaining ones
+    draws: int = 2  # fixed noise draws per probe and σ (4 and the multi-step return cost 1,648 rows; BENCHMARKS.md)
+    return_steps: int = 1  # sampler steps each start runs before its image is compared: 0 all the remaining ones
     # (the multi-step return); k >= 1: k steps, ending on the last one's clean-sample estimate (1: the one-step
-    # return, one network row per probe, draw and σ)
+    # return, one network row per probe, draw and σ: 224 rows per measurement at the monitor's default probes)
     copy_draws: int = 0  # generations per at-risk probe for the copy rate (0: draws), each num_inference_steps rows
-    copy_draws_max: int = 0  # sequential: while copies were seen but the lower bound below is not above copy_level,
-    # one more generation per probe, up to this many (0 or <= copy_draws: never more)
+    copy_draws_max: int = 8  # sequential: while copies were seen but the lower bound below is not above copy_level,
+    # one more generation per probe, up to this many (0 or <= copy_draws: never more; 224 rows while no copy is
+    # seen, up to 464 when the call is close)
     copy_level: float = COPY_LEVEL  # the copy rate the sequential rounds decide against (the default stop's level)
     copy_confidence: float = 0.95  # of the copy rate's exact one-sided lower bound (Clopper-Pearson;
     # mem/danger_zone/copy_rate_lower)
@@ -84,9 +85,10 @@ class DangerZoneConfig:
 
 
 def default_stop() -> dict[str, Any]:
-    """The default stop rule (``guard.default_stop: true``), as early-stopping settings: stop when more than 5 % of
-    the generations from the at-risk probes' captions copy their own training image (``mem/danger_zone/copy_rate``,
-    the ground truth's criterion on the tracker's few samples), and roll back to the last check before
+    """The default stop rule (``guard.default_stop: true``), as early-stopping settings: stop when the exact one-sided
+    95 % lower bound of the share of generations from the at-risk probes' captions that copy their own training image
+    is above 5 % (``mem/danger_zone/copy_rate_lower``: 1 copy of 8 is no stop, 3 of 8 are; the sequential rounds draw
+    more while it is close), and roll back to the last check before
     (``rollback: last_good``; export it with ``training.export: best``)."""
-    return {"enabled": True, "monitor": "mem/danger_zone/copy_rate", "mode": "min", "patience": None,
+    return {"enabled": True, "monitor": "mem/danger_zone/copy_rate_lower", "mode": "min", "patience": None,
             "divergence_threshold": COPY_LEVEL, "divergence_patience": 1, "rollback": "last_good"}

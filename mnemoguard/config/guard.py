@@ -302,8 +302,8 @@ class GuardConfig:
     regularizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     early_stopping: EarlyStoppingSettings = field(default_factory=EarlyStoppingSettings)
     danger_zone: DangerZoneConfig = field(default_factory=DangerZoneConfig)
-    default_stop: bool = False  # early stopping on mem/danger_zone/copy_rate (danger_zone.default_stop(); turns the
-    # tracker on), rolling back to the last check before the stop
+    default_stop: bool = False  # early stopping on mem/danger_zone/copy_rate_lower (danger_zone.default_stop();
+    # turns the tracker on), rolling back to the last check before the stop
     non_finite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

@@ -170,6 +170,7 @@ def test_the_tracker_in_a_guarded_run_writes_its_scalars_and_its_state_is_json(t
                       "guard.danger_zone.enabled=true", "guard.danger_zone.num_inference_steps=4",
                       "guard.danger_zone.start_stride=1",
                       "guard.danger_zone.draws=2", "guard.danger_zone.prior_rows=64",
+                      "guard.danger_zone.return_steps=0", "guard.danger_zone.copy_draws_max=0",
                       "guard.danger_zone.every_n_checks=1", "guard.danger_zone.curvature_probes=2",
                       "guard.noise_gap.follow_danger_zone=true")
     trainer = Trainer(cfg)
@@ -236,7 +237,11 @@ def test_the_default_stop_turns_the_tracker_on_and_rolls_back_to_the_last_check_
     cfg, _ = load_guard_config({"default_stop": True, "monitor": {"heldout_captions": ["a seven"]}})
     parts = build_components(cfg)
     es = parts.early_stopping
-    assert parts.danger_zone is not None and es.monitor == "mem/danger_zone/copy_rate" and es.rollback == "last_good"
+    assert parts.danger_zone is not None and es.rollback == "last_good"
+    assert es.monitor == "mem/danger_zone/copy_rate_lower" and es.divergence_threshold == 0.05
+    from mnemoguard.evaluation import binomial_lower_bound  # on the default 8 generations: 2 copies are no stop
+
+    assert binomial_lower_bound(2, 8, 0.95) < 0.05 < binomial_lower_bound(3, 8, 0.95)
     with pytest.raises(ConfigError, match="give one stop rule"):
         load_guard_config({"default_stop": True, "early_stopping": {"enabled": True, "monitor": "train/loss"}})
     # Replayed on a copy-rate curve: each check below 5 % is the rollback target; the first above stops.

@@ -164,8 +164,8 @@ def test_a_signal_watched_by_the_band_and_the_default_policy_is_one_card_with_bo
     policy = MitigationPolicy(default_policy().rules)
     stop = EarlyStopping(**{k: v for k, v in default_stop().items() if k != "enabled"})
     watched = dict(watched_signals(policy, [stop], tracker))
-    assert list(watched) == ["mem/danger_zone/excess", "mem/danger_zone/copy_rate"]
+    assert list(watched) == ["mem/danger_zone/excess", "mem/danger_zone/copy_rate_lower"]
     assert watched["mem/danger_zone/excess"] == "the danger-zone band, rule iet_agc<-mem/danger_zone/excess"
     levels = signal_levels(policy, [stop], tracker)
     assert levels["mem/danger_zone/excess"] == [("threshold", 0.5), ("release", 0.25)]
-    assert levels["mem/danger_zone/copy_rate"] == [("divergence", 0.05)]
+    assert levels["mem/danger_zone/copy_rate_lower"] == [("divergence", 0.05)]
