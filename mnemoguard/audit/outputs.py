@@ -157,7 +157,7 @@ def _curves_figure(result: Any) -> Any:
     ax = fig.subplots()
     ax.plot(steps, [r["copy_rate"] for r in result.rows], marker="o", label="copy rate (at-risk generations)")
     ax.plot(steps, [r["copy_rate_lower"] for r in result.rows], marker=".", linestyle="--",
-            label="its 95 % lower bound (the stop watches it)")
+            label="its 95 % lower bound (the live stop watches it)")
     ax.plot(steps, [r["excess"] for r in result.rows], marker="s", label="danger-zone excess")
     limit = default_stop()["divergence_threshold"]
     ax.axhline(limit, color="tab:red", linestyle=":", label=f"stop threshold ({100 * limit:g} %)")

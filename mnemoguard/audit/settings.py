@@ -66,7 +66,10 @@ class AuditSettings:
         if self.probes is not None:
             monitor.update(num_duplicate_probes=self.probes, num_random_probes=self.probes,
                            num_heldout_probes=self.probes)
-        dz: dict = {"enabled": True, "every_n_checks": 1, "num_inference_steps": AUDIT_STEPS}
+        # The audit's protocol as BENCHMARKS.md measured it (issue 18): the multi-step return at 4 draws, fixed
+        # generations; the live guard's defaults became the one-step return at 2 draws with sequential rounds later.
+        dz: dict = {"enabled": True, "every_n_checks": 1, "num_inference_steps": AUDIT_STEPS, "draws": 4,
+                    "return_steps": 0, "copy_draws_max": 0}
         for key, value in (("draws", self.draws), ("num_inference_steps", self.num_inference_steps),
                            ("guidance_scale", self.guidance_scale), ("copy_ratio", self.copy_ratio)):
             if value is not None:

@@ -4,9 +4,9 @@ The measurements are replayed in step order through the danger-zone tracker's ow
 (:meth:`~mnemoguard.callbacks.danger_zone.DangerZoneTracker.decide`: the band's hysteresis at the σ the data prior
 says the sampler visits), and each checkpoint gets the verdict the live guard's default rules would give:
 
-* ``copying``: the default stop rule's statistic is above its threshold (``default_stop()``: the exact 95 % lower
-  bound of the share of generations from the at-risk captions that copy their training image is above 5 %) — the
-  guard would stop here;
+* ``copying``: the copy rate is above the default stop rule's threshold (``default_stop()``: more than 5 % of the
+  generations from the at-risk captions copy their training image; the level the audit's figures were measured
+  with, on its 32 generations: the live stop watches the rate's lower bound on fewer generations) — stop here;
 * ``rising``: the danger-zone band is on (the default policy's trigger: the at-risk images come back at least
   ``on_level`` more often than held-out ones) — the guard would start mitigating here;
 * ``ok`` otherwise.
@@ -26,14 +26,10 @@ from ..config.danger_zone import default_stop
 __all__ = ["recommended", "replay", "verdict_of"]
 
 
-#: the measurement's key the default stop watches (``copy_rate_lower``)
-STOP_KEY = default_stop()["monitor"].removeprefix("mem/danger_zone/")
-
-
-def verdict_of(stop_value: float, active: bool, threshold: float | None = None) -> str:
-    """``copying`` / ``rising`` / ``ok`` (module docstring); ``stop_value``: the measurement's :data:`STOP_KEY`."""
+def verdict_of(copy_rate: float, active: bool, threshold: float | None = None) -> str:
+    """``copying`` / ``rising`` / ``ok`` (module docstring)."""
     limit = default_stop()["divergence_threshold"] if threshold is None else threshold
-    if math.isfinite(stop_value) and stop_value > limit:
+    if math.isfinite(copy_rate) and copy_rate > limit:
         return "copying"
     return "rising" if active else "ok"
 
@@ -46,7 +42,7 @@ def replay(tracker: Any, results: list[dict[str, Any]], num_train_timesteps: int
     for r in sorted(results, key=lambda r: r["step"]):
         entry = tracker.decide(r["step"], ReturnProfile(**r["profile"]), num_train_timesteps)
         out.append({**r, "excess": entry["excess"], "active": entry["active"], "band": entry["band"],
-                    "verdict": verdict_of(r[STOP_KEY], entry["active"])})
+                    "verdict": verdict_of(r["copy_rate"], entry["active"])})
     return out
 
 
