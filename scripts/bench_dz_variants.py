@@ -27,9 +27,11 @@ import time
 from pathlib import Path
 
 from mnemoguard.audit import AuditSettings, run_audit
-from mnemoguard.config.danger_zone import COPY_LEVEL
+from mnemoguard.config.danger_zone import COPY_LEVEL, DangerZoneConfig
 
-GUARD = ["monitor.num_duplicate_probes=4", "monitor.nearest_pool_size=64", "danger_zone.num_inference_steps=10"]
+_LIVE = DangerZoneConfig()  # the live guard's measurement (the audit pins the multi-step protocol of its own figures)
+GUARD = ["monitor.num_duplicate_probes=4", "monitor.nearest_pool_size=64", "danger_zone.num_inference_steps=10",
+         *(f"danger_zone.{k}={getattr(_LIVE, k)}" for k in ("return_steps", "draws", "copy_draws_max"))]
 LIMIT = COPY_LEVEL  # the default stop's level
 
 
