@@ -18,16 +18,17 @@ from .base import Regularizer
 __all__ = ["DuplicateWeight", "duplicate_weights"]
 
 
-def duplicate_weights(multiplicity: Tensor, strength: float = 1.0) -> Tensor:
+def duplicate_weights(multiplicity: Tensor, strength: float = 1.0, check: bool = True) -> Tensor:
     """Per-sample loss multipliers from the copies of each sample's image in the data set.
 
     .. math:: w_b = m_b^{-s}
 
     ``m_b >= 1`` copies (1: an image seen once), ``s`` the strength: at 1 an image with m copies contributes to the
     expected loss as one image does (deduplication in expectation); at 0 nothing changes. Not renormalised: the
-    samples of images seen once keep their weight, so what the model learns from them is untouched.
+    samples of images seen once keep their weight, so what the model learns from them is untouched. ``check``:
+    raise on ``m < 1`` (one host synchronisation; the callback checks its table once instead).
     """
-    if not bool((multiplicity >= 1).all()):
+    if check and not bool((multiplicity >= 1).all()):
         raise ValueError(f"multiplicity counts copies and must be >= 1, found {multiplicity.min().item()}")
     return multiplicity.to(torch.float32).pow(-float(strength))
 
@@ -67,6 +68,7 @@ class DuplicateWeight(Regularizer):
             table = torch.ones(max(int(self.monitor.num_rows), 1), dtype=torch.float32)
             for row, m in self.monitor.duplicate_multiplicity().items():
                 table[row] = m
+            duplicate_weights(table)  # checked once, here: the lookups below never synchronise
             self._table = table.to(indices.device)
         return self._table[indices.long()]
 
@@ -80,7 +82,7 @@ class DuplicateWeight(Regularizer):
         weights = inputs["weights"]
         m = self.multiplicity(inputs["indices"]).to(weights.device)
         eligible = self.eligible(inputs["levels"]).to(weights.device)
-        w = torch.where(eligible, duplicate_weights(m, self.strength), torch.ones_like(m))
+        w = torch.where(eligible, duplicate_weights(m, self.strength, check=False), torch.ones_like(m))
         inputs["weights"] = weights * w.to(weights.dtype)
         self._count(weighted=(eligible & (m > 1)).sum(), eligible=eligible.sum(), weight=(w * eligible).sum())
 
