@@ -8,9 +8,9 @@
    nearest training image is its own duplicated image, Gu et al.'s d1/d2 < 1/3): copies appear;
 3. **with the guard** (``<out>/guarded``), same seed and data, the tracker at every check: it sees the rise (the
    duplicated digits come back as themselves from noise levels where held-out digits do not), the default policy
-   turns IET-AGC's low-loss gating on (``guard.default_policy``), the default stop rule stops when the duplicated
-   digits come back as copies from pure noise too often (``guard.default_stop``) and the export rolls back to the
-   last check before that;
+   weighs each duplicated digit as one image from the first step (``guard.default_policy``: ``duplicate_weight``),
+   and the default stop rule would stop when the duplicated digits come back as copies from pure noise too often
+   (``guard.default_stop``), the export rolling back to the last check before that;
 4. prints both stories in plain words, the copies of each export side by side, and where to look (TensorBoard,
    ``report/report.md``, ``copies.png``).
 
@@ -143,7 +143,7 @@ def _train(gt: Any, out: Path, settings: DemoSettings, guarded: bool, overrides:
     exported = counter.exported
     parts = trainer.guard.components
     tracker = parts.danger_zone
-    agc = next((r for r in parts.regularizers if r.name == "iet_agc"), None)
+    dedup = next((r for r in parts.regularizers if r.name == "duplicate_weight"), None)
     alarms = parts.policy.alarms if parts.policy is not None else []
     _copies_figure(counter.last, out / "copies.png")
     return {"steps": state.global_step, "seconds": seconds, "counts": counter.counts, "exported": exported,
@@ -152,7 +152,13 @@ def _train(gt: Any, out: Path, settings: DemoSettings, guarded: bool, overrides:
                         for h in tracker.history],
             "prior": tracker.prior["band"] if tracker.prior else None, "export": cfg.training.export,
             "alarm": next((a for a in alarms if a["on"]), None),
-            "kept": agc.totals["kept"] / agc.totals["eligible"] if agc and agc.totals.get("eligible") else None}
+            "duplicate_weight": _mean_weights(dedup) if dedup is not None else None}
+
+
+def _mean_weights(dedup: Any) -> dict[str, float]:
+    """The share of the samples duplicate_weight saw that were duplicated images, and their mean loss weight."""
+    t, n = dedup.totals, max(dedup.totals.get("eligible", 0.0), 1.0)
+    return {"weighted_fraction": t.get("weighted", 0.0) / n, "mean_weight": t.get("weight", 0.0) / n}
 
 
 def _copies_figure(last: dict[str, Any] | None, path: Path) -> None:
@@ -242,13 +248,16 @@ def _print_story(story: dict[str, Any], gt: Any, out: Path) -> None:
               f"[{b['t_begin']}, {b['t_end']}) (σ {b['sigma_lo']:.2g}–{b['sigma_hi']:.2g})")
     else:
         print("  the alarm: the danger zone never turned on")
+    dw = g["duplicate_weight"]
+    if dw is not None:
+        print(f"  the mitigation (the default policy, from the first step): each sample's loss is divided by the "
+              f"copies of its image in the data set, so each duplicated digit weighs what one ordinary digit does "
+              f"({dw['weighted_fraction']:.0%} of the samples drawn were copies of a duplicated digit; mean loss "
+              f"weight {dw['mean_weight']:.2f}; ordinary digits keep weight 1)")
     if g["alarm"] is not None:
-        kept = f" (it kept {g['kept']:.0%} of the samples it saw while on)" if g["kept"] is not None else ""
-        print(f"  the mitigation: from step {g['alarm']['step']}, IET-AGC's low-loss gating leaves out of each "
-              "batch the samples the model already fits much better than others at the same noise level (the "
-              f"duplicated digits first), so they stop being learned ever more exactly{kept}")
-    else:
-        print("  the mitigation: none (the policy's rule never fired)")
+        print(f"  the policy's rule {g['alarm']['rule']!r} switched its action on at step {g['alarm']['step']}")
+    elif dw is None:
+        print("  the mitigation: none (no rule fired)")
     if g["stop_reason"]:
         print(f"  the stop: {g['stop_reason']}")
     else:

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     none = [r for r in runs if r["config"]["train"].get("mitigation", "none") == "none"]
     parts = [f"## Where\n\n{where_markdown(runs)}"]
     if a.clean:
-        parts.append(f"## False alarms (no duplicated images)\n\n{false_alarm_markdown(none)}")
+        parts.append(f"## False alarms (no duplicated images)\n\n{false_alarm_markdown(none, a.statistic)}")
     elif none:
         parts.append(f"## When: the default stop vs the oracle\n\n{stop_markdown(none, levels, a.statistic)}")
     parts.append(f"## Cost\n\n{cost_markdown(runs)}")

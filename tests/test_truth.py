@@ -88,7 +88,7 @@ def test_a_diverging_recipe_exits_non_zero_with_the_step(tmp_path, capsys):
       "guard.monitor.heldout_data=x", "guard.monitor.bands=[[0, 500], [500, 1000]]"],
      r"policy\[0\]\.signal: .* there is no band 'low'; the bands are \['t0-500', 't500-1000'\]"),
     (["guard.default_policy=true", "guard.monitor.enabled=false"],
-     r"default_policy reads mem/danger_zone/excess.* needs guard.monitor.enabled"),
+     r"default_policy reads the copies of each image from the monitor's duplicate scan .* needs guard.monitor"),
     (["guard.early_stopping.enabled=true", "guard.early_stopping.monitor=mem/nn_ratio/train",
       "guard.monitor.curvature_every_k_checks=0"], r"probe generations run only with .*curvature_every_k_checks > 0"),
     (["guard.monitor.signals=[wen_gap, score_gap]"], r"guard.monitor.signals\[1\]: expected one of \['live_vs_"),

@@ -5,12 +5,12 @@
 * **Where**: per run, the data prior's band, the tracker's live band at its last measurement, the σ up to which the
   at-risk probes still came back, beside the bench's own end-of-training per-noise-level memorization (planted
   images noised and denoised back, an independent implementation of the same protocol).
-* **When**: the default stop rule (``guard.default_stop``: ``mem/danger_zone/copy_rate`` above 0.05, rollback to
-  the last check before) replayed with the real :class:`~mnemoguard.callbacks.early_stopping.EarlyStopping` on
+* **When**: the default stop rule (``guard.default_stop``: ``mem/danger_zone/copy_rate_lower`` above 0.05, rollback
+  to the last check before; or the same level on the copy rate itself, the rule before issue 19) replayed with the real :class:`~mnemoguard.callbacks.early_stopping.EarlyStopping` on
   each unmitigated run's tracker curve, beside the oracle (first checkpoint with ≥ 5 % of the planted captions'
   generations copying at w = 1) and the step where the ground truth passes 10 %.
 * **False alarms**: on runs without duplicated images (``testbed.duplicated.copies=1``): whether the live band
-  turned on, whether the default stop fired, whether the default policy's rule would have fired (replayed).
+  turned on (the level the IET-AGC rule of the guard's former default policy acted at), whether the stop fired.
 * **Cost**: the tracker's seconds (inside its hooks) as a share of the training time of the run.
 """
 
@@ -123,37 +123,18 @@ def stop_markdown(runs: list[dict[str, Any]], thresholds: list[float] | None = N
     return "\n".join(lines)
 
 
-def _policy_alarm(run: dict[str, Any]) -> int | None:
-    """The step at which the default policy's rule would have switched its action on (replayed on the monitor's
-    rows, the tracker's signals taken from its replayed decisions)."""
-    from ..config import default_policy
-
-    rule = default_policy().rules[0]
-    rows = run["monitor"]
-    if rule.signal.startswith("mem/danger_zone/"):
-        key = rule.signal.removeprefix("mem/danger_zone/")
-        rows = [{"step": h["step"], rule.signal: h[key]} for h in _tracker(run)["history"]]
-    count = 0
-    for row in rows:
-        value = row.get(rule.signal)
-        if value is None:
-            continue
-        count = count + 1 if rule.beyond(value, rule.levels(None)[0]) else 0
-        if count >= rule.patience:
-            return row["step"]
-    return None
-
-
-def false_alarm_markdown(runs: list[dict[str, Any]]) -> str:
-    lines = ["| seed | live band turned on | default stop | default policy's rule | largest excess | largest copy "
-             "rate | ground truth at the end (w=1) |", "|---|---|---|---|---|---|---|"]
+def false_alarm_markdown(runs: list[dict[str, Any]], statistic: str = COPY_RATE) -> str:
+    """Per clean run: whether the live band turned on and whether the default stop's level on ``statistic`` fired."""
+    name = statistic.removeprefix("mem/danger_zone/").replace("_", " ")
+    lines = [f"| seed | live band turned on | stop ({name} > 0.05) | largest excess | largest copy rate | ground "
+             "truth at the end (w=1) |", "|---|---|---|---|---|---|"]
     rule = default_stop()
     for run in runs:
         history = _tracker(run)["history"]
         on = next((h["step"] for h in history if h["active"]), None)
-        stop, _ = early_stop_step(run["monitor"], COPY_RATE, rule["divergence_threshold"], rollback="last_good")
+        stop, _ = early_stop_step(run["monitor"], statistic, rule["divergence_threshold"], rollback="last_good")
         gt = run["checkpoints"][-1]["ground_truth"]["w=1"]["planted"]["memorized_fraction"]["fraction"]
-        lines.append(f"| {run['seed']} | {on or 'no'} | {stop or 'no'} | {_policy_alarm(run) or 'no'} | "
+        lines.append(f"| {run['seed']} | {on or 'no'} | {stop or 'no'} | "
                      f"{max(h['excess'] for h in history):.2f} | {max(h['copy_rate'] for h in history):.2f} | "
                      f"{100 * gt:.1f} % |")
     return "\n".join(lines)

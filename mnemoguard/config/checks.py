@@ -118,16 +118,10 @@ def check_guard_config(cfg: GuardConfig, where: str = "guard", heldout_given: bo
                 raise ConfigError(f"{where}.policy[{i}].{key}: 'danger_zone' follows the danger-zone tracker's live "
                                   f"{key}; turn it on with {where}.danger_zone.enabled: true (and the monitor), found "
                                   "it off")
-    if cfg.default_policy and not (cfg.monitor.enabled and (cfg.monitor.heldout_data or
-                                                            cfg.monitor.num_random_probes > 0)):
-        raise ConfigError(f"{where}.default_policy reads mem/danger_zone/excess, the at-risk probes' return rate "
-                          "over a reference's (held-out images, or random training probes): it needs "
-                          f"{where}.monitor.enabled and monitor.heldout_data or monitor.num_random_probes > 0, "
-                          f"found enabled={cfg.monitor.enabled}, heldout_data={cfg.monitor.heldout_data!r}, "
-                          f"num_random_probes={cfg.monitor.num_random_probes}")
     if "duplicate_weight" in plan.regularizers and not cfg.monitor.enabled:
-        raise ConfigError(f"{where}.regularizers.duplicate_weight reads the copies of each image from the monitor's "
-                          f"duplicate scan: it needs {where}.monitor.enabled, found false")
+        who = "regularizers.duplicate_weight" if "duplicate_weight" in cfg.regularizers else "default_policy"
+        raise ConfigError(f"{where}.{who} reads the copies of each image from the monitor's duplicate scan "
+                          f"(duplicate_weight): it needs {where}.monitor.enabled, found false")
     if cfg.early_stopping.enabled and not cfg.early_stopping.monitor:
         raise ConfigError(f"{where}.early_stopping.enabled needs {where}.early_stopping.monitor (a metric key)")
     if cfg.default_stop and cfg.early_stopping.enabled:
@@ -143,9 +137,8 @@ def check_guard_config(cfg: GuardConfig, where: str = "guard", heldout_given: bo
                               "policy rule drives it too; give it one driver")
     for i, rule in enumerate(cfg.policy):
         check_metric_name(rule.signal, cfg, f"{where}.policy[{i}].signal", heldout_given)
-    if cfg.default_policy:
-        for rule in default_policy().rules:
-            check_metric_name(rule.signal, cfg, f"{where}.default_policy (its rule on {rule.signal})", heldout_given)
+    for rule in default_policy().rules if cfg.default_policy else []:
+        check_metric_name(rule.signal, cfg, f"{where}.default_policy (its rule on {rule.signal})", heldout_given)
     stopping = plan.early_stopping
     if stopping.enabled:
         what = "default_stop" if cfg.default_stop else "early_stopping.monitor"

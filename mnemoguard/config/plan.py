@@ -53,7 +53,7 @@ def plan_components(cfg: GuardConfig) -> ComponentPlan:
         default = default_policy()
         rules = [*default.rules, *rules]
         regularizers = {**default.regularizers, **regularizers}
-    tracker = cfg.monitor.enabled and (cfg.danger_zone.enabled or cfg.default_stop or cfg.default_policy)
+    tracker = cfg.monitor.enabled and (cfg.danger_zone.enabled or cfg.default_stop)
     stopping = EarlyStoppingSettings(**default_stop()) if cfg.default_stop else cfg.early_stopping
     return ComponentPlan(
         loss_flags=True, monitor=cfg.monitor.enabled, danger_zone=tracker,

@@ -151,17 +151,18 @@ def test_probe_panels_put_generation_nearest_and_map_side_by_side_and_label_each
     assert "(not a copy" in titles[1] and "another image" in titles[1]
 
 
-def test_a_signal_watched_by_the_band_and_the_default_policy_is_one_card_with_both_and_its_levels_once():
+def test_a_signal_watched_by_the_band_and_a_policy_rule_is_one_card_with_both_and_its_levels_once():
     from types import SimpleNamespace
 
     from mnemoguard.callbacks import EarlyStopping, MitigationPolicy
     from mnemoguard.callbacks.danger_zone import DangerZoneTracker
     from mnemoguard.callbacks.watched import signal_levels, watched_signals
-    from mnemoguard.config import default_policy
+    from mnemoguard.config import Rule
     from mnemoguard.config.danger_zone import default_stop
 
     tracker = DangerZoneTracker(None, monitor=SimpleNamespace())
-    policy = MitigationPolicy(default_policy().rules)
+    policy = MitigationPolicy([Rule(signal="mem/danger_zone/excess", action="iet_agc", threshold=0.5, release=0.25,
+                                    release_patience=2)])
     stop = EarlyStopping(**{k: v for k, v in default_stop().items() if k != "enabled"})
     watched = dict(watched_signals(policy, [stop], tracker))
     assert list(watched) == ["mem/danger_zone/excess", "mem/danger_zone/copy_rate_lower"]

@@ -46,9 +46,13 @@ def test_the_default_stop_is_judged_against_the_oracle_with_its_rollback():
 def test_false_alarms_cost_and_where_tables():
     clean = _run([(100, 0.0), (200, 0.0)], [(200, 0.0)], excess=0.1)
     row = false_alarm_markdown([clean]).splitlines()[-1].split(" | ")
-    assert row[1:4] == ["no", "no", "no"]  # band, stop, the default policy's rule (excess 0.1 < its on-level 0.5)
+    assert row[1:3] == ["no", "no"]  # band (excess 0.1 < its on-level 0.5), stop
     memorizing = _run([(100, 0.0), (200, 0.1)], [(200, 0.0)], excess=0.8)
     row = false_alarm_markdown([memorizing]).splitlines()[-1].split(" | ")
-    assert row[1:4] == ["100", "200", "100"]  # all three fire: this table would show a false alarm
+    assert row[1:3] == ["100", "200"]  # both fire: this table would show a false alarm
+    for r, lower in zip(memorizing["monitor"], [0.0, 0.02]):  # the default stop's bound stays below 5 %
+        r["mem/danger_zone/copy_rate_lower"] = lower
+    table = false_alarm_markdown([memorizing], "mem/danger_zone/copy_rate_lower")
+    assert "stop (copy rate lower > 0.05)" in table and table.splitlines()[-1].split(" | ")[2] == "no"
     assert "| none | 0 | 2 | 10.0 | 500 | 2.0 % |" in cost_markdown([clean])
     assert "σ 0.3–2" in where_markdown([clean]) and "| off |" in where_markdown([clean])

@@ -38,10 +38,10 @@ def test_every_arm_turns_the_guard_on_and_builds(arm, tmp_path):
     expected = {"noise_gap_low": "NoiseGapScheduler", "noise_gap_mid": "NoiseGapScheduler",
                 "noise_gap_low_half": "NoiseGapScheduler", "noise_gap_prior": "NoiseGapScheduler",
                 "adaptive_gap": "DangerZoneTracker", "danger_zone_policy": "MitigationPolicy",
-                "policy": "MitigationPolicy", "caption_replacement": "random_caption_replacement",
+                "policy": "duplicate_weight", "caption_replacement": "random_caption_replacement",
                 "embedding_noise": "gaussian_embedding_noise", "preservation": "baseline_preservation",
                 "danger_zone_duplicate": "duplicate_weight"}.get(arm, arm)
-    assert expected in names  # the arm's action (for the policy: the policy) is among the callbacks
+    assert expected in names  # the arm's action is among the callbacks
     assert ("MemorizationMonitor" in names) == reads_monitor
     if arm == "adaptive_gap":
         policy = next(c for c in callbacks if type(c).__name__ == "MitigationPolicy")
@@ -70,25 +70,25 @@ def test_arms_set_the_documented_actions():
     assert _guard("iet_agc").monitor.enabled and not _guard("iet_agc", monitor_on=False).monitor.enabled
 
 
-def test_policy_arm_installs_the_default_policy(tmp_path):
-    from mnemoguard.callbacks import MitigationPolicy, NoiseGapScheduler
+def test_policy_arm_installs_the_default_policy_that_the_duplicate_weight_arm_measures(tmp_path):
+    from mnemoguard.callbacks import MitigationPolicy
+    from mnemoguard.callbacks.regularizers import DuplicateWeight
     from mnemoguard.config import check_guard_config
+    from mnemoguard.config.plan import plan_components
 
     guard = _guard("policy")
     assert guard.default_policy and guard.policy == []
-    check_guard_config(guard)  # the random training probes are the tracker's reference without held-out images
-    guard.monitor.num_random_probes = 0
-    with pytest.raises(ConfigError, match="needs guard.monitor.enabled and monitor.heldout_data or monitor.num_rand"):
-        check_guard_config(guard)
+    check_guard_config(guard)  # no held-out images needed: the default mitigation reads the duplicate scan only
+    plan, measured = plan_components(guard), plan_components(_guard("duplicate_weight"))
+    assert (plan.rules, plan.regularizers, plan.danger_zone) == (measured.rules, measured.regularizers, False)
     callbacks = build_components(_with_heldout(guard, tmp_path)).ordered()
-    policy = next(c for c in callbacks if isinstance(c, MitigationPolicy))
-    assert [r.signal for r in policy.rules] == [r.signal for r in default_policy().rules]
-    drives_gap = any(r.action == "noise_gap" for r in default_policy().rules)
-    assert any(isinstance(c, NoiseGapScheduler) for c in callbacks) == drives_gap
-    actions = {c.name: c for c in callbacks if getattr(c, "name", "") in default_policy().regularizers}
-    assert set(actions) == set(default_policy().regularizers)  # installed, and off until the rule turns them on
-    assert not any(c.active for c in actions.values())
-    assert any(type(c).__name__ == "DangerZoneTracker" for c in callbacks)  # the rule's signal is the tracker's
+    action = next(c for c in callbacks if isinstance(c, DuplicateWeight))
+    assert action.active and action.strength == 1.0  # on from the first step, every copy weighed 1/m
+    assert not any(isinstance(c, MitigationPolicy) and c.rules for c in callbacks)
+    guard.monitor.enabled = False
+    with pytest.raises(ConfigError, match=r"guard.default_policy reads the copies of each image .* needs "
+                                          r"guard.monitor.enabled, found false"):
+        check_guard_config(guard)
 
 
 def _with_heldout(guard: GuardConfig, tmp_path) -> GuardConfig:
