@@ -6,9 +6,10 @@
   at-risk probes still came back, beside the bench's own end-of-training per-noise-level memorization (planted
   images noised and denoised back, an independent implementation of the same protocol).
 * **When**: the default stop rule (``guard.default_stop``: ``mem/danger_zone/copy_rate_lower`` above 0.05, rollback
-  to the last check before; or the same level on the copy rate itself, the rule before issue 19) replayed with the real :class:`~mnemoguard.callbacks.early_stopping.EarlyStopping` on
-  each unmitigated run's tracker curve, beside the oracle (first checkpoint with ≥ 5 % of the planted captions'
-  generations copying at w = 1) and the step where the ground truth passes 10 %.
+  to the last check before; or the same level on the copy rate itself, the rule before issue 19) replayed with the
+  real :class:`~mnemoguard.callbacks.early_stopping.EarlyStopping` on each unmitigated run's tracker curve, beside
+  the oracle (first checkpoint with ≥ 5 % of the planted captions' generations copying at w = 1) and the step where
+  the ground truth passes 10 %.
 * **False alarms**: on runs without duplicated images (``testbed.duplicated.copies=1``): whether the live band
   turned on (the level the IET-AGC rule of the guard's former default policy acted at), whether the stop fired.
 * **Cost**: the tracker's seconds (inside its hooks) as a share of the training time of the run.

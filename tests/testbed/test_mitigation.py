@@ -12,7 +12,7 @@ from mnemoguard.bench.mitigation_summary import (
     mitigation_markdown,
     stopping_markdown,
 )
-from mnemoguard.config import ConfigError, GuardConfig, default_policy, load_config
+from mnemoguard.config import ConfigError, GuardConfig, load_config
 from mnemoguard.guard import build_components
 
 
