@@ -261,9 +261,9 @@ def _print_story(story: dict[str, Any], gt: Any, out: Path) -> None:
     if g["stop_reason"]:
         print(f"  the stop: {g['stop_reason']}")
     else:
-        print("  the stop: none (the copy rate stayed at or below 5 %)")
-    best = g["best_step"]
-    print(f"  the rollback: exported ({g['export']}) the weights of step {best}: {g['final_dir']}")
+        print("  the stop: none (the copy rate's lower bound stayed at or below 5 %)")
+    what = "the rollback: exported" if g["stop_reason"] else "the export (no stop, nothing to roll back):"
+    print(f"  {what} ({g['export']}) the weights of step {g['best_step']}: {g['final_dir']}")
     print(f"  copies among the generations of the duplicated captions: {_counts(g)}")
     if un is not None:
         ue, ge = un["exported"], g["exported"]

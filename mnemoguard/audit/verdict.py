@@ -7,8 +7,8 @@ says the sampler visits), and each checkpoint gets the verdict the live guard's 
 * ``copying``: the copy rate is above the default stop rule's threshold (``default_stop()``: more than 5 % of the
   generations from the at-risk captions copy their training image; the level the audit's figures were measured
   with, on its 32 generations: the live stop watches the rate's lower bound on fewer generations) — stop here;
-* ``rising``: the danger-zone band is on (the default policy's trigger: the at-risk images come back at least
-  ``on_level`` more often than held-out ones) — the guard would start mitigating here;
+* ``rising``: the danger-zone band is on (the at-risk images come back at least ``on_level`` more often than
+  held-out ones; the trigger of a policy rule on ``mem/danger_zone/excess``) — memorization is under way;
 * ``ok`` otherwise.
 
 The recommended checkpoint is the last one before the first ``copying`` (none when the first already copies; the

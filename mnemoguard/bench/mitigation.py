@@ -24,14 +24,14 @@ arm's settings are the action's published default where one exists, scaled to th
   tokens) / Gaussian noise on the text embeddings (lambda = 0.1).
 * ``caption_dropout``: 0.1 more caption dropout on top of the recipe's.
 * ``preservation``: MSE to the EMA's prediction on every training sample (weight 1, ai-toolkit's default).
-* ``policy``: ``guard.default_policy: true``, the rule of :func:`mnemoguard.config.default_policy` on the
-  monitor's held-out image probes.
+* ``policy``: ``guard.default_policy: true``, the mitigation of :func:`mnemoguard.config.default_policy` (since
+  issue 19 ``duplicate_weight`` from step 0: the same training as that arm).
 * ``duplicate_weight``: the loss of each sample divided by its image's copies in the data set (the monitor's
   duplicate scan; deduplication in expectation, Carlini et al. 2023, Somepalli et al. 2023), from step 0;
   ``danger_zone_duplicate``: the same switched on when the tracker's excess reaches the band's on-level (0.5), off
   after 2 measurements below its release level (0.25).
-* ``danger_zone_policy``: a scale-free rule in its place: the danger-zone tracker on, IET-AGC's gating switched on
-  when the excess reaches the band's on-level (0.5) and off after 2 measurements below its release level (0.25).
+* ``danger_zone_policy``: the default policy before issue 19: the danger-zone tracker on, IET-AGC's gating switched
+  on when the excess reaches the band's on-level (0.5) and off after 2 measurements below its release level (0.25).
 """
 
 from __future__ import annotations
