@@ -152,13 +152,8 @@ def _train(gt: Any, out: Path, settings: DemoSettings, guarded: bool, overrides:
                         for h in tracker.history],
             "prior": tracker.prior["band"] if tracker.prior else None, "export": cfg.training.export,
             "alarm": next((a for a in alarms if a["on"]), None),
-            "duplicate_weight": _mean_weights(dedup) if dedup is not None else None}
-
-
-def _mean_weights(dedup: Any) -> dict[str, float]:
-    """The share of the samples duplicate_weight saw that were duplicated images, and their mean loss weight."""
-    t, n = dedup.totals, max(dedup.totals.get("eligible", 0.0), 1.0)
-    return {"weighted_fraction": t.get("weighted", 0.0) / n, "mean_weight": t.get("weight", 0.0) / n}
+            # the regularizer's own metrics over the whole run (its totals), not a second formula
+            "duplicate_weight": dedup._metric_values(dedup.totals) if dedup is not None else None}
 
 
 def _copies_figure(last: dict[str, Any] | None, path: Path) -> None:
